@@ -1,0 +1,29 @@
+"""torchdeq-homotopy: homotopy continuation for TorchDEQ.
+
+Importing this package registers, in TorchDEQ's own registries:
+
+* the solvers ``'homotopy'`` and ``'newton_krylov'`` (``get_deq(f_solver='homotopy')``),
+
+Example:
+    >>> import torchdeq_homotopy
+    >>> from torchdeq import get_deq
+    >>> deq = get_deq(f_solver='homotopy', f_max_iter=200)
+"""
+from torchdeq.solver import register_solver
+
+from .config import ConfigError, add_homotopy_args
+from .path import Status
+from .solvers import HomotopyConvergenceError, homotopy_solver, newton_krylov_solver
+
+register_solver("homotopy", homotopy_solver)
+register_solver("newton_krylov", newton_krylov_solver)
+
+__all__ = [
+    "ConfigError",
+    "HomotopyConvergenceError",
+    "Status",
+    "add_homotopy_args",
+    "homotopy_solver",
+    "newton_krylov_solver",
+]
+__version__ = "0.1.0"

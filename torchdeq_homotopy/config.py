@@ -1,0 +1,296 @@
+"""Plugin configuration: every ``homo_*`` key, its default, and its validation.
+
+All keys of this plugin share the prefix ``homo_``. They reach the code three ways,
+exactly like TorchDEQ's own keys:
+
+* as keyword arguments or a dict / ``argparse.Namespace`` given to
+  :func:`torchdeq_homotopy.get_deq` (or to TorchDEQ's ``get_deq`` for the core keys),
+* as ``solver_kwargs`` of a DEQ forward call, or keyword arguments of the solver,
+* on the command line, through :func:`add_homotopy_args`.
+
+Unknown ``homo_*`` keys, misspellings of known keys and invalid values raise a
+:class:`ConfigError` that names the key and the valid choices.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "homo_"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One documented configuration key.
+
+    Attributes:
+        name: the full key, with the ``homo_`` prefix.
+        default: the value used when the key is not given.
+        doc: one line saying what it controls.
+        choices: the allowed values, for string keys.
+        check: a predicate on the value, for numeric keys; ``check_doc`` says it.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    choices: tuple | None = None
+    check: Callable[[Any], bool] | None = None
+    check_doc: str = ""
+    kind: type | None = None
+
+    def validate(self, value: Any) -> Any:
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(
+                f"{self.name}={value!r} is not valid; choose one of {list(self.choices)}."
+            )
+        if self.kind is not None and value is not None:
+            if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
+                raise ConfigError(
+                    f"{self.name}={value!r} must be of type {self.kind.__name__}."
+                )
+        if self.check is not None and not self.check(value):
+            raise ConfigError(f"{self.name}={value!r} is not valid; it must be {self.check_doc}.")
+        return value
+
+
+def _positive(x: Any) -> bool:
+    return x > 0
+
+
+def _non_negative(x: Any) -> bool:
+    return x >= 0
+
+
+def _unit_interval(x: Any) -> bool:
+    return 0 < x < 1
+
+
+SOLVER_KEYS: dict[str, Key] = {
+    k.name: k
+    for k in [
+        Key("homo_type", "fixed_point", "homotopy: 'fixed_point' H = z - λf(z) - (1-λ)z0, "
+            "or 'newton' H = G(z) - (1-λ)G(z0) with G(z) = z - f(z)",
+            choices=("fixed_point", "newton")),
+        Key("homo_predictor", "tangent", "predictor along the path: 'tangent' (Euler step on the "
+            "unit tangent) or 'ode' (integrate the Davidenko ODE with torchdiffeq's odeint)",
+            choices=("tangent", "ode")),
+        Key("homo_ode_method", "rk4", "torchdiffeq fixed-grid method of the 'ode' predictor",
+            choices=("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")),
+        Key("homo_jvp", "finite_difference", "Jacobian-vector products: 'finite_difference' "
+            "((f(z+εv)-f(z))/ε, one f call), 'forward' (torch.func.jvp, exact) or 'auto' "
+            "(forward, falling back to finite differences if the callable does not support it)",
+            choices=("finite_difference", "forward", "auto")),
+        Key("homo_newton_iters", 8, "Newton-Krylov steps at λ = 1 tried first; a sample whose "
+            "residual stalls hands over to path tracking (0: always track from λ = 0)",
+            kind=int, check=_non_negative, check_doc=">= 0"),
+        Key("homo_step_init", 0.1, "first path step, as the increase of λ it makes",
+            kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_step_min", 1e-4, "smallest path step (relative to the first); below it a "
+            "sample is marked STEP_UNDERFLOW", kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_step_max", 4.0, "largest path step (relative to the first)",
+            kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_corrector_iters", 4, "Newton corrector iterations per path step before the "
+            "step is rejected and halved", kind=int, check=_positive, check_doc="> 0"),
+        Key("homo_corrector_tol", 1e-3, "corrector tolerance, ||H(z, λ)|| <= tol (1 + ||z||)",
+            kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_contraction", 0.5, "largest accepted ratio of successive corrector steps; a "
+            "larger one rejects the step", kind=float, check=_unit_interval,
+            check_doc="in (0, 1)"),
+        Key("homo_krylov_dim", 40, "GMRES iterations per linear solve (Krylov dimension)",
+            kind=int, check=_positive, check_doc="> 0"),
+        Key("homo_krylov_rtol", 1e-2, "GMRES relative residual tolerance (inexact Newton "
+            "forcing term)", kind=float, check=_unit_interval, check_doc="in (0, 1)"),
+        Key("homo_strict", False, "raise HomotopyConvergenceError when any sample fails "
+            "instead of reporting it in info['status']", kind=bool),
+    ]
+}
+
+CORE_KEYS: dict[str, Key] = {
+    k.name: k
+    for k in [
+        Key("homo_method", "dopri5", "torchdiffeq method integrating the HomoODE over λ ∈ [0, 1]",
+            kind=str),
+        Key("homo_rtol", 1e-3, "relative tolerance of the HomoODE integrator",
+            kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_atol", 1e-3, "absolute tolerance of the HomoODE integrator",
+            kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_options", None, "torchdiffeq options dict of the integrator "
+            "(e.g. {'step_size': 0.25} for fixed-grid methods)"),
+        Key("homo_field", "direct", "vector field: 'direct' dz/dλ = func(z) (the paper's), "
+            "'residual' func(z) - z, 'fixed_point' func(z) - z0",
+            choices=("direct", "residual", "fixed_point")),
+        Key("homo_init", "learned", "initial point: 'learned' (shared, trained toward the "
+            "endpoints), 'zeros', or 'given' (the z_init passed to the core)",
+            choices=("learned", "zeros", "given")),
+        Key("homo_init_lr", 0.02, "SGD learning rate of the learned initial point",
+            kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_init_every", 20, "step the initial point's optimiser every this many "
+            "training forward passes", kind=int, check=_positive, check_doc="> 0"),
+        Key("homo_adjoint", False, "adjoint backward (memory independent of the number of "
+            "integrator steps) instead of backpropagation through the integrator", kind=bool),
+    ]
+}
+
+ALL_KEYS: dict[str, Key] = {**SOLVER_KEYS, **CORE_KEYS}
+
+# Every key TorchDEQ itself reads (its cores, add_deq_args and norm/dropout utilities).
+TORCHDEQ_KEYS: frozenset[str] = frozenset(
+    """core f_solver b_solver no_stat f_max_iter b_max_iter f_tol b_tol f_stop_mode b_stop_mode
+    eval_factor eval_f_max_iter ift hook_ift grad tau sup_gap sup_loc n_states indexing gamma
+    norm_type norm_no_scale norm_clip norm_clip_value norm_target_norm sn_n_power_iters
+    jac_loss_weight jac_loss_freq jac_incremental sradius_mode""".split()
+)
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_plugin_key(name: str) -> None:
+    """Raise :class:`ConfigError` if ``name`` looks like a plugin key but is not one.
+
+    Example:
+        >>> check_plugin_key('homo_type')
+        >>> check_plugin_key('homo_tpye')
+        Traceback (most recent call last):
+        ...
+        torchdeq_homotopy.config.ConfigError: unknown key 'homo_tpye'. Did you mean 'homo_type'? ...
+    """
+    if name in ALL_KEYS:
+        return
+    looks_like_ours = name.startswith(PREFIX) or difflib.get_close_matches(
+        name, list(ALL_KEYS), n=1, cutoff=0.8)
+    if looks_like_ours:
+        raise ConfigError(
+            f"unknown key {name!r}.{_suggest(name, ALL_KEYS)} "
+            f"Valid plugin keys: {sorted(ALL_KEYS)}."
+        )
+
+
+def resolve(options: Mapping[str, Any], keys: Mapping[str, Key]) -> dict[str, Any]:
+    """Validate ``options`` and return every key of ``keys`` with its value or default.
+
+    Keys that belong to the plugin but not to ``keys`` (core keys given to a solver, say)
+    are ignored; unknown ``homo_*`` keys and invalid values raise :class:`ConfigError`.
+
+    Example:
+        >>> resolve({'homo_type': 'newton'}, SOLVER_KEYS)['homo_type']
+        'newton'
+    """
+    out = {name: key.default for name, key in keys.items()}
+    for name, value in options.items():
+        check_plugin_key(name)
+        if name in keys:
+            out[name] = keys[name].validate(value)
+    return out
+
+
+def split_options(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a config into (plugin ``homo_*`` keys, everything else), validating the former.
+
+    Example:
+        >>> split_options({'homo_type': 'newton', 'f_tol': 1e-4})
+        ({'homo_type': 'newton'}, {'f_tol': 0.0001})
+    """
+    ours, theirs = {}, {}
+    for name, value in config.items():
+        check_plugin_key(name)
+        if name in ALL_KEYS:
+            ours[name] = ALL_KEYS[name].validate(value)
+        else:
+            theirs[name] = value
+    return ours, theirs
+
+
+def check_known_keys(config: Mapping[str, Any], extra: Iterable[str] = ()) -> None:
+    """Reject keys that neither TorchDEQ nor this plugin reads, naming the closest match.
+
+    Example:
+        >>> check_known_keys({'f_solver': 'homotopy'})
+        >>> check_known_keys({'stop_mode': 'abs'})
+        Traceback (most recent call last):
+        ...
+        torchdeq_homotopy.config.ConfigError: unknown key 'stop_mode', ...
+    """
+    known = set(TORCHDEQ_KEYS) | set(ALL_KEYS) | set(extra)
+    for name in config:
+        if name not in known:
+            raise ConfigError(
+                f"unknown key {name!r}, read neither by TorchDEQ nor by torchdeq_homotopy."
+                f"{_suggest(name, known)} Known keys: {sorted(known)}."
+            )
+
+
+def _registered_solver(name: str) -> str:
+    from torchdeq.solver import _solvers
+
+    if name not in _solvers:
+        raise argparse.ArgumentTypeError(
+            f"unknown solver {name!r}; registered solvers: {sorted(map(str, _solvers))}"
+        )
+    return name
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_homotopy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every ``--homo_*`` option to ``parser``, next to TorchDEQ's ``add_deq_args``.
+
+    Also lets ``--f_solver`` and ``--b_solver`` accept any registered solver
+    (TorchDEQ's ``add_deq_args`` restricts ``--b_solver`` to its own four names).
+
+    Example:
+        >>> import argparse
+        >>> from torchdeq.utils import add_deq_args
+        >>> parser = argparse.ArgumentParser()
+        >>> add_deq_args(parser)
+        >>> _ = add_homotopy_args(parser)
+        >>> args = parser.parse_args(['--b_solver', 'homotopy', '--homo_type', 'newton'])
+        >>> args.b_solver, args.homo_type
+        ('homotopy', 'newton')
+    """
+    for action in parser._actions:
+        if {"--f_solver", "--b_solver"} & set(action.option_strings):
+            action.choices = None
+            action.type = _registered_solver
+    group = parser.add_argument_group("torchdeq_homotopy")
+    for key in ALL_KEYS.values():
+        flag = f"--{key.name}"
+        if key.kind is bool:
+            group.add_argument(flag, type=_parse_bool, default=key.default, metavar="BOOL",
+                               help=f"{key.doc} (default {key.default})")
+        elif key.name == "homo_options":
+            group.add_argument(flag, type=_parse_options, default=None, metavar="K=V,...",
+                               help=f"{key.doc} (default none)")
+        else:
+            group.add_argument(flag, type=key.kind or str, default=key.default,
+                               choices=key.choices, help=f"{key.doc} (default {key.default})")
+    return parser
+
+
+def _parse_options(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            out[name] = value
+    return out

@@ -1,0 +1,163 @@
+"""Matrix-free linear algebra: batched GMRES and Jacobian-vector products.
+
+Everything here works on flat batches ``(B, n)``: one independent linear system per row.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+Tensor = torch.Tensor
+MatVec = Callable[[Tensor], Tensor]
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise inner products ``<a_i, b_i>`` of two ``(B, n)`` batches, shape ``(B,)``.
+
+    Example:
+        >>> batch_dot(torch.ones(2, 3), torch.ones(2, 3))
+        tensor([3., 3.])
+    """
+    return (a * b).sum(dim=1)
+
+
+def gmres(
+    matvec: MatVec,
+    b: Tensor,
+    *,
+    rtol: float = 1e-2,
+    max_iter: int = 20,
+    on_matvec: Callable[[], bool] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Solve ``A x_i = b_i`` for every row of ``b`` by GMRES(m) without restarts, from x = 0.
+
+    The Arnoldi process builds an orthonormal basis ``V_k`` of the Krylov space
+    ``K_k(A, b) = span{b, Ab, ..., A^{k-1} b}`` with ``A V_k = V_{k+1} H_k``
+    (``H_k`` upper Hessenberg, ``(k+1) x k``); the iterate is ``x_k = V_k y_k`` with
+
+        y_k = argmin_y || β e_1 - H_k y ||,    β = ||b||,
+
+    and ``|| b - A x_k || = || β e_1 - H_k y_k ||``. Each row stops contributing once its
+    residual is below ``rtol * β`` (or its basis breaks down, ``h_{k+1,k} = 0``, which
+    means the solution is exact); the loop ends when every row has stopped, after
+    ``max_iter`` products, or when ``on_matvec`` returns False (an exhausted budget).
+
+    Rows whose data are not finite are returned as zeros and flagged.
+
+    Args:
+        matvec: ``v -> A v`` on ``(B, n)`` batches, row-wise independent.
+        b: right-hand sides, ``(B, n)``.
+        rtol: relative residual tolerance per row.
+        max_iter: Krylov dimension (number of products).
+        on_matvec: called before each product; returning False stops the iteration.
+
+    Returns:
+        ``(x, ok)``: solutions ``(B, n)`` and a ``(B,)`` bool mask of rows that reached
+        ``rtol`` with finite values.
+
+    Example:
+        >>> A = torch.tensor([[[2., 1.], [0., 3.]]])
+        >>> x, ok = gmres(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), torch.tensor([[3., 3.]]))
+        >>> torch.allclose(x, torch.tensor([[1., 1.]])), bool(ok)
+        (True, True)
+    """
+    bsz, n = b.shape
+    beta = b.norm(dim=1)
+    finite = torch.isfinite(beta)
+    beta = torch.where(finite, beta, torch.zeros_like(beta))
+    tiny = torch.finfo(b.dtype).tiny ** 0.5
+    done = beta <= tiny
+    basis = b.new_zeros(bsz, max_iter + 1, n)
+    basis[:, 0] = torch.where(done[:, None], torch.zeros_like(b), b / beta.clamp_min(tiny)[:, None])
+    hess = b.new_zeros(bsz, max_iter + 1, max_iter)
+    # u spans the left null space of H_k: H_kᵀ u = 0, u_0 = 1; then ||r_k|| = β / ||u||.
+    null = b.new_zeros(bsz, max_iter + 1)
+    null[:, 0] = 1
+    residual = beta.clone()
+    steps = 0
+    for j in range(max_iter):
+        if bool(done.all()) or (on_matvec is not None and not on_matvec()):
+            break
+        w = matvec(basis[:, j])
+        # Classical Gram–Schmidt, twice (CGS2): h = V_jᵀ w, w -= V_j h.
+        v_j = basis[:, : j + 1]
+        h = torch.bmm(v_j, w.unsqueeze(-1)).squeeze(-1)
+        w = w - torch.bmm(h.unsqueeze(1), v_j).squeeze(1)
+        h2 = torch.bmm(v_j, w.unsqueeze(-1)).squeeze(-1)
+        w = w - torch.bmm(h2.unsqueeze(1), v_j).squeeze(1)
+        h = h + h2
+        h_next = w.norm(dim=1)
+        breakdown = h_next <= 1e3 * torch.finfo(b.dtype).eps * h.norm(dim=1).clamp_min(tiny)
+        # A stopped row gets the column e_j: it keeps H full rank and gives y_j = 0.
+        stopped = done | ~finite
+        h = torch.where(stopped[:, None], torch.zeros_like(h), h)
+        h[:, j] = torch.where(stopped, torch.ones_like(h_next), h[:, j])
+        h_next = torch.where(stopped | breakdown, torch.zeros_like(h_next), h_next)
+        hess[:, : j + 1, j] = h
+        hess[:, j + 1, j] = h_next
+        basis[:, j + 1] = torch.where((stopped | breakdown)[:, None], torch.zeros_like(w),
+                                      w / h_next.clamp_min(tiny)[:, None])
+        steps = j + 1
+        # u_{j+1} = -(Σ_{i<=j} h_ij u_i) / h_{j+1,j}  (breakdown: exact, residual 0).
+        u_next = -batch_dot(h, null[:, : j + 1]) / h_next.clamp_min(tiny)
+        null[:, j + 1] = torch.where(stopped | breakdown, torch.zeros_like(u_next), u_next)
+        new_residual = beta / null[:, : j + 2].norm(dim=1)
+        new_residual = torch.where(breakdown & ~stopped, torch.zeros_like(h_next), new_residual)
+        residual = torch.where(stopped, residual, new_residual)
+        finite = finite & torch.isfinite(residual) & torch.isfinite(h).all(dim=1)
+        done = done | ~finite | breakdown | (residual <= rtol * beta)
+    if steps == 0:
+        return torch.zeros_like(b), finite & (beta <= tiny)
+    # y = argmin ||β e1 - H y||, once, at the end; x = V y.
+    rhs = b.new_zeros(bsz, steps + 1)
+    rhs[:, 0] = beta
+    rhs = torch.where(finite[:, None], rhs, torch.zeros_like(rhs))
+    eye = torch.eye(steps + 1, steps, dtype=b.dtype, device=b.device).expand(bsz, -1, -1)
+    h_k = torch.where(finite[:, None, None], hess[:, : steps + 1, :steps], eye)
+    y = torch.linalg.lstsq(h_k, rhs.unsqueeze(-1)).solution.squeeze(-1)
+    x = torch.bmm(y.unsqueeze(1), basis[:, :steps]).squeeze(1)
+    finite = finite & torch.isfinite(x).all(dim=1)
+    x = torch.where(finite[:, None], x, torch.zeros_like(x))
+    ok = finite & (residual <= rtol * beta + tiny)
+    return x, ok
+
+
+class Linearization:
+    """``f`` at a batch of points ``z``, with its Jacobian-vector products ``J_f(z) v``.
+
+    ``mode='finite_difference'`` uses the Jacobian-free Newton–Krylov product
+
+        J v ≈ (f(z + ε v) - f(z)) / ε,    ε = sqrt(eps) (1 + ||z||) / ||v||   (per row),
+
+    which costs one call of ``f``. ``mode='forward'`` uses ``torch.func.jvp`` (exact,
+    several times the cost of a call on CPU); ``'auto'`` tries forward mode once and falls
+    back to finite differences for callables that do not support it.
+
+    Example:
+        >>> lin = Linearization(lambda z: 2 * z, torch.ones(1, 3), torch.full((1, 3), 2.))
+        >>> torch.allclose(lin.jvp(torch.ones(1, 3)), torch.full((1, 3), 2.), rtol=1e-3)
+        True
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor,
+                 mode: str = "finite_difference") -> None:
+        self.f, self.z, self.fz, self.mode = f, z, fz, mode
+        self._eps = torch.finfo(z.dtype).eps ** 0.5
+        self._scale = self._eps * (1 + z.norm(dim=1, keepdim=True))
+
+    def jvp(self, v: Tensor) -> Tensor:
+        if self.mode in ("forward", "auto"):
+            try:
+                return torch.func.jvp(self.f, (self.z,), (v,))[1]
+            except Exception as err:
+                if self.mode == "forward":
+                    raise
+                warnings.warn(f"forward-mode JVP unavailable ({err!r}); using finite differences",
+                              stacklevel=2)
+                self.mode = "finite_difference"
+        v_norm = v.norm(dim=1, keepdim=True)
+        eps = self._scale / v_norm.clamp_min(1e-30)
+        jv = (self.f(self.z + eps * v) - self.fz) / eps
+        return torch.where(v_norm > 0, jv, torch.zeros_like(jv))

@@ -1,0 +1,193 @@
+"""TorchDEQ-contract solvers: ``'homotopy'`` and ``'newton_krylov'``.
+
+Both follow TorchDEQ's solver signature::
+
+    solver(func, x0, max_iter=50, tol=1e-3, stop_mode='abs', indexing=None, **kwargs)
+        -> (z_star, trajectory, info)
+
+``max_iter`` counts **evaluations**: every call of ``func`` and every Jacobian-vector
+product counts one, so budgets compare fairly with TorchDEQ's one-call-per-iteration
+solvers. ``info`` is a :class:`torchdeq.solver.stat.SolverStat` with TorchDEQ's keys
+(``abs_lowest``, ``rel_lowest``, ``abs_trace``, ``rel_trace``, ``nstep``) plus
+``status`` (a :class:`~torchdeq_homotopy.path.Status` code per sample), ``lam``
+(the homotopy parameter each sample reached), ``converged`` and ``nfe``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchdeq.solver.stat import SolverStat
+
+from .config import SOLVER_KEYS, resolve
+from .path import PathTracker, Status, TrackerOptions, TrackerResult
+
+Tensor = torch.Tensor
+
+
+class HomotopyConvergenceError(RuntimeError):
+    """Raised in strict mode (``homo_strict=True``) when some samples did not converge."""
+
+    def __init__(self, message: str, info: SolverStat) -> None:
+        super().__init__(message)
+        self.info = info
+
+
+def _flatten_func(func: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Tensor], Tensor]:
+    """Wrap ``func`` on states shaped like ``x0`` into a function on flat ``(B, n)`` batches.
+
+    The first call checks that ``func`` returns a tensor of the state's shape, dtype and
+    device, and raises an error that names the mismatch otherwise.
+    """
+    shape = x0.shape
+    checked = False
+
+    def flat(z: Tensor) -> Tensor:
+        nonlocal checked
+        out = func(z.view(shape))
+        if not checked:
+            if not torch.is_tensor(out):
+                raise TypeError(f"func must return a tensor, got {type(out).__name__}.")
+            if out.shape != shape:
+                raise ValueError(
+                    f"func returned shape {tuple(out.shape)} for a state of shape {tuple(shape)}; "
+                    "a fixed-point map must return a tensor of the state's shape.")
+            if out.dtype != x0.dtype or out.device != x0.device:
+                raise TypeError(
+                    f"func returned {out.dtype} on {out.device} for a state of {x0.dtype} on "
+                    f"{x0.device}; cast the initial state (x0.to(...)) or the function's "
+                    "output so they match.")
+            checked = True
+        return out.reshape(z.shape)
+
+    return flat
+
+
+def _check_x0(x0: Tensor, stop_mode: str, max_iter: int, tol: float) -> None:
+    if not torch.is_tensor(x0):
+        raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}.")
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 has dtype {x0.dtype}; the solver needs a floating-point state: "
+                        "pass x0.float() or x0.double().")
+    if stop_mode not in ("abs", "rel"):
+        raise ValueError(f"stop_mode={stop_mode!r} is not valid; choose 'abs' or 'rel'.")
+    if max_iter < 1:
+        raise ValueError(f"max_iter={max_iter} must be >= 1 (it counts evaluations of func).")
+    if not tol > 0:
+        raise ValueError(f"tol={tol} must be > 0.")
+
+
+def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
+    info = SolverStat(
+        abs_lowest=result.abs_best,
+        rel_lowest=result.rel_best,
+        abs_trace=torch.stack(result.abs_trace, dim=1),
+        rel_trace=torch.stack(result.rel_trace, dim=1),
+        nstep=result.step_best,
+    )
+    info["status"] = result.status
+    info["converged"] = result.status == Status.CONVERGED
+    info["lam"] = result.lam
+    info["nfe"] = torch.full((shape_b,), float(result.evals), device=result.lam.device)
+    return info
+
+
+def _empty(x0: Tensor, indexing: list[int] | None) -> tuple[Tensor, list[Tensor], SolverStat]:
+    empty = x0.new_zeros(0)
+    info = SolverStat(abs_lowest=empty, rel_lowest=empty, abs_trace=x0.new_zeros(0, 0),
+                      rel_trace=x0.new_zeros(0, 0), nstep=empty)
+    info.update(status=torch.zeros(0, dtype=torch.long, device=x0.device),
+                converged=torch.zeros(0, dtype=torch.bool, device=x0.device), lam=empty,
+                nfe=empty)
+    return x0.clone(), [x0.clone() for _ in (indexing or [])], info
+
+
+def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float,
+         stop_mode: str, indexing: list[int] | None, options: dict[str, Any],
+         track: bool) -> tuple[Tensor, list[Tensor], SolverStat]:
+    _check_x0(x0, stop_mode, int(max_iter), tol)
+    opts = resolve(options, SOLVER_KEYS)
+    bsz = x0.shape[0] if x0.dim() >= 2 else x0.numel()
+    if bsz == 0 or x0.numel() == 0:
+        return _empty(x0, indexing)
+    flat_f = _flatten_func(func, x0)
+    x_flat = x0.detach().reshape(bsz, -1)
+    tracker_opts = TrackerOptions(**{k[len("homo_"):]: v for k, v in opts.items()
+                                     if k != "homo_strict" and k[len("homo_"):] != "type"},
+                                  homotopy=opts["homo_type"], track=track)
+    if not track:
+        tracker_opts.newton_iters = int(max_iter)
+    with torch.no_grad():
+        result = PathTracker(flat_f, x_flat, tracker_opts).run(
+            int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None)
+    info = _stat(result, stop_mode, bsz)
+    z_star = result.z_best.view(x0.shape)
+    trajectory = [z.view(x0.shape) for z in result.trajectory]
+    if opts["homo_strict"] and not bool(info["converged"].all()):
+        failed = (~info["converged"]).nonzero().flatten().tolist()
+        names = [Status(int(info["status"][i])).name for i in failed[:10]]
+        raise HomotopyConvergenceError(
+            f"{len(failed)} of {bsz} samples did not converge (first: samples {failed[:10]} "
+            f"with status {names}); raise max_iter or loosen tol, or set homo_strict=False to "
+            "read the per-sample status in info['status'].", info)
+    return z_star, trajectory, info
+
+
+def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50,
+                    tol: float = 1e-3, stop_mode: str = "abs", indexing: list[int] | None = None,
+                    **kwargs: Any) -> tuple[Tensor, list[Tensor], SolverStat]:
+    """Find z = f(z) by Newton–Krylov, handing stalled samples to homotopy path tracking.
+
+    Each sample first takes Newton–Krylov steps at λ = 1 (cheap when f is benign). A
+    sample whose residual stalls restarts on the zero path of the fixed-point homotopy
+
+        H(z, λ) = z - λ f(z) - (1 - λ) z0,        λ: 0 → 1,
+
+    (or the Newton homotopy, ``homo_type='newton'``) followed by a predictor–corrector
+    tracker with pseudo-arclength and per-sample step control, and ends with a Newton
+    endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). All linear solves with
+    [I - λJ_f, ∂H/∂λ] are matrix-free GMRES on Jacobian-vector products.
+
+    Args:
+        func: the map f; called with one tensor shaped like ``x0``.
+        x0: initial state ``(B, ...)``; a tensor with fewer than 2 dims is one sample
+            per element.
+        max_iter: evaluation budget (calls of f plus Jacobian-vector products).
+        tol: tolerance on the residual ||f(z) - z|| ('abs') or ||f(z) - z|| / ||f(z)||
+            ('rel').
+        stop_mode: 'abs' or 'rel'.
+        indexing: 1-based evaluation counts at which the best iterate so far is recorded
+            in ``trajectory`` (every index yields one entry).
+        **kwargs: ``homo_*`` options (:data:`torchdeq_homotopy.config.SOLVER_KEYS`);
+            other keys are ignored, as by TorchDEQ's solvers.
+
+    Returns:
+        ``(z_star, trajectory, info)``: the best iterate per sample, the recorded states,
+        and a ``SolverStat`` with ``status``, ``converged``, ``lam`` and ``nfe`` added.
+
+    Example:
+        >>> f = lambda z: torch.tanh(4 * z + 0.2)          # expansive: fixed-point iteration fails
+        >>> z, _, info = homotopy_solver(f, torch.zeros(3, 1), max_iter=300, tol=1e-6)
+        >>> bool(((f(z) - z).abs() < 1e-6).all()), info['status'].tolist()
+        (True, [1, 1, 1])
+    """
+    return _run(func, x0, max_iter, tol, stop_mode, indexing, kwargs, track=True)
+
+
+def newton_krylov_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50,
+                         tol: float = 1e-3, stop_mode: str = "abs",
+                         indexing: list[int] | None = None,
+                         **kwargs: Any) -> tuple[Tensor, list[Tensor], SolverStat]:
+    """Find z = f(z) by inexact Newton–Krylov: (I - J_f(z)) δ = f(z) - z by GMRES, z ← z + δ.
+
+    The homotopy solver's corrector on its own: quadratic convergence near a regular
+    solution, no globalisation. Arguments and returns as :func:`homotopy_solver`.
+
+    Example:
+        >>> A = torch.tensor([[0.5, 0.2], [0.1, 0.3]]); b = torch.ones(1, 2)
+        >>> z, _, info = newton_krylov_solver(lambda z: z @ A.T + b, torch.zeros(1, 2), tol=1e-6)
+        >>> torch.allclose(z, torch.linalg.solve(torch.eye(2) - A, b[0])[None], atol=1e-5)
+        True
+    """
+    return _run(func, x0, max_iter, tol, stop_mode, indexing, kwargs, track=False)
