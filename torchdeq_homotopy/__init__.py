@@ -12,6 +12,7 @@ Example:
 from torchdeq.solver import register_solver
 
 from .config import ConfigError, add_homotopy_args
+from .factory import get_deq
 from .path import Status
 from .solvers import HomotopyConvergenceError, homotopy_solver, newton_krylov_solver
 
@@ -23,6 +24,7 @@ __all__ = [
     "HomotopyConvergenceError",
     "Status",
     "add_homotopy_args",
+    "get_deq",
     "homotopy_solver",
     "newton_krylov_solver",
 ]

@@ -101,11 +101,14 @@ SOLVER_KEYS: dict[str, Key] = {
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_corrector_iters", 4, "Newton corrector iterations per path step before the "
             "step is rejected and halved", kind=int, check=_positive, check_doc="> 0"),
-        Key("homo_corrector_tol", 1e-3, "corrector tolerance, ||H(z, λ)|| <= tol (1 + ||z||)",
+        Key("homo_corrector_tol", 1e-4, "corrector tolerance, ||H(z, λ)|| <= tol (1 + ||z||)",
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_contraction", 0.5, "largest accepted ratio of successive corrector steps; a "
             "larger one rejects the step", kind=float, check=_unit_interval,
             check_doc="in (0, 1)"),
+        Key("homo_max_turn", 0.8, "smallest cosine between successive tangents; a sharper "
+            "turn steps back and shrinks h (guards against jumping between path branches)",
+            kind=float, check=lambda x: -1 < x < 1, check_doc="in (-1, 1)"),
         Key("homo_krylov_dim", 40, "GMRES iterations per linear solve (Krylov dimension)",
             kind=int, check=_positive, check_doc="> 0"),
         Key("homo_krylov_rtol", 1e-2, "GMRES relative residual tolerance (inexact Newton "

@@ -78,8 +78,9 @@ class TrackerOptions:
     step_min: float = 1e-4
     step_max: float = 4.0
     corrector_iters: int = 4
-    corrector_tol: float = 1e-3
+    corrector_tol: float = 1e-4
     contraction: float = 0.5
+    max_turn: float = 0.8
     krylov_dim: int = 40
     krylov_rtol: float = 1e-2
 
@@ -142,6 +143,8 @@ class _State:
     y: Tensor             # current point: where f is evaluated next
     anchor: Tensor        # last accepted point of the path
     tangent: Tensor       # unit tangent at the anchor (e_λ before the first tangent)
+    anchor_prev: Tensor   # the accepted point before the anchor, and its tangent, to
+    tangent_prev: Tensor  # step back to when the path turns too sharply
     pred: Tensor          # predicted point of the current step
     phase: Tensor         # Phase per sample
     status: Tensor        # Status per sample
@@ -165,6 +168,7 @@ class _State:
         zeros_i = torch.zeros(bsz, dtype=torch.long, device=x0.device)
         return cls(
             y=y0, anchor=torch.cat([x0, 0 * lam], dim=1), tangent=e_lam, pred=y0.clone(),
+            anchor_prev=torch.cat([x0, 0 * lam], dim=1), tangent_prev=e_lam.clone(),
             phase=torch.full_like(zeros_i, int(Phase.NEWTON if newton_first else Phase.TANGENT)),
             status=torch.full_like(zeros_i, int(Status.RUNNING)),
             step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf), k_corr=zeros_i.clone(),
@@ -339,6 +343,8 @@ class PathTracker:
         grow = torch.where(st.k_corr <= 1, 2.0, torch.where(st.k_corr == 2, 1.25, 0.8))
         h_max = opt.step_max * st.step_unit
         st.step = torch.where(onward, torch.minimum(st.step * grow, h_max), st.step)
+        st.anchor_prev = _where(onward, st.anchor, st.anchor_prev)
+        st.tangent_prev = _where(onward, st.tangent, st.tangent_prev)
         st.anchor = _where(onward, st.y, st.anchor)
         st.phase = torch.where(onward, int(Phase.TANGENT), st.phase)
         st.phase = torch.where(at_end, int(Phase.ENDGAME), st.phase)
@@ -422,15 +428,25 @@ class PathTracker:
             st.dnorm = torch.where(correct, delta.norm(dim=1), st.dnorm)
             st.k_corr = torch.where(correct, st.k_corr + 1, st.k_corr)
 
-            # Tangent updates: t = w / ||w||; the first one sets the step scale; predict.
+            # Tangent updates: t = w / ||w||; the first one sets the step scale. A tangent
+            # turning by more than ~37° (t · t_prev < 0.8) means the step may have jumped
+            # to another branch: go back to the previous anchor with half the step.
             got = tangent & finite
             if bool(got.any()):
                 t = _unit(delta)
                 first = got & (st.step_unit == 0)
+                sharp = got & ~first & (batch_dot(t, st.tangent) < opt.max_turn)
                 h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)
                 st.step = torch.where(first, h0, st.step)
                 st.step_unit = torch.where(first, h0, st.step_unit)
-                st.tangent = _where(got, t, st.tangent)
+                smooth = got & ~sharp
+                st.tangent = _where(smooth, t, st.tangent)
+                st.anchor = _where(sharp, st.anchor_prev, st.anchor)
+                st.tangent = _where(sharp, st.tangent_prev, st.tangent)
+                st.step = torch.where(sharp, 0.25 * st.step, st.step)
+                underflow = sharp & (st.step.abs() < opt.step_min * st.step_unit.abs())
+                st.finish(underflow, Status.STEP_UNDERFLOW)
+                got = got & ~underflow
                 st.begin_step(got, self._predict(st, got, budget))
             # A failed tangent solve retries from the anchor with half the step.
             lost = tangent & ~finite

@@ -1,0 +1,260 @@
+"""The TorchDEQ solver contract and the solvers' answers, checked against independent truth."""
+import argparse
+
+import pytest
+import torch
+from torchdeq import get_deq
+from torchdeq.solver import get_solver
+from torchdeq.utils import add_deq_args
+from torchdeq.utils.layer_utils import DEQWrapper
+
+import torchdeq_homotopy as th
+from torchdeq_homotopy import Status
+
+ALL_SOLVERS = ["anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter",
+               "homotopy", "newton_krylov"]
+OURS = ["homotopy", "newton_krylov"]
+
+
+def linear_problem(bsz, n, radius, dtype=torch.float64, seed=0):
+    """f(z) = A z + b per sample with spectral norm ``radius``; z* = (I - A)^{-1} b."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(bsz, n, n, generator=g, dtype=dtype)
+    A = A / torch.linalg.matrix_norm(A, 2)[:, None, None] * radius
+    b = torch.randn(bsz, n, generator=g, dtype=dtype)
+    z_true = torch.linalg.solve(torch.eye(n, dtype=dtype) - A, b)
+    return (lambda z: (A @ z.unsqueeze(-1)).squeeze(-1) + b), z_true
+
+
+def tanh_cell(bsz, n, gain, seed=0, dtype=torch.float32):
+    """f(z) = tanh(W z + x), ||W||_2 = gain, small bias: expansive for gain > 1."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g, dtype=dtype)
+    W = W / torch.linalg.matrix_norm(W, 2) * gain
+    x = 0.1 * torch.randn(bsz, n, generator=g, dtype=dtype)
+    return lambda z: torch.tanh(z @ W.T + x)
+
+
+@pytest.mark.parametrize("name", ALL_SOLVERS)
+def test_every_registered_solver_keeps_torchdeq_contract(name):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(0.3 / conv.weight.abs().sum(dim=(1, 2, 3)).max())
+    x = torch.randn(4, 3, 5, 5)
+    func = DEQWrapper(lambda z: torch.tanh(conv(z) + x), x)
+    x0 = torch.zeros(4, 3, 5, 5)
+    with torch.no_grad():
+        z, traj, info = get_solver(name)(func, x0, max_iter=60, tol=1e-5, stop_mode="abs",
+                                         indexing=[2, 5])
+    assert z.shape == x0.shape
+    assert isinstance(traj, list) and len(traj) >= 1
+    assert all(t.shape == x0.shape for t in traj)
+    info["extra"] = 1                                      # mutable dict
+    residual = (func(z) - z).flatten(1).norm(dim=1)
+    assert residual.max() < 1e-3
+    if name != "simple_fixed_point_iter":                   # TorchDEQ returns dummy stats there
+        for key in ("abs_lowest", "rel_lowest", "nstep"):
+            assert info[key].shape == (4,)
+        assert info["abs_trace"].shape[0] == 4 and info["rel_trace"].shape[0] == 4
+    if name in OURS:
+        assert len(traj) == 2
+        torch.testing.assert_close(info["abs_lowest"], residual, rtol=1e-4, atol=1e-7)
+        assert info["converged"].all() and (info["status"] == Status.CONVERGED).all()
+
+
+@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("radius", [0.5, 3.0])
+def test_linear_maps_match_dense_solve(name, radius):
+    """radius 3: fixed-point iteration diverges; the answer is (I - A)^{-1} b all the same."""
+    f, z_true = linear_problem(6, 8, radius)
+    z, _, info = get_solver(name)(f, torch.zeros(6, 8, dtype=torch.float64), max_iter=400,
+                                  tol=1e-10, homo_krylov_dim=10)
+    torch.testing.assert_close(z, z_true, rtol=1e-8, atol=1e-8)
+    assert info["converged"].all()
+
+
+@pytest.mark.parametrize("gain", [3.0, 4.5, 6.0])
+def test_expansive_tanh_cells_solved_where_fixed_point_iteration_fails(gain):
+    f = tanh_cell(16, 12, gain, seed=int(gain))
+    x0 = torch.zeros(16, 12)
+    z_fp, _, _ = get_solver("fixed_point_iter")(f, x0, max_iter=500, tol=1e-4)
+    assert ((f(z_fp) - z_fp).norm(dim=1) > 1e-4).any()
+    z, _, info = th.homotopy_solver(f, x0, max_iter=2000, tol=1e-4)
+    residual = (f(z) - z).norm(dim=1)                      # recomputed, not the solver's word
+    assert (residual <= 1e-4).all()
+    assert (info["status"] == Status.CONVERGED).all()
+
+
+@pytest.mark.parametrize("options", [
+    {"homo_predictor": "ode"},
+    {"homo_type": "newton"},
+    {"homo_newton_iters": 0},
+    {"homo_jvp": "forward"},
+])
+def test_solver_modes_reach_equilibrium(options):
+    f = tanh_cell(8, 10, 4.0, seed=3)
+    z, _, info = th.homotopy_solver(f, torch.zeros(8, 10), max_iter=3000, tol=1e-4, **options)
+    assert ((f(z) - z).norm(dim=1) <= 1e-4).all(), info["status"]
+
+
+def test_pure_path_tracking_reaches_lambda_one():
+    """Without the Newton phase every sample must follow the path to λ = 1."""
+    f = tanh_cell(8, 10, 3.0, seed=5, dtype=torch.float64)
+    z, _, info = th.homotopy_solver(f, torch.zeros(8, 10, dtype=torch.float64), max_iter=3000,
+                                    tol=1e-9, homo_newton_iters=0)
+    assert ((f(z) - z).norm(dim=1) <= 1e-9).all()
+    torch.testing.assert_close(info["lam"], torch.ones(8, dtype=torch.float64))
+
+
+def test_max_iter_counts_every_evaluation():
+    calls = 0
+    inner = tanh_cell(4, 6, 4.0, seed=1)
+
+    def f(z):
+        nonlocal calls
+        calls += 1
+        return inner(z)
+
+    _, _, info = th.homotopy_solver(f, torch.zeros(4, 6), max_iter=37, tol=1e-12)
+    assert calls <= 37
+    assert info["nfe"][0] == calls
+
+
+def test_non_convergence_is_reported_not_hidden():
+    f = tanh_cell(4, 12, 5.0, seed=2)
+    _z, _, info = th.homotopy_solver(f, torch.zeros(4, 12), max_iter=5, tol=1e-8)
+    assert not info["converged"].any()
+    assert (info["status"] == Status.MAX_EVALS).all()
+    assert (info["abs_lowest"] > 1e-8).all()
+    with pytest.raises(th.HomotopyConvergenceError, match="did not converge"):
+        th.homotopy_solver(f, torch.zeros(4, 12), max_iter=5, tol=1e-8, homo_strict=True)
+
+
+def test_nonfinite_samples_flagged_others_unaffected():
+    f0 = tanh_cell(6, 5, 3.0, seed=4)
+    bad = torch.tensor([False, True, False, False, True, False])
+
+    def f(z):
+        out = f0(z)
+        return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)
+
+    z, _, info = th.homotopy_solver(f, torch.zeros(6, 5), max_iter=800, tol=1e-5)
+    assert (info["status"][bad] == Status.NONFINITE).all()
+    assert (info["status"][~bad] == Status.CONVERGED).all()
+    assert torch.isfinite(z).all()                          # best finite iterate (x0) kept
+    z_ref, _, _ = th.homotopy_solver(lambda z: f0(z), torch.zeros(6, 5), max_iter=800, tol=1e-5)
+    assert ((f0(z) - z).norm(dim=1)[~bad] <= 1e-5).all()
+    torch.testing.assert_close(z[~bad], z_ref[~bad], atol=1e-4, rtol=0)
+
+
+def test_nan_mid_path_keeps_best_finite_iterate():
+    f0 = tanh_cell(4, 5, 4.0, seed=6)
+
+    def f(z):   # blows up away from the start for sample 0 only
+        out = f0(z)
+        blow = (z.norm(dim=1) > 0.05) & (torch.arange(4) == 0)
+        return torch.where(blow[:, None], torch.full_like(out, float("inf")), out)
+
+    z, _, info = th.homotopy_solver(f, torch.zeros(4, 5), max_iter=1500, tol=1e-5)
+    assert torch.isfinite(z).all()
+    assert info["status"][0] != Status.CONVERGED
+    assert (info["status"][1:] == Status.CONVERGED).all()
+
+
+def test_bad_inputs_get_errors_that_name_the_fix():
+    f = tanh_cell(2, 3, 0.5)
+    with pytest.raises(ValueError, match="state's shape"):
+        th.homotopy_solver(lambda z: z[:, :2], torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="cast"):
+        th.homotopy_solver(lambda z: f(z).double(), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        th.homotopy_solver(f, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(th.ConfigError, match="homo_type"):
+        th.homotopy_solver(f, torch.zeros(2, 3), homo_tpye="newton")
+    with pytest.raises(th.ConfigError, match="choose one of"):
+        th.homotopy_solver(f, torch.zeros(2, 3), homo_type="bogus")
+    with pytest.raises(th.ConfigError, match="> 0"):
+        th.homotopy_solver(f, torch.zeros(2, 3), homo_step_init=-1.0)
+    with pytest.raises(ValueError, match="stop_mode"):
+        th.homotopy_solver(f, torch.zeros(2, 3), stop_mode="max")
+
+
+def test_empty_batch_and_one_dimensional_states():
+    z, traj, info = th.homotopy_solver(torch.cos, torch.zeros(0, 3), indexing=[3])
+    assert z.shape == (0, 3) and len(traj) == 1 and info["abs_lowest"].shape == (0,)
+    z, _, info = th.homotopy_solver(torch.cos, torch.zeros(5), tol=1e-8)   # 5 scalar samples
+    torch.testing.assert_close(z, torch.full((5,), 0.7390851), atol=1e-6, rtol=0)
+    assert info["abs_lowest"].shape == (5,)
+
+
+class TinyDEQ(torch.nn.Module):
+    def __init__(self, n=6, **deq_kw):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(0.9 * torch.randn(n, n, generator=g, dtype=torch.float64)
+                                    / n ** 0.5)
+        self.U = torch.nn.Parameter(torch.randn(n, n, generator=g, dtype=torch.float64))
+        self.deq = th.get_deq(**deq_kw)
+
+    def forward(self, x):
+        u = x @ self.U.T
+        z_out, info = self.deq(lambda z: torch.tanh(z @ self.W.T + u), torch.zeros_like(x))
+        return z_out[-1], info
+
+
+def test_ift_gradient_with_homotopy_backward_matches_finite_differences():
+    model = TinyDEQ(f_solver="homotopy", b_solver="homotopy", ift=True, f_tol=1e-12,
+                    b_tol=1e-12, f_max_iter=300, b_max_iter=300)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 6, dtype=torch.float64)
+    z, _ = model(x)
+    (z * c).sum().backward()
+
+    def loss(xv):
+        with torch.no_grad():
+            return (model(xv)[0] * c).sum()
+
+    eps, fd = 1e-6, torch.zeros_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).view(-1)
+        e[i] = eps
+        fd.view(-1)[i] = (loss(x + e.view_as(x)) - loss(x - e.view_as(x))) / (2 * eps)
+    torch.testing.assert_close(x.grad, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_one_flag_switch_and_command_line():
+    parser = argparse.ArgumentParser()
+    add_deq_args(parser)
+    th.add_homotopy_args(parser)
+    args = parser.parse_args(["--f_solver", "homotopy", "--b_solver", "homotopy", "--ift",
+                              "--homo_type", "newton", "--f_max_iter", "200"])
+    deq = get_deq(args)                                # TorchDEQ's own factory
+    assert deq.f_solver is th.homotopy_solver
+    deq = th.get_deq(args)                             # ours: homo_* keys reach the solver
+    assert deq.f_solver.keywords["homo_type"] == "newton"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--b_solver", "nonexistent"])
+
+
+def test_solver_options_through_solver_kwargs():
+    deq = get_deq(f_solver="homotopy", f_max_iter=500, f_tol=1e-6)
+    deq.eval()
+    f = tanh_cell(4, 8, 4.0, seed=7)
+    z_out, _info = deq(f, torch.zeros(4, 8), solver_kwargs={"homo_type": "newton"})
+    assert ((f(z_out[-1]) - z_out[-1]).norm(dim=1) <= 1e-6).all()
+    with pytest.raises(th.ConfigError):
+        deq(f, torch.zeros(4, 8), solver_kwargs={"homo_typo": "newton"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_solve_matches_cpu():
+    f_cpu = tanh_cell(8, 10, 4.0, seed=8)
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(10, 10, generator=g)
+    W = (W / torch.linalg.matrix_norm(W, 2) * 4.0).cuda()
+    x = (0.1 * torch.randn(8, 10, generator=g)).cuda()
+    z, _, info = th.homotopy_solver(lambda z: torch.tanh(z @ W.T + x),
+                                    torch.zeros(8, 10, device="cuda"), max_iter=2000, tol=1e-4)
+    assert z.is_cuda and info["status"].is_cuda
+    assert ((f_cpu(z.cpu()) - z.cpu()).norm(dim=1) <= 2e-4).all()
