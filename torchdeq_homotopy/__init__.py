@@ -3,24 +3,29 @@
 Importing this package registers, in TorchDEQ's own registries:
 
 * the solvers ``'homotopy'`` and ``'newton_krylov'`` (``get_deq(f_solver='homotopy')``),
+* the HomoODE core ``'homoode'`` (``get_deq(core='homoode')``).
 
 Example:
     >>> import torchdeq_homotopy
     >>> from torchdeq import get_deq
     >>> deq = get_deq(f_solver='homotopy', f_max_iter=200)
 """
+from torchdeq.core import register_deq
 from torchdeq.solver import register_solver
 
 from .config import ConfigError, add_homotopy_args
+from .core import HomoODECore
 from .factory import get_deq
 from .path import Status
 from .solvers import HomotopyConvergenceError, homotopy_solver, newton_krylov_solver
 
 register_solver("homotopy", homotopy_solver)
 register_solver("newton_krylov", newton_krylov_solver)
+register_deq("homoode", HomoODECore)
 
 __all__ = [
     "ConfigError",
+    "HomoODECore",
     "HomotopyConvergenceError",
     "Status",
     "add_homotopy_args",

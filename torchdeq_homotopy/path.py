@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .homotopies import HOMOTOPIES
+from .homotopies import HOMOTOPIES, NewtonHomotopy
 from .linalg import Linearization, batch_dot, gmres
 
 Tensor = torch.Tensor
@@ -226,8 +226,11 @@ class PathTracker:
         self.f, self.x0, self.opt = f, x0, options
         self.n = x0.shape[1]
         self.jvp_mode = options.jvp
-        self.hom = None
-        self.fz0 = None
+        # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
+        # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
+        # more call f(z0), when the first sample starts tracking.
+        self.hom = NewtonHomotopy(x0, x0)
+        self.fz0: Tensor | None = None
 
     # ---------------------------------------------------------------- linear algebra
     def _solve(self, y: Tensor, fz: Tensor, border: Tensor, rhs: Tensor,
@@ -293,7 +296,16 @@ class PathTracker:
         return odeint(velocity, st.anchor, grid, method=self.opt.ode_method)[-1]
 
     # ---------------------------------------------------------------- decisions
-    def _leave_newton(self, st: _State, f_finite: Tensor, abs_res: Tensor) -> Tensor:
+    def _build_homotopy(self, budget: _Budget) -> bool:
+        if self.fz0 is None:
+            if not budget.spend():
+                return False
+            self.fz0 = self.f(self.x0)
+            self.hom = HOMOTOPIES[self.opt.homotopy](self.x0, self.fz0)
+        return True
+
+    def _leave_newton(self, st: _State, f_finite: Tensor, abs_res: Tensor,
+                      budget: _Budget) -> Tensor:
         """NEWTON samples that stall restart on the path from (z0, 0); returns them."""
         opt = self.opt
         in_newton = st.phase == Phase.NEWTON
@@ -304,23 +316,26 @@ class PathTracker:
                    | ((st.n_newton > 0) & (abs_res > 0.9 * st.res_prev))
                    | (st.n_newton >= opt.newton_iters))
         leave = in_newton & stalled
-        if not bool(leave.any()):
-            return leave
+        if not bool(leave.any()) or not self._build_homotopy(budget):
+            return torch.zeros_like(leave)
         st.finish(leave & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
         leave = leave & (st.phase != Phase.DONE)
         x0_y = torch.cat([self.x0, torch.zeros_like(self.x0[:, :1])], dim=1)
         st.anchor = _where(leave, x0_y, st.anchor)
+        st.anchor_prev = _where(leave, x0_y, st.anchor_prev)
         st.y = _where(leave, x0_y, st.y)
         start = self.hom.start_tangent()
         if start is None:    # the tangent at λ = 0 needs a solve: do it at the next iteration
             e_lam = torch.zeros_like(x0_y)
             e_lam[:, -1] = 1
             st.tangent = _where(leave, e_lam, st.tangent)
+            st.tangent_prev = _where(leave, e_lam, st.tangent_prev)
             st.phase = torch.where(leave, int(Phase.TANGENT), st.phase)
             return leave
         tangent = _unit(torch.cat([start[0], start[1][:, None]], dim=1))
         h0 = self.opt.step_init / tangent[:, -1]     # first step raises λ by step_init
         st.tangent = _where(leave, tangent, st.tangent)
+        st.tangent_prev = _where(leave, tangent, st.tangent_prev)
         st.step = torch.where(leave, h0, st.step)
         st.step_unit = torch.where(leave, h0, st.step_unit)
         st.begin_step(leave, self._predict_linear(st))
@@ -358,12 +373,23 @@ class PathTracker:
 
     # ---------------------------------------------------------------- main loop
     def run(self, max_evals: int, tol: float, stop_mode: str,
-            indexing: list[int] | None = None) -> TrackerResult:
-        """Track every sample until it converges, fails, or the budget is spent."""
+            indexing: list[int] | None = None, newton_start: Tensor | None = None,
+            used: int = 0, skip_newton: Tensor | None = None) -> TrackerResult:
+        """Track every sample until it converges, fails, or the budget is spent.
+
+        ``newton_start`` (default ``x0``) is where the Newton phase starts; the path itself
+        always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up;
+        samples in ``skip_newton`` go to path tracking after their first evaluation.
+        """
         opt, x0, n = self.opt, self.x0, self.n
         budget = _Budget(max_evals)
+        budget.used = used
         indexing = sorted(indexing or [])
-        st = _State.start(x0, newton_first=opt.newton_iters > 0 or not opt.track)
+        newton_first = opt.newton_iters > 0 or not opt.track
+        st = _State.start(x0 if newton_start is None or not newton_first else newton_start,
+                          newton_first=newton_first)
+        if skip_newton is not None and opt.track:
+            st.n_newton = torch.where(skip_newton, opt.newton_iters, st.n_newton)
         inf = torch.full_like(st.step, float("inf"))
         best = _Best(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                      step=torch.zeros_like(inf))
@@ -374,9 +400,6 @@ class PathTracker:
         while budget.spend():
             z, lam = st.y[:, :n], st.y[:, n]
             fz = self.f(z)
-            if self.hom is None:
-                self.fz0 = fz
-                self.hom = HOMOTOPIES[opt.homotopy](x0, fz)
             abs_res, rel_res = _residuals(z, fz)
             f_finite = torch.isfinite(abs_res)
             abs_trace.append(abs_res)
@@ -393,7 +416,7 @@ class PathTracker:
 
             H = self.hom.residual(z, fz, lam)
             h_norm = H.norm(dim=1)
-            idle = self._leave_newton(st, f_finite, abs_res)
+            idle = self._leave_newton(st, f_finite, abs_res, budget)
             idle = idle | self._judge_corrector(st, h_norm, idle)
             st.finish((st.phase == Phase.ENDGAME) & (~torch.isfinite(h_norm) | st.solve_failed),
                       Status.NONFINITE)

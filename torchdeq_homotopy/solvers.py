@@ -15,9 +15,11 @@ solvers. ``info`` is a :class:`torchdeq.solver.stat.SolverStat` with TorchDEQ's 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchdeq.solver.anderson import anderson_solver
 from torchdeq.solver.stat import SolverStat
 
 from .config import SOLVER_KEYS, resolve
@@ -78,6 +80,41 @@ def _check_x0(x0: Tensor, stop_mode: str, max_iter: int, tol: float) -> None:
         raise ValueError(f"tol={tol} must be > 0.")
 
 
+@dataclass
+class _Warmup:
+    z: Tensor
+    evals: int
+    unhelped: Tensor      # samples whose residual Anderson did not halve: Newton is skipped
+    abs_trace: list[Tensor]
+    rel_trace: list[Tensor]
+
+
+def _anderson_warmup(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
+                     stop_mode: str) -> _Warmup | None:
+    """A cheap first phase: TorchDEQ's Anderson acceleration for at most ``budget`` calls.
+
+    On benign cells it solves everything at Anderson's cost; otherwise its best iterate is
+    where Newton starts (the path still starts at x0).
+    """
+    if budget <= 0:
+        return None
+    calls = 0
+
+    def counted(z: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        return f(z)
+
+    z, _, info = anderson_solver(counted, x0, max_iter=budget, tol=tol, stop_mode=stop_mode)
+    z = torch.where(torch.isfinite(z).all(dim=1, keepdim=True), z, x0)
+    steps = min(calls, info["abs_trace"].shape[1] - 1)
+    first = info["abs_trace"][:, min(1, info["abs_trace"].shape[1] - 1)]
+    unhelped = ~(info["abs_lowest"] <= 0.5 * first) & (info["abs_lowest"] > tol)
+    return _Warmup(z=z, evals=calls, unhelped=unhelped,
+                   abs_trace=list(info["abs_trace"][:, 1:steps + 1].unbind(1)),
+                   rel_trace=list(info["rel_trace"][:, 1:steps + 1].unbind(1)))
+
+
 def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     info = SolverStat(
         abs_lowest=result.abs_best,
@@ -114,13 +151,20 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
     flat_f = _flatten_func(func, x0)
     x_flat = x0.detach().reshape(bsz, -1)
     tracker_opts = TrackerOptions(**{k[len("homo_"):]: v for k, v in opts.items()
-                                     if k != "homo_strict" and k[len("homo_"):] != "type"},
+                                     if k not in ("homo_strict", "homo_type", "homo_warmup")},
                                   homotopy=opts["homo_type"], track=track)
     if not track:
         tracker_opts.newton_iters = int(max_iter)
     with torch.no_grad():
+        warm = _anderson_warmup(flat_f, x_flat, min(opts["homo_warmup"], int(max_iter) // 2),
+                                tol, stop_mode) if track else None
         result = PathTracker(flat_f, x_flat, tracker_opts).run(
-            int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None)
+            int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None,
+            newton_start=warm.z if warm else None, used=warm.evals if warm else 0,
+            skip_newton=warm.unhelped if warm else None)
+    if warm is not None:
+        result.abs_trace[:0] = warm.abs_trace
+        result.rel_trace[:0] = warm.rel_trace
     info = _stat(result, stop_mode, bsz)
     z_star = result.z_best.view(x0.shape)
     trajectory = [z.view(x0.shape) for z in result.trajectory]

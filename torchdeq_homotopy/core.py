@@ -1,0 +1,189 @@
+"""The HomoODE core (``core='homoode'``): a neural ODE over the homotopy parameter.
+
+Ding et al. (NeurIPS 2023) replace the right-hand side (I - λJ_f)^{-1}(f(z) - z0) of the
+Davidenko ODE of the fixed-point homotopy by a learned field and integrate it over
+λ ∈ [0, 1]; the endpoint z(1) plays the DEQ's equilibrium. In TorchDEQ terms the
+``func(z)`` a DEQ model hands its core *is* that field:
+
+    'direct'       dz/dλ = func(z)           (the paper's)
+    'residual'     dz/dλ = func(z) - z
+    'fixed_point'  dz/dλ = func(z) - z0
+
+starting from z(0) = z0: the shared learnable initial point (``homo_init='learned'``),
+zeros, or the ``z_init`` given to the core.
+
+The learned initial point is one tensor shared by all inputs, per channel (dim 1) and
+constant over the other dims. In training mode it moves toward the detached endpoints by
+the paper's schedule: each forward accumulates the gradient of
+SmoothL1(z0, z(1).detach()), and every ``homo_init_every`` forwards
+z0 ← z0 - ``homo_init_lr`` · (accumulated gradient). Cross-entropy never reaches it (the
+ODE starts from z0 detached). It lives in ``state_dict`` as the buffer ``init_point``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchdeq.core import DEQBase
+from torchdeq.utils.layer_utils import deq_decorator
+
+from .adjoint import closure_inputs, integrate
+from .config import CORE_KEYS, resolve
+from .path import Status
+
+Tensor = torch.Tensor
+
+
+class HomoODECore(DEQBase):
+    """TorchDEQ core that integrates ``func`` as the HomoODE field over λ ∈ [0, 1].
+
+    Built by ``get_deq(core='homoode', ...)``; takes ``func`` and ``z_init`` like TorchDEQ's
+    cores and returns ``(z_out, info)`` with ``z_out = [z(1)]``. Keys (defaults in
+    :data:`torchdeq_homotopy.config.CORE_KEYS`): ``homo_method``, ``homo_rtol``,
+    ``homo_atol``, ``homo_options``, ``homo_field``, ``homo_init``, ``homo_init_lr``,
+    ``homo_init_every``, ``homo_adjoint``.
+
+    ``info`` holds ``nstep`` (evaluations of ``func`` in the solve), ``abs_lowest`` and
+    ``rel_lowest`` (the endpoint's ||func(z) - z|| and its relative form: how far z(1) is
+    from an equilibrium of the same cell), ``status`` per sample, and ``init_loss``.
+
+    Example:
+        >>> import torchdeq_homotopy
+        >>> from torchdeq import get_deq
+        >>> deq = get_deq(core='homoode')
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> z_out, info = deq(lambda z: torch.tanh(z + x), torch.zeros_like(x))
+        >>> z_out[-1].shape, deq.init_point.shape
+        (torch.Size([2, 4, 3, 3]), torch.Size([4]))
+    """
+
+    def __init__(self, args: Any = None, **kwargs: Any) -> None:
+        super().__init__(args, **kwargs)
+        self.options = resolve(self.args.config, CORE_KEYS)
+        self.register_buffer("init_point", torch.zeros(0))
+        self.register_buffer("init_grad", torch.zeros(0))
+        self.register_buffer("init_count", torch.zeros((), dtype=torch.long))
+
+    # ---------------------------------------------------------------- initial point
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("init_point", "init_grad"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _broadcast(self, point: Tensor, like: Tensor) -> Tensor:
+        return point.view(1, -1, *([1] * (like.dim() - 2))).expand_as(like)
+
+    def _start(self, z_init: Tensor) -> Tensor:
+        mode = self.options["homo_init"]
+        if mode == "given":
+            return z_init
+        if mode == "zeros" or z_init.dim() < 2:
+            return torch.zeros_like(z_init)
+        channels = z_init.shape[1]
+        if self.init_point.numel() == 0:
+            self.init_point = z_init.new_zeros(channels)
+            self.init_grad = z_init.new_zeros(channels)
+        if self.init_point.shape != (channels,):
+            raise ValueError(
+                f"the learned initial point has {self.init_point.numel()} channels but the "
+                f"state has {channels} (shape {tuple(z_init.shape)}); use one core per state "
+                "shape, or homo_init='zeros'.")
+        point = self.init_point.to(dtype=z_init.dtype, device=z_init.device)
+        return self._broadcast(point, z_init).detach()
+
+    @torch.no_grad()
+    def _train_init_point(self, z_end: Tensor) -> Tensor:
+        """Accumulate ∇ SmoothL1(z0, z(1)) and step z0 every ``homo_init_every`` calls."""
+        point = self.init_point.to(z_end.dtype).detach().requires_grad_()
+        with torch.enable_grad():
+            loss = F.smooth_l1_loss(self._broadcast(point, z_end), z_end.detach())
+            (grad,) = torch.autograd.grad(loss, point)
+        self.init_grad += grad.to(self.init_grad.dtype)
+        self.init_count += 1
+        if int(self.init_count) % self.options["homo_init_every"] == 0:
+            self.init_point -= self.options["homo_init_lr"] * self.init_grad
+            self.init_grad.zero_()
+        return loss.detach()
+
+    # ---------------------------------------------------------------- solve
+    def _field(self, func: Callable[[Tensor], Tensor], z_start: Tensor,
+               counter: list[int]) -> Callable[[Tensor, Tensor], Tensor]:
+        kind = self.options["homo_field"]
+
+        def field(_lam: Tensor, z: Tensor) -> Tensor:
+            counter[0] += 1
+            out = func(z)
+            if kind == "residual":
+                return out - z
+            if kind == "fixed_point":
+                return out - z_start
+            return out
+
+        return field
+
+    def _integrate(self, func: Callable[[Tensor], Tensor], z_start: Tensor,
+                   counter: list[int]) -> tuple[Tensor, Tensor]:
+        """z(1), and a per-sample status (integrator failure is reported, not raised)."""
+        opt = self.options
+        field = self._field(func, z_start, counter)
+        adjoint = opt["homo_adjoint"] and torch.is_grad_enabled()
+        params = closure_inputs(func, z_start) if adjoint else ()
+        status = torch.full((z_start.shape[0],), int(Status.CONVERGED), device=z_start.device)
+        try:
+            z_end = integrate(field, z_start, method=opt["homo_method"], rtol=opt["homo_rtol"],
+                              atol=opt["homo_atol"], options=opt["homo_options"],
+                              adjoint=adjoint, adjoint_params=params)
+        except AssertionError as err:   # torchdiffeq: 'underflow in dt' / 'max_num_steps'
+            failure = Status.STEP_UNDERFLOW if "underflow" in str(err) else Status.MAX_EVALS
+            status.fill_(int(failure))
+            z_end = integrate(field, z_start, method="rk4", rtol=0.0, atol=0.0,
+                              options={"step_size": 0.25}, adjoint=adjoint,
+                              adjoint_params=params)
+        finite = torch.isfinite(z_end.flatten(1) if z_end.dim() > 1 else z_end[:, None]).all(1)
+        status = torch.where(finite, status, int(Status.NONFINITE))
+        return z_end, status
+
+    def forward(self, func: Callable, z_init: Tensor | list[Tensor],
+                solver_kwargs: dict | None = None, sradius_mode: bool = False,
+                backward_writer: Callable | None = None,
+                **kwargs: Any) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Integrate the HomoODE from z0 to λ = 1 and return ``([z(1)], info)``.
+
+        ``solver_kwargs`` may override any ``homo_*`` core key for this call.
+        """
+        if solver_kwargs:
+            self.options = {**self.options, **resolve(solver_kwargs, CORE_KEYS)}
+        deq_func, z_init = deq_decorator(func, z_init, no_stat=False)
+        if not torch.is_tensor(z_init):
+            raise TypeError("core='homoode' needs a tensor state or a list of tensors; "
+                            f"got {type(z_init).__name__}.")
+        z_start = self._start(z_init)
+        counter = [0]
+        z_end, status = self._integrate(deq_func, z_start, counter)
+        nfe = counter[0]
+        init_loss = torch.zeros((), device=z_end.device)
+        if self.training and self.options["homo_init"] == "learned" and z_end.dim() >= 2:
+            init_loss = self._train_init_point(z_end)
+        with torch.no_grad():
+            diff = (deq_func(z_end) - z_end).flatten(1) if z_end.dim() > 1 else (
+                deq_func(z_end) - z_end)[:, None]
+            fz_norm = (diff + z_end.flatten(1) if z_end.dim() > 1 else diff).norm(dim=1)
+        abs_res = diff.norm(dim=1)
+        bsz = z_end.shape[0]
+        info = {
+            "abs_lowest": abs_res,
+            "rel_lowest": abs_res / (fz_norm + 1e-8),
+            "abs_trace": abs_res[:, None],
+            "rel_trace": (abs_res / (fz_norm + 1e-8))[:, None],
+            "nstep": torch.full((bsz,), float(nfe), device=z_end.device),
+            "sradius": torch.zeros(1, device=z_end.device),
+            "status": status,
+            "init_loss": init_loss,
+        }
+        from torchdeq.solver.stat import SolverStat
+
+        return [deq_func.vec2list(z_end)], SolverStat(**info)
