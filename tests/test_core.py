@@ -1,0 +1,190 @@
+"""The HomoODE core: gradients, the learned initial point, TorchDEQ compatibility."""
+import copy
+import io
+
+import pytest
+import torch
+from torchdeq import get_deq, reset_deq
+
+import torchdeq_homotopy as th
+from torchdeq_homotopy.models import Cell, ImplicitClassifier, ODEClassifier
+
+F64 = torch.float64
+
+
+def small_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=F64))
+    gn = torch.nn.GroupNorm(1, 2).double()
+    x = torch.randn(2, 2, 3, 3, generator=g, dtype=F64)
+    return conv, gn, x
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_gradcheck_wrt_input_features_and_parameters(adjoint):
+    conv, gn, _ = small_problem()
+    deq = get_deq(core="homoode", homo_adjoint=adjoint, homo_rtol=1e-10, homo_atol=1e-10,
+                  homo_init="zeros")
+    x = torch.randn(1, 2, 3, 3, dtype=F64, requires_grad=True)
+    weight = conv.weight.detach().clone().requires_grad_()
+
+    def run(x_in, w):
+        out, _ = deq(lambda z: gn(torch.tanh(torch.nn.functional.conv2d(z, w, conv.bias,
+                                                                        padding=1)) + x_in),
+                     torch.zeros_like(x_in))
+        return out[-1]
+
+    assert torch.autograd.gradcheck(run, (x, weight), atol=1e-6, rtol=1e-5)
+
+
+def test_adjoint_gradients_equal_direct_backpropagation():
+    conv, gn, x0 = small_problem(1)
+    grads = {}
+    for adjoint in (False, True):
+        conv.zero_grad()
+        x = x0.clone().requires_grad_()
+        deq = get_deq(core="homoode", homo_adjoint=adjoint, homo_rtol=1e-10, homo_atol=1e-10)
+        out, _ = deq(lambda z, x=x: gn(torch.tanh(conv(z)) + x), torch.zeros_like(x))
+        (out[-1] ** 2).sum().backward()
+        grads[adjoint] = (x.grad.clone(), conv.weight.grad.clone(), gn.weight.grad.clone())
+        gn.zero_grad()
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_closure_inputs_finds_parameters_and_features():
+    cell = Cell(4, dropout=0.0)
+    x = torch.randn(1, 4, 3, 3, requires_grad=True) * 2      # non-leaf features
+    found = th.adjoint.closure_inputs(lambda z: cell(z, x), torch.zeros(1, 4, 3, 3))
+    ids = {id(t) for t in found}
+    assert id(x) in ids
+    assert all(id(p) in ids for p in cell.parameters())
+
+
+def test_learned_initial_point_moves_toward_endpoints_and_persists():
+    torch.manual_seed(0)
+    deq = get_deq(core="homoode", homo_init_every=1, homo_init_lr=0.5, homo_field="residual")
+    x = torch.randn(4, 3, 5, 5) + torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1)
+    func = lambda z: 0.5 * z + x                                # noqa: E731
+    deq.train()
+    losses = [float(deq(func, torch.zeros_like(x))[1]["init_loss"]) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]          # the floor is the spatial spread of z(1)
+    point = deq.init_point.clone()
+    assert point.shape == (3,)
+    endpoint = deq(func, torch.zeros_like(x))[0][-1].detach()
+    assert (point - endpoint.mean(dim=(0, 2, 3))).abs().max() < 0.5 * (
+        endpoint.mean(dim=(0, 2, 3)).abs().max())
+    fresh = get_deq(core="homoode")
+    fresh.load_state_dict(deq.state_dict())
+    torch.testing.assert_close(fresh.init_point, point)
+    deq.eval()
+    before = deq.init_point.clone()
+    deq(func, torch.zeros_like(x))
+    torch.testing.assert_close(deq.init_point, before)          # frozen in eval mode
+
+
+def test_learned_start_cuts_function_evaluations():
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 4, 4) * 3 + 5
+    func = lambda z: -(z - x)                                   # noqa: E731  # decays to x
+    learned = get_deq(core="homoode", homo_init_every=1, homo_init_lr=1.0,
+                      homo_field="residual")
+    zeros = get_deq(core="homoode", homo_init="zeros", homo_field="residual")
+    learned.train()
+    for _ in range(40):
+        learned(func, torch.zeros_like(x))
+    nfe_learned = learned(func, torch.zeros_like(x))[1]["nstep"][0]
+    nfe_zeros = zeros(func, torch.zeros_like(x))[1]["nstep"][0]
+    assert nfe_learned < nfe_zeros
+
+
+def test_info_reports_endpoint_residual_against_recomputation():
+    deq = get_deq(core="homoode")
+    x = torch.randn(3, 2, 4, 4)
+    func = lambda z: torch.tanh(z + x)                          # noqa: E731
+    z_out, info = deq(func, torch.zeros_like(x))
+    z = z_out[-1]
+    torch.testing.assert_close(info["abs_lowest"], (func(z) - z).flatten(1).norm(dim=1))
+    assert info["nstep"][0] >= 6 and (info["status"] == th.Status.CONVERGED).all()
+
+
+@pytest.mark.parametrize("deq_kwargs", [
+    {"core": "sliced", "f_solver": "anderson", "f_max_iter": 30},
+    {"core": "indexing", "f_solver": "homotopy", "f_max_iter": 60, "n_states": 2},
+    {"core": "sliced", "f_solver": "homotopy", "b_solver": "homotopy", "ift": True},
+    {"core": "homoode"},
+    {"core": "homoode", "homo_adjoint": True},
+])
+def test_same_model_runs_under_every_core(deq_kwargs):
+    torch.manual_seed(0)
+    model = ImplicitClassifier(1, 10, width=8, **deq_kwargs)
+    images, labels = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    model.train()
+    reset_deq(model)
+    logits, info = model(images)
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert logits.shape == (4, 10) and logits.requires_grad
+    assert model.stem[0].weight.grad is not None and model.cell.conv1.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        assert model(images)[0].shape == (4, 10)
+
+
+def test_dropout_mask_fixed_within_a_solve_and_reset_between():
+    torch.manual_seed(0)
+    model = ImplicitClassifier(1, 10, width=8, dropout=0.5)
+    model.train()
+    masks = []
+    original = model.cell.drop.forward
+
+    def spy(x):
+        out = original(x)
+        masks.append(((out == 0) & (x != 0)).clone())
+        return out
+
+    model.cell.drop.forward = spy
+    reset_deq(model)
+    model(torch.randn(2, 1, 8, 8))
+    first_solve = masks[:]
+    assert len(first_solve) > 3 and all(torch.equal(m, first_solve[0]) for m in first_solve)
+    masks.clear()
+    reset_deq(model)
+    model(torch.randn(2, 1, 8, 8))
+    assert not torch.equal(masks[0], first_solve[0])
+
+
+def test_paper_layout_parameter_count():
+    assert sum(p.numel() for p in ImplicitClassifier(3, 10, width=64).parameters()) == 132938
+
+
+def test_whole_model_save_load_and_deepcopy():
+    torch.manual_seed(0)
+    model = ImplicitClassifier(1, 10, width=8)
+    model.train()
+    model(torch.randn(2, 1, 8, 8))
+    model.eval()
+    images = torch.randn(2, 1, 8, 8)
+    expected = model(images)[0]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(images)[0], expected)
+    torch.testing.assert_close(copy.deepcopy(model)(images)[0], expected)
+
+
+def test_node_and_anode_share_stem_and_readout_layout():
+    node, anode = ODEClassifier(1, 10, width=8), ODEClassifier(1, 10, width=8, augment=4)
+    assert type(node.stem) is type(anode.stem) and len(node.readout) == len(anode.readout)
+    logits, info = anode(torch.randn(2, 1, 8, 8))
+    assert logits.shape == (2, 10) and info["nstep"][0] > 0
+
+
+def test_bad_core_config_is_rejected():
+    with pytest.raises(th.ConfigError, match="homo_field"):
+        get_deq(core="homoode", homo_field="sideways")
+    with pytest.raises(th.ConfigError, match="homo_adjoint"):
+        get_deq(core="homoode", homo_adjiont=True)
