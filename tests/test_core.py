@@ -51,7 +51,7 @@ def test_adjoint_gradients_equal_direct_backpropagation():
         (out[-1] ** 2).sum().backward()
         grads[adjoint] = (x.grad.clone(), conv.weight.grad.clone(), gn.weight.grad.clone())
         gn.zero_grad()
-    for a, b in zip(grads[False], grads[True]):
+    for a, b in zip(grads[False], grads[True], strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
@@ -79,7 +79,7 @@ def test_learned_initial_point_moves_toward_endpoints_and_persists():
         endpoint.mean(dim=(0, 2, 3)).abs().max())
     fresh = get_deq(core="homoode")
     fresh.load_state_dict(deq.state_dict())
-    torch.testing.assert_close(fresh.init_point, point)
+    torch.testing.assert_close(fresh.init_point, deq.init_point)
     deq.eval()
     before = deq.init_point.clone()
     deq(func, torch.zeros_like(x))
@@ -124,7 +124,7 @@ def test_same_model_runs_under_every_core(deq_kwargs):
     images, labels = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     model.train()
     reset_deq(model)
-    logits, info = model(images)
+    logits, _info = model(images)
     torch.nn.functional.cross_entropy(logits, labels).backward()
     assert logits.shape == (4, 10) and logits.requires_grad
     assert model.stem[0].weight.grad is not None and model.cell.conv1.weight.grad is not None
