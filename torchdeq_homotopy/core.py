@@ -93,7 +93,7 @@ class HomoODECore(DEQBase):
                 f"state has {channels} (shape {tuple(z_init.shape)}); use one core per state "
                 "shape, or homo_init='zeros'.")
         point = self.init_point.to(dtype=z_init.dtype, device=z_init.device)
-        return self._broadcast(point, z_init).detach()
+        return self._broadcast(point, z_init).detach().clone()
 
     @torch.no_grad()
     def _train_init_point(self, z_end: Tensor) -> Tensor:

@@ -1,0 +1,59 @@
+"""The main job end to end (small), and multi-process training with torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def test_main_job_trains_every_model_and_writes_results(tmp_path):
+    import train_classifier
+
+    results = train_classifier.main([
+        "--epochs", "1", "--train-size", "256", "--test-size", "128", "--width", "8",
+        "--out", str(tmp_path)])
+    assert [r["model"] for r in results] == ["homoode", "deq", "node", "anode"]
+    for r in results:
+        saved = json.loads((tmp_path / r["model"] / "results.json").read_text())
+        assert 0.0 <= saved["test_acc"] <= 1.0 and saved["nfe_forward"] > 0
+        assert saved["params"] > 0 and saved["images_per_s"] > 0
+        assert (tmp_path / r["model"] / "checkpoint.pt").exists()
+    assert (tmp_path / "training_curves.png").exists()
+    # --resume continues from the checkpoint: the finished epoch is not trained again.
+    again = train_classifier.main([
+        "--epochs", "1", "--train-size", "256", "--test-size", "128", "--width", "8",
+        "--out", str(tmp_path), "--model", "homoode", "--resume", "--no-plots"])
+    assert again[0]["wall_time_s"] == 0.0 and again[0]["history"] == results[0]["history"]
+
+
+def test_missing_torchvision_dataset_names_the_fix(tmp_path, monkeypatch):
+    import torchvision
+
+    from torchdeq_homotopy.data import load_image_data
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(RuntimeError, match="--data-dir"):
+        load_image_data("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("model", ["homoode", "deq"])
+def test_torchrun_two_processes_end_with_identical_parameters(tmp_path, model):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + hash(model) % 500),
+           str(ROOT / "examples" / "train_classifier.py"), "--model", model, "--epochs", "1",
+           "--max-steps", "3", "--batch-size", "16", "--width", "8", "--train-size", "128",
+           "--test-size", "64", "--device", "cpu", "--no-plots", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    result = json.loads((tmp_path / model / "results.json").read_text())
+    assert result["world_size"] == 2
+    first, second = result["rank_param_checksums"]
+    assert first == second
