@@ -99,6 +99,7 @@ class TrackerResult:
     lam: Tensor
     evals: int
     trajectory: list[Tensor] = field(default_factory=list)
+    trace_nfe: list[int] = field(default_factory=list)
 
 
 class _Budget:
@@ -396,6 +397,7 @@ class PathTracker:
         abs_trace: list[Tensor] = []
         rel_trace: list[Tensor] = []
         trajectory: list[Tensor] = []
+        trace_nfe: list[int] = []
 
         while budget.spend():
             z, lam = st.y[:, :n], st.y[:, n]
@@ -404,6 +406,7 @@ class PathTracker:
             f_finite = torch.isfinite(abs_res)
             abs_trace.append(abs_res)
             rel_trace.append(rel_res)
+            trace_nfe.append(budget.used)
             best.update(z, abs_res, rel_res, stop_mode, budget.used)
             stop_res = abs_res if stop_mode == "abs" else rel_res
             converged = (st.phase != Phase.DONE) & (stop_res <= tol)
@@ -483,4 +486,4 @@ class PathTracker:
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
                              step_best=best.step, abs_trace=abs_trace, rel_trace=rel_trace,
                              status=st.status, lam=st.y[:, n].clone(), evals=budget.used,
-                             trajectory=trajectory)
+                             trajectory=trajectory, trace_nfe=trace_nfe)

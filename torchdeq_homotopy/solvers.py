@@ -10,7 +10,8 @@ product counts one, so budgets compare fairly with TorchDEQ's one-call-per-itera
 solvers. ``info`` is a :class:`torchdeq.solver.stat.SolverStat` with TorchDEQ's keys
 (``abs_lowest``, ``rel_lowest``, ``abs_trace``, ``rel_trace``, ``nstep``) plus
 ``status`` (a :class:`~torchdeq_homotopy.path.Status` code per sample), ``lam``
-(the homotopy parameter each sample reached), ``converged`` and ``nfe``.
+(the homotopy parameter each sample reached), ``converged``, ``nfe``, and ``trace_nfe``
+(the evaluation count at each column of the traces).
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     info["converged"] = result.status == Status.CONVERGED
     info["lam"] = result.lam
     info["nfe"] = torch.full((shape_b,), float(result.evals), device=result.lam.device)
+    info["trace_nfe"] = torch.tensor(result.trace_nfe, dtype=torch.long)
     return info
 
 
@@ -165,6 +167,7 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
     if warm is not None:
         result.abs_trace[:0] = warm.abs_trace
         result.rel_trace[:0] = warm.rel_trace
+        result.trace_nfe[:0] = list(range(1, len(warm.abs_trace) + 1))
     info = _stat(result, stop_mode, bsz)
     z_star = result.z_best.view(x0.shape)
     trajectory = [z.view(x0.shape) for z in result.trajectory]

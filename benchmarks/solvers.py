@@ -1,0 +1,142 @@
+"""Every registered solver on a suite of fixed-point problems, at equal evaluation budgets.
+
+    python benchmarks/solvers.py [--budget 2000] [--out benchmarks/results]
+
+Writes benchmarks/results/solvers.json, solvers.md (the table in BENCHMARKS.md) and
+residual_vs_evaluations.png. A sample counts as solved when its recomputed relative
+residual ||f(z) - z|| / ||f(z)|| is at most the tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torchdeq.solver import get_solver
+
+import torchdeq_homotopy  # noqa: F401  (registers the solvers)
+from torchdeq_homotopy.models import Cell
+
+SOLVERS = ["fixed_point_iter", "anderson", "broyden", "newton_krylov", "homotopy"]
+
+
+def tanh_cell(gain: float, n: int = 32, bsz: int = 64, bias: float = 0.1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g)
+    W = W / torch.linalg.matrix_norm(W, 2) * gain
+    x = bias * torch.randn(bsz, n, generator=g)
+    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(bsz, n)
+
+
+def linear(radius: float, sign: float, n: int = 32, bsz: int = 64, seed: int = 0):
+    """f(z) = A z + b; sign -1 makes A's spectrum negative (oscillating iterates)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    eig = radius * torch.linspace(0.5, 1.0, n)
+    A = sign * (Q * eig) @ Q.T
+    b = torch.randn(bsz, n, generator=g)
+    return (lambda z: z @ A.T + b), torch.zeros(bsz, n)
+
+
+def conv_cell(seed: int = 0, width: int = 16, bsz: int = 32):
+    torch.manual_seed(seed)
+    cell = Cell(width, dropout=0.0).eval()
+    x = torch.randn(bsz, width, 8, 8)
+    return (lambda z: cell(z, x)), torch.zeros(bsz, width, 8, 8)
+
+
+PROBLEMS = {
+    "contractive tanh (‖W‖=0.5)": lambda: tanh_cell(0.5),
+    "near-critical tanh (‖W‖=0.97)": lambda: tanh_cell(0.97),
+    "expansive tanh (‖W‖=3)": lambda: tanh_cell(3.0),
+    "expansive tanh (‖W‖=4.5)": lambda: tanh_cell(4.5, seed=1),
+    "expansive tanh (‖W‖=6)": lambda: tanh_cell(6.0, seed=2),
+    "oscillating linear (ρ=0.95, negative)": lambda: linear(0.95, -1.0),
+    "divergent linear (ρ=2)": lambda: linear(2.0, 1.0),
+    "conv + GroupNorm cell": lambda: conv_cell(),
+}
+
+
+def run(budget: int, tol: float) -> list[dict]:
+    rows = []
+    for problem, make in PROBLEMS.items():
+        for solver in SOLVERS:
+            f, x0 = make()
+            torch.manual_seed(0)
+            with torch.no_grad():
+                start = time.perf_counter()
+                z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol,
+                                                stop_mode="rel")
+                wall = time.perf_counter() - start
+                fz = f(z)
+            rel = ((fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9))
+            solved = (rel <= tol) & torch.isfinite(rel)
+            nfe = info["nfe"][0].item() if "nfe" in info else info["nstep"].max().item()
+            trace = info["rel_trace"].clamp_max(1e3).median(dim=0).values
+            xs = (info["trace_nfe"].tolist() if "trace_nfe" in info
+                  else list(range(trace.shape[0])))
+            rows.append(dict(problem=problem, solver=solver, solved=float(solved.float().mean()),
+                             nfe=float(nfe), wall_s=wall, trace=trace.tolist()[:len(xs)],
+                             trace_nfe=xs))
+            print(f"{problem:<40}{solver:<18}solved {rows[-1]['solved']:.3f}  nfe {nfe:6.0f}"
+                  f"  wall {wall:7.3f}s", flush=True)
+    return rows
+
+
+def table(rows: list[dict], budget: int, tol: float) -> str:
+    lines = [f"Budget {budget} evaluations per solve, relative tolerance {tol}; "
+             "cells: fraction of samples solved / evaluations used / wall seconds.", "",
+             "| problem | " + " | ".join(SOLVERS) + " |",
+             "|---" * (len(SOLVERS) + 1) + "|"]
+    for problem in PROBLEMS:
+        cells = []
+        for solver in SOLVERS:
+            r = next(r for r in rows if r["problem"] == problem and r["solver"] == solver)
+            cells.append(f"{r['solved']:.2f} / {r['nfe']:.0f} / {r['wall_s']:.2f}")
+        lines.append(f"| {problem} | " + " | ".join(cells) + " |")
+    total = {s: sum(r["solved"] for r in rows if r["solver"] == s) / len(PROBLEMS)
+             for s in SOLVERS}
+    lines.append("| **mean solved** | " + " | ".join(f"**{total[s]:.3f}**" for s in SOLVERS)
+                 + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path, problem: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["problem"] == problem:
+            ax.semilogy(r["trace_nfe"][1:] if r["solver"] not in ("homotopy", "newton_krylov")
+                        else r["trace_nfe"], r["trace"][1:] if r["solver"] not in (
+                            "homotopy", "newton_krylov") else r["trace"], label=r["solver"])
+    ax.set(xlabel="evaluations of f (and JVPs)", ylabel="median relative residual",
+           title=problem)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "residual_vs_evaluations.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=int, default=2000)
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run(args.budget, args.tol)
+    (out / "solvers.json").write_text(json.dumps(rows))
+    (out / "solvers.md").write_text(table(rows, args.budget, args.tol) + "\n")
+    plot(rows, out, "expansive tanh (‖W‖=4.5)")
+    print(table(rows, args.budget, args.tol))
+
+
+if __name__ == "__main__":
+    main()
