@@ -31,10 +31,10 @@ def tanh_cell(gain: float, n: int = 32, bsz: int = 64, bias: float = 0.1, seed: 
 
 
 def linear(radius: float, sign: float, n: int = 32, bsz: int = 64, seed: int = 0):
-    """f(z) = A z + b; sign -1 makes A's spectrum negative (oscillating iterates)."""
+    """f(z) = A z + b, A symmetric with spectrum sign·[0.6ρ, ρ] (sign -1: oscillating)."""
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
-    eig = radius * torch.linspace(0.5, 1.0, n)
+    eig = radius * torch.linspace(0.6, 1.0, n)
     A = sign * (Q * eig) @ Q.T
     b = torch.randn(bsz, n, generator=g)
     return (lambda z: z @ A.T + b), torch.zeros(bsz, n)

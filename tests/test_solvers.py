@@ -88,6 +88,7 @@ def test_expansive_tanh_cells_solved_where_fixed_point_iteration_fails(gain):
 
 @pytest.mark.parametrize("options", [
     {"homo_predictor": "ode"},
+    {"homo_predictor": "secant"},
     {"homo_type": "newton"},
     {"homo_newton_iters": 0},
     {"homo_jvp": "forward"},
@@ -258,3 +259,24 @@ def test_cuda_solve_matches_cpu():
                                     torch.zeros(8, 10, device="cuda"), max_iter=2000, tol=1e-4)
     assert z.is_cuda and info["status"].is_cuda
     assert ((f_cpu(z.cpu()) - z.cpu()).norm(dim=1) <= 2e-4).all()
+
+
+def test_readme_configuration_table_matches_defaults():
+    """The README's key table is what users read: every key and default must be current."""
+    from pathlib import Path
+
+    from torchdeq_homotopy.config import ALL_KEYS
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`homo_"):
+            for name, default in zip(cells[0].split(", "), cells[1].split(", "), strict=False):
+                rows[name.strip("`")] = default.strip("`")
+    assert set(rows) == set(ALL_KEYS)
+    for name, key in ALL_KEYS.items():
+        shown = rows[name]
+        expected = "none" if key.default is None else str(key.default)
+        assert shown == expected or (isinstance(key.default, float)
+                                     and float(shown) == key.default), name

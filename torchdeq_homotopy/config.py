@@ -82,8 +82,9 @@ SOLVER_KEYS: dict[str, Key] = {
             "or 'newton' H = G(z) - (1-λ)G(z0) with G(z) = z - f(z)",
             choices=("fixed_point", "newton")),
         Key("homo_predictor", "tangent", "predictor along the path: 'tangent' (Euler step on the "
-            "unit tangent) or 'ode' (integrate the Davidenko ODE with torchdiffeq's odeint)",
-            choices=("tangent", "ode")),
+            "unit tangent, one linear solve), 'secant' (through the last two path points, no "
+            "solve) or 'ode' (integrate the Davidenko ODE with torchdiffeq's odeint)",
+            choices=("tangent", "secant", "ode")),
         Key("homo_ode_method", "rk4", "torchdiffeq fixed-grid method of the 'ode' predictor",
             choices=("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")),
         Key("homo_jvp", "finite_difference", "Jacobian-vector products: 'finite_difference' "
@@ -100,17 +101,18 @@ SOLVER_KEYS: dict[str, Key] = {
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_step_min", 1e-4, "smallest path step (relative to the first); below it a "
             "sample is marked STEP_UNDERFLOW", kind=float, check=_positive, check_doc="> 0"),
-        Key("homo_step_max", 4.0, "largest path step (relative to the first)",
+        Key("homo_step_max", 16.0, "largest path step (relative to the first)",
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_corrector_iters", 4, "Newton corrector iterations per path step before the "
             "step is rejected and halved", kind=int, check=_positive, check_doc="> 0"),
-        Key("homo_corrector_tol", 1e-4, "corrector tolerance, ||H(z, λ)|| <= tol (1 + ||z||)",
+        Key("homo_corrector_tol", 1e-3, "corrector tolerance, ||H(z, λ)|| <= tol (1 + ||z||)",
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_contraction", 0.5, "largest accepted ratio of successive corrector steps; a "
             "larger one rejects the step", kind=float, check=_unit_interval,
             check_doc="in (0, 1)"),
-        Key("homo_max_turn", 0.8, "smallest cosine between successive tangents; a sharper "
-            "turn steps back and shrinks h (guards against jumping between path branches)",
+        Key("homo_max_turn", 0.5, "smallest cosine between successive tangents; a sharper "
+            "turn (over 60° by default) steps back and shrinks h, against jumping between path "
+            "branches",
             kind=float, check=lambda x: -1 < x < 1, check_doc="in (-1, 1)"),
         Key("homo_krylov_dim", 40, "GMRES iterations per linear solve (Krylov dimension)",
             kind=int, check=_positive, check_doc="> 0"),

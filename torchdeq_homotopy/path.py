@@ -76,11 +76,11 @@ class TrackerOptions:
     track: bool = True
     step_init: float = 0.1
     step_min: float = 1e-4
-    step_max: float = 4.0
+    step_max: float = 16.0
     corrector_iters: int = 4
-    corrector_tol: float = 1e-4
+    corrector_tol: float = 1e-3
     contraction: float = 0.5
-    max_turn: float = 0.8
+    max_turn: float = 0.5
     krylov_dim: int = 40
     krylov_rtol: float = 1e-2
 
@@ -307,7 +307,8 @@ class PathTracker:
 
     def _leave_newton(self, st: _State, f_finite: Tensor, abs_res: Tensor,
                       budget: _Budget) -> Tensor:
-        """NEWTON samples that stall restart on the path from (z0, 0); returns them."""
+        """NEWTON samples that stall restart on the path from (z0, 0); returns the samples
+        that are idle this iteration (waiting or restarting)."""
         opt = self.opt
         in_newton = st.phase == Phase.NEWTON
         if not opt.track:
@@ -316,7 +317,12 @@ class PathTracker:
         stalled = (~f_finite | st.solve_failed
                    | ((st.n_newton > 0) & (abs_res > 0.9 * st.res_prev))
                    | (st.n_newton >= opt.newton_iters))
+        # Stalled samples wait until no sample is still converging under Newton, then all
+        # start on the path together, so that their path steps share GMRES calls.
         leave = in_newton & stalled
+        st.n_newton = torch.where(leave, opt.newton_iters, st.n_newton)   # stays stalled
+        if bool((in_newton & ~stalled).any()):
+            return leave
         if not bool(leave.any()) or not self._build_homotopy(budget):
             return torch.zeros_like(leave)
         st.finish(leave & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
@@ -359,12 +365,21 @@ class PathTracker:
         grow = torch.where(st.k_corr <= 1, 2.0, torch.where(st.k_corr == 2, 1.25, 0.8))
         h_max = opt.step_max * st.step_unit
         st.step = torch.where(onward, torch.minimum(st.step * grow, h_max), st.step)
+        secant = _unit(st.y - st.anchor)
         st.anchor_prev = _where(onward, st.anchor, st.anchor_prev)
         st.tangent_prev = _where(onward, st.tangent, st.tangent_prev)
         st.anchor = _where(onward, st.y, st.anchor)
-        st.phase = torch.where(onward, int(Phase.TANGENT), st.phase)
         st.phase = torch.where(at_end, int(Phase.ENDGAME), st.phase)
-        # Rejected: halve h and predict again from the anchor, unless h underflows.
+        if opt.predictor != "secant":
+            st.phase = torch.where(onward, int(Phase.TANGENT), st.phase)
+            return self._retry(st, reject)
+        # Secant predictor: t = (y_k - y_{k-1}) / ||·||, no linear solve.
+        self._set_tangent(st, onward, secant)
+        return onward | self._retry(st, reject)
+
+    def _retry(self, st: _State, reject: Tensor) -> Tensor:
+        """Halve h and predict again from the anchor, unless h underflows; returns retries."""
+        opt = self.opt
         st.step = torch.where(reject, 0.5 * st.step, st.step)
         underflow = reject & (st.step.abs() < opt.step_min * st.step_unit.abs())
         st.finish(underflow, Status.STEP_UNDERFLOW)
@@ -372,15 +387,38 @@ class PathTracker:
         st.begin_step(retry, self._predict_linear(st))
         return retry
 
+    def _set_tangent(self, st: _State, got: Tensor, t: Tensor,
+                     budget: _Budget | None = None) -> None:
+        """Take ``t`` as the anchor's tangent and predict the next point. The first tangent
+        sets the step scale. A tangent turning sharply (t · t_prev < ``max_turn``) means the
+        step may have jumped to another branch: go back to the previous anchor with a
+        quarter of the step."""
+        opt = self.opt
+        first = got & (st.step_unit == 0)
+        sharp = got & ~first & (batch_dot(t, st.tangent) < opt.max_turn)
+        h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)
+        st.step = torch.where(first, h0, st.step)
+        st.step_unit = torch.where(first, h0, st.step_unit)
+        smooth = got & ~sharp
+        st.tangent = _where(smooth, t, st.tangent)
+        st.anchor = _where(sharp, st.anchor_prev, st.anchor)
+        st.tangent = _where(sharp, st.tangent_prev, st.tangent)
+        st.step = torch.where(sharp, 0.25 * st.step, st.step)
+        underflow = sharp & (st.step.abs() < opt.step_min * st.step_unit.abs())
+        st.finish(underflow, Status.STEP_UNDERFLOW)
+        got = got & ~underflow
+        pred = (self._predict(st, got, budget) if budget is not None
+                else self._predict_linear(st))
+        st.begin_step(got, pred)
+
     # ---------------------------------------------------------------- main loop
     def run(self, max_evals: int, tol: float, stop_mode: str,
             indexing: list[int] | None = None, newton_start: Tensor | None = None,
-            used: int = 0, skip_newton: Tensor | None = None) -> TrackerResult:
+            used: int = 0) -> TrackerResult:
         """Track every sample until it converges, fails, or the budget is spent.
 
         ``newton_start`` (default ``x0``) is where the Newton phase starts; the path itself
-        always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up;
-        samples in ``skip_newton`` go to path tracking after their first evaluation.
+        always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up.
         """
         opt, x0, n = self.opt, self.x0, self.n
         budget = _Budget(max_evals)
@@ -389,8 +427,6 @@ class PathTracker:
         newton_first = opt.newton_iters > 0 or not opt.track
         st = _State.start(x0 if newton_start is None or not newton_first else newton_start,
                           newton_first=newton_first)
-        if skip_newton is not None and opt.track:
-            st.n_newton = torch.where(skip_newton, opt.newton_iters, st.n_newton)
         inf = torch.full_like(st.step, float("inf"))
         best = _Best(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                      step=torch.zeros_like(inf))
@@ -428,7 +464,7 @@ class PathTracker:
             #   NEWTON/ENDGAME  [H_z H_λ; e_λᵀ] δ = -[H; λ - 1]
             #   CORRECT         [H_z H_λ; tᵀ]   δ = -[H; tᵀ(y - y_p)]
             #   TANGENT         [H_z H_λ; tᵀ]   w = [0; 1]
-            newton = (st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)
+            newton = ((st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)) & ~idle
             tangent = (st.phase == Phase.TANGENT) & ~idle
             correct = (st.phase == Phase.CORRECT) & ~idle
             e_lam = torch.zeros_like(st.y)
@@ -454,26 +490,10 @@ class PathTracker:
             st.dnorm = torch.where(correct, delta.norm(dim=1), st.dnorm)
             st.k_corr = torch.where(correct, st.k_corr + 1, st.k_corr)
 
-            # Tangent updates: t = w / ||w||; the first one sets the step scale. A tangent
-            # turning by more than ~37° (t · t_prev < 0.8) means the step may have jumped
-            # to another branch: go back to the previous anchor with half the step.
+            # Tangent updates: t = w / ||w||, then predict (see _set_tangent).
             got = tangent & finite
             if bool(got.any()):
-                t = _unit(delta)
-                first = got & (st.step_unit == 0)
-                sharp = got & ~first & (batch_dot(t, st.tangent) < opt.max_turn)
-                h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)
-                st.step = torch.where(first, h0, st.step)
-                st.step_unit = torch.where(first, h0, st.step_unit)
-                smooth = got & ~sharp
-                st.tangent = _where(smooth, t, st.tangent)
-                st.anchor = _where(sharp, st.anchor_prev, st.anchor)
-                st.tangent = _where(sharp, st.tangent_prev, st.tangent)
-                st.step = torch.where(sharp, 0.25 * st.step, st.step)
-                underflow = sharp & (st.step.abs() < opt.step_min * st.step_unit.abs())
-                st.finish(underflow, Status.STEP_UNDERFLOW)
-                got = got & ~underflow
-                st.begin_step(got, self._predict(st, got, budget))
+                self._set_tangent(st, got, _unit(delta), budget)
             # A failed tangent solve retries from the anchor with half the step.
             lost = tangent & ~finite
             st.step = torch.where(lost, 0.5 * st.step, st.step)

@@ -85,7 +85,6 @@ def _check_x0(x0: Tensor, stop_mode: str, max_iter: int, tol: float) -> None:
 class _Warmup:
     z: Tensor
     evals: int
-    unhelped: Tensor      # samples whose residual Anderson did not halve: Newton is skipped
     abs_trace: list[Tensor]
     rel_trace: list[Tensor]
 
@@ -94,8 +93,8 @@ def _anderson_warmup(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol
                      stop_mode: str) -> _Warmup | None:
     """A cheap first phase: TorchDEQ's Anderson acceleration for at most ``budget`` calls.
 
-    On benign cells it solves everything at Anderson's cost; otherwise its best iterate is
-    where Newton starts (the path still starts at x0).
+    On benign cells it solves everything at Anderson's cost; where it helped, its best
+    iterate is where Newton starts (the path always starts at x0).
     """
     if budget <= 0:
         return None
@@ -107,11 +106,13 @@ def _anderson_warmup(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol
         return f(z)
 
     z, _, info = anderson_solver(counted, x0, max_iter=budget, tol=tol, stop_mode=stop_mode)
-    z = torch.where(torch.isfinite(z).all(dim=1, keepdim=True), z, x0)
-    steps = min(calls, info["abs_trace"].shape[1] - 1)
+    # Newton starts from Anderson's best iterate only where it cut the residual tenfold;
+    # elsewhere (expansive or divergent maps) x0 is the better Newton start.
     first = info["abs_trace"][:, min(1, info["abs_trace"].shape[1] - 1)]
-    unhelped = ~(info["abs_lowest"] <= 0.5 * first) & (info["abs_lowest"] > tol)
-    return _Warmup(z=z, evals=calls, unhelped=unhelped,
+    helped = (info["abs_lowest"] <= 0.1 * first) & torch.isfinite(z).all(dim=1)
+    z = torch.where(helped[:, None], z, x0)
+    steps = min(calls, info["abs_trace"].shape[1] - 1)
+    return _Warmup(z=z, evals=calls,
                    abs_trace=list(info["abs_trace"][:, 1:steps + 1].unbind(1)),
                    rel_trace=list(info["rel_trace"][:, 1:steps + 1].unbind(1)))
 
@@ -162,8 +163,7 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
                                 tol, stop_mode) if track else None
         result = PathTracker(flat_f, x_flat, tracker_opts).run(
             int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None,
-            newton_start=warm.z if warm else None, used=warm.evals if warm else 0,
-            skip_newton=warm.unhelped if warm else None)
+            newton_start=warm.z if warm else None, used=warm.evals if warm else 0)
     if warm is not None:
         result.abs_trace[:0] = warm.abs_trace
         result.rel_trace[:0] = warm.rel_trace
