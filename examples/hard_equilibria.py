@@ -39,22 +39,13 @@ def main() -> None:
         ax.semilogy(steps[1:], trace[1:], label=solver)
     ax.set(xlabel="evaluations", ylabel="median ||f(z) - z||")
     ax.legend()
-    # λ along the path of sample 0: record the tracker's points by wrapping f.
-    lams = []
-    from torchdeq_homotopy.path import PathTracker, TrackerOptions
-
-    tracker = PathTracker(f, torch.zeros(bsz, n), TrackerOptions(newton_iters=0))
-    original = tracker._judge_corrector
-
-    def record(st, h_norm, idle):
-        lams.append(float(st.y[0, -1]))
-        return original(st, h_norm, idle)
-
-    tracker._judge_corrector = record
+    # λ along the path: pure path tracking (no warm-up or Newton phase) from z0 = 0.
     with torch.no_grad():
-        tracker.run(1500, 1e-5, "abs")
-    ax_path.plot(lams, marker=".")
-    ax_path.set(xlabel="tracker iteration (≈ arclength s)", ylabel="λ of sample 0")
+        _, _, info = get_solver("homotopy")(f, torch.zeros(bsz, n), max_iter=1500, tol=1e-5,
+                                            homo_warmup=0, homo_newton_iters=0)
+    lams = info["lam_trace"][0]
+    ax_path.plot(info["trace_nfe"], lams, marker=".")
+    ax_path.set(xlabel="evaluations (along the path)", ylabel="λ of sample 0")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

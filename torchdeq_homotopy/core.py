@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torchdeq.core import DEQBase
+from torchdeq.solver.utils import batch_flatten, solver_stat_from_final_step
 from torchdeq.utils.layer_utils import deq_decorator
 
 from .adjoint import closure_inputs, integrate
@@ -168,22 +169,10 @@ class HomoODECore(DEQBase):
         init_loss = torch.zeros((), device=z_end.device)
         if self.training and self.options["homo_init"] == "learned" and z_end.dim() >= 2:
             init_loss = self._train_init_point(z_end)
-        with torch.no_grad():
-            diff = (deq_func(z_end) - z_end).flatten(1) if z_end.dim() > 1 else (
-                deq_func(z_end) - z_end)[:, None]
-            fz_norm = (diff + z_end.flatten(1) if z_end.dim() > 1 else diff).norm(dim=1)
-        abs_res = diff.norm(dim=1)
-        bsz = z_end.shape[0]
-        info = {
-            "abs_lowest": abs_res,
-            "rel_lowest": abs_res / (fz_norm + 1e-8),
-            "abs_trace": abs_res[:, None],
-            "rel_trace": (abs_res / (fz_norm + 1e-8))[:, None],
-            "nstep": torch.full((bsz,), float(nfe), device=z_end.device),
-            "sradius": torch.zeros(1, device=z_end.device),
-            "status": status,
-            "init_loss": init_loss,
-        }
-        from torchdeq.solver.stat import SolverStat
-
-        return [deq_func.vec2list(z_end)], SolverStat(**info)
+        with torch.no_grad():     # the endpoint's distance from an equilibrium of func
+            fz = deq_func(z_end)
+            info = solver_stat_from_final_step(batch_flatten(z_end.detach()), batch_flatten(fz),
+                                               nstep=nfe)
+        info.update(status=status, init_loss=init_loss,
+                    sradius=torch.zeros(1, device=z_end.device))
+        return [deq_func.vec2list(z_end)], info

@@ -89,12 +89,17 @@ def gmres(
         w = w - torch.bmm(h2.unsqueeze(1), v_j).squeeze(1)
         h = h + h2
         h_next = w.norm(dim=1)
-        breakdown = h_next <= 1e3 * torch.finfo(b.dtype).eps * h.norm(dim=1).clamp_min(tiny)
-        # A stopped row gets the column e_j: it keeps H full rank and gives y_j = 0.
-        stopped = done | ~finite
+        small = h_next <= 1e3 * torch.finfo(b.dtype).eps * h.norm(dim=1).clamp_min(tiny)
+        # h_{j+1,j} = 0 with a nonzero column: the space is invariant, the solution exact.
+        # A zero column (A v_j = 0): A is singular on the space; the row stops unsolved.
+        singular = h.norm(dim=1) <= tiny
+        breakdown = small & ~singular
+        # A stopped row gets the column e_{j+1}: below every real row of H, it keeps H
+        # full rank and gives y_j = 0.
+        stopped = done | ~finite | singular
         h = torch.where(stopped[:, None], torch.zeros_like(h), h)
-        h[:, j] = torch.where(stopped, torch.ones_like(h_next), h[:, j])
-        h_next = torch.where(stopped | breakdown, torch.zeros_like(h_next), h_next)
+        h_next = torch.where(breakdown, torch.zeros_like(h_next), h_next)
+        h_next = torch.where(stopped, torch.ones_like(h_next), h_next)
         hess[:, : j + 1, j] = h
         hess[:, j + 1, j] = h_next
         basis[:, j + 1] = torch.where((stopped | breakdown)[:, None], torch.zeros_like(w),
@@ -107,15 +112,15 @@ def gmres(
         new_residual = torch.where(breakdown & ~stopped, torch.zeros_like(h_next), new_residual)
         residual = torch.where(stopped, residual, new_residual)
         finite = finite & torch.isfinite(residual) & torch.isfinite(h).all(dim=1)
-        done = done | ~finite | breakdown | (residual <= rtol * beta)
+        done = done | ~finite | breakdown | singular | (residual <= rtol * beta)
     if steps == 0:
         return torch.zeros_like(b), finite & (beta <= tiny)
     # y = argmin ||β e1 - H y||, once, at the end; x = V y.
     rhs = b.new_zeros(bsz, steps + 1)
     rhs[:, 0] = beta
     rhs = torch.where(finite[:, None], rhs, torch.zeros_like(rhs))
-    eye = torch.eye(steps + 1, steps, dtype=b.dtype, device=b.device).expand(bsz, -1, -1)
-    h_k = torch.where(finite[:, None, None], hess[:, : steps + 1, :steps], eye)
+    sub_eye = torch.eye(steps + 1, dtype=b.dtype, device=b.device)[:, 1:]   # columns e_{j+1}
+    h_k = torch.where(finite[:, None, None], hess[:, : steps + 1, :steps], sub_eye)
     y = torch.linalg.lstsq(h_k, rhs.unsqueeze(-1)).solution.squeeze(-1)
     x = torch.bmm(y.unsqueeze(1), basis[:, :steps]).squeeze(1)
     finite = finite & torch.isfinite(x).all(dim=1)

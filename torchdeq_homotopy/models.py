@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torchdeq.dropout import VariationalDropout2d
 
+from .adjoint import closure_inputs, integrate
 from .factory import get_deq
 
 Tensor = torch.Tensor
@@ -133,8 +134,6 @@ class ODEClassifier(nn.Module):
         self.adjoint = adjoint
 
     def forward(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        from .adjoint import closure_inputs, integrate
-
         x = self.stem(images)
         if self.augment:
             x = torch.cat([x, x.new_zeros(x.shape[0], self.augment, *x.shape[2:])], dim=1)

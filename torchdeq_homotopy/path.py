@@ -100,6 +100,7 @@ class TrackerResult:
     evals: int
     trajectory: list[Tensor] = field(default_factory=list)
     trace_nfe: list[int] = field(default_factory=list)
+    lam_trace: list[Tensor] = field(default_factory=list)
 
 
 class _Budget:
@@ -129,7 +130,11 @@ def _residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _where(mask: Tensor, a: Tensor | float, b: Tensor) -> Tensor:
-    """Per-sample select: rows of ``a`` where ``mask`` (B,), else rows of ``b``."""
+    """Per-sample select: rows of ``a`` where ``mask`` (B,), else rows of ``b``.
+
+    Unlike TorchDEQ's ``batch_masked_mixing`` (mask · a + ~mask · b) it does not spread a
+    NaN of the unselected side into the result.
+    """
     return torch.where(mask.view(-1, *([1] * (b.dim() - 1))), a, b)
 
 
@@ -427,6 +432,8 @@ class PathTracker:
         newton_first = opt.newton_iters > 0 or not opt.track
         st = _State.start(x0 if newton_start is None or not newton_first else newton_start,
                           newton_first=newton_first)
+        if not newton_first:
+            self._build_homotopy(budget)
         inf = torch.full_like(st.step, float("inf"))
         best = _Best(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                      step=torch.zeros_like(inf))
@@ -434,6 +441,7 @@ class PathTracker:
         rel_trace: list[Tensor] = []
         trajectory: list[Tensor] = []
         trace_nfe: list[int] = []
+        lam_trace: list[Tensor] = []
 
         while budget.spend():
             z, lam = st.y[:, :n], st.y[:, n]
@@ -443,6 +451,7 @@ class PathTracker:
             abs_trace.append(abs_res)
             rel_trace.append(rel_res)
             trace_nfe.append(budget.used)
+            lam_trace.append(lam.clone())
             best.update(z, abs_res, rel_res, stop_mode, budget.used)
             stop_res = abs_res if stop_mode == "abs" else rel_res
             converged = (st.phase != Phase.DONE) & (stop_res <= tol)
@@ -506,4 +515,4 @@ class PathTracker:
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
                              step_best=best.step, abs_trace=abs_trace, rel_trace=rel_trace,
                              status=st.status, lam=st.y[:, n].clone(), evals=budget.used,
-                             trajectory=trajectory, trace_nfe=trace_nfe)
+                             trajectory=trajectory, trace_nfe=trace_nfe, lam_trace=lam_trace)

@@ -10,8 +10,9 @@ product counts one, so budgets compare fairly with TorchDEQ's one-call-per-itera
 solvers. ``info`` is a :class:`torchdeq.solver.stat.SolverStat` with TorchDEQ's keys
 (``abs_lowest``, ``rel_lowest``, ``abs_trace``, ``rel_trace``, ``nstep``) plus
 ``status`` (a :class:`~torchdeq_homotopy.path.Status` code per sample), ``lam``
-(the homotopy parameter each sample reached), ``converged``, ``nfe``, and ``trace_nfe``
-(the evaluation count at each column of the traces).
+(the homotopy parameter each sample reached), ``converged``, ``nfe``, ``trace_nfe``
+(the evaluation count at each column of the traces) and ``lam_trace`` ``(B, N)`` (λ of
+each sample's iterate at each column: 1 during the warm-up and Newton phases).
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     info["lam"] = result.lam
     info["nfe"] = torch.full((shape_b,), float(result.evals), device=result.lam.device)
     info["trace_nfe"] = torch.tensor(result.trace_nfe, dtype=torch.long)
+    info["lam_trace"] = torch.stack(result.lam_trace, dim=1)
     return info
 
 
@@ -139,7 +141,8 @@ def _empty(x0: Tensor, indexing: list[int] | None) -> tuple[Tensor, list[Tensor]
                       rel_trace=x0.new_zeros(0, 0), nstep=empty)
     info.update(status=torch.zeros(0, dtype=torch.long, device=x0.device),
                 converged=torch.zeros(0, dtype=torch.bool, device=x0.device), lam=empty,
-                nfe=empty)
+                nfe=empty, trace_nfe=torch.zeros(0, dtype=torch.long),
+                lam_trace=x0.new_zeros(0, 0))
     return x0.clone(), [x0.clone() for _ in (indexing or [])], info
 
 
@@ -168,6 +171,7 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
         result.abs_trace[:0] = warm.abs_trace
         result.rel_trace[:0] = warm.rel_trace
         result.trace_nfe[:0] = list(range(1, len(warm.abs_trace) + 1))
+        result.lam_trace[:0] = [torch.ones_like(t) for t in warm.abs_trace]
     info = _stat(result, stop_mode, bsz)
     z_star = result.z_best.view(x0.shape)
     trajectory = [z.view(x0.shape) for z in result.trajectory]

@@ -1,0 +1,300 @@
+"""Bad input, numerical failure, determinism, persistence and gradients, tested like a
+solver library: each test fails on the defect it guards against."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torchdeq import get_deq as torchdeq_get_deq
+from torchdeq import reset_deq
+from torchdeq.solver import get_solver
+
+import torchdeq_homotopy as th
+from torchdeq_homotopy import Status
+from torchdeq_homotopy.linalg import gmres
+from torchdeq_homotopy.models import ImplicitClassifier
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("homo_bogus", 1, "unknown key 'homo_bogus'"),
+    ("homo_krylov_dimm", 10, "Did you mean 'homo_krylov_dim'"),
+    ("homo_corrector_tol", -1.0, "homo_corrector_tol=-1.0"),
+    ("homo_type", "arclength", "choose one of \\['fixed_point', 'newton'\\]"),
+    ("homo_field", "sideways", "choose one of \\['direct', 'residual', 'fixed_point'\\]"),
+    ("homo_krylov_dim", 2.5, "must be of type int"),
+    ("homo_strict", "yes", "must be of type bool"),
+])
+def test_every_plugin_key_is_validated(key, value, message):
+    with pytest.raises(th.ConfigError, match=message):
+        th.get_deq(**{key: value})
+
+
+def test_checked_get_deq_rejects_unknown_keys_and_takes_solver_shorthand():
+    with pytest.raises(th.ConfigError, match="Did you mean 'f_stop_mode'"):
+        th.get_deq(stop_mode="rel")
+    with pytest.raises(th.ConfigError, match="not a registered solver"):
+        th.get_deq(f_solver="homotopyy")
+    with pytest.raises(th.ConfigError, match="not a registered core"):
+        th.get_deq(core="slised")
+    with pytest.raises(th.ConfigError, match="do not also pass"):
+        th.get_deq(solver="homotopy", f_solver="anderson")
+    deq = th.get_deq(solver="homotopy")
+    assert deq.f_solver is th.homotopy_solver and deq.b_solver is th.homotopy_solver
+    # TorchDEQ's own factory silently ignores 'solver': that is the trap being closed.
+    assert torchdeq_get_deq(solver="homotopy").f_solver is not th.homotopy_solver
+
+
+def test_checked_get_deq_otherwise_behaves_like_torchdeqs():
+    ours = th.get_deq(f_solver="anderson", f_max_iter=17, f_tol=1e-5, core="indexing")
+    theirs = torchdeq_get_deq(f_solver="anderson", f_max_iter=17, f_tol=1e-5, core="indexing")
+    assert type(ours) is type(theirs)
+    assert (ours.f_max_iter, ours.f_tol, ours.f_solver) == (
+        theirs.f_max_iter, theirs.f_tol, theirs.f_solver)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_function_output_mismatches_name_the_fix():
+    x0 = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="state's shape"):
+        th.homotopy_solver(lambda z: z.sum(dim=1), x0)
+    with pytest.raises(TypeError, match="cast"):
+        th.homotopy_solver(lambda z: z.double(), x0)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        th.homotopy_solver(lambda z: z.tolist(), x0)
+    with pytest.raises(TypeError, match="floating-point"):
+        th.newton_krylov_solver(torch.cos, torch.zeros(3, dtype=torch.int32))
+
+
+def test_core_rejects_mismatched_learned_point_shape():
+    deq = torchdeq_get_deq(core="homoode")
+    deq(lambda z: torch.tanh(z), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="channels"):
+        deq(lambda z: torch.tanh(z), torch.zeros(2, 5, 4))
+
+
+# ----------------------------------------------------------------------------- failure
+
+
+def test_krylov_breakdown_and_singular_systems_stay_finite():
+    b = torch.randn(3, 5, dtype=torch.float64)
+    x, ok = gmres(lambda v: v, b, rtol=1e-12, max_iter=5)          # breakdown: exact
+    torch.testing.assert_close(x, b)
+    assert ok.all()
+    x, ok = gmres(lambda v: torch.zeros_like(v), b, rtol=1e-6, max_iter=5)   # A = 0
+    assert torch.isfinite(x).all() and not ok.any()
+
+
+def test_turning_points_are_traversed():
+    """On expansive cells the path turns back in λ (tangents with dλ/ds < 0, where
+    I - λJ is singular); the bordered solves stay regular and every sample still ends on a
+    true equilibrium."""
+    from torchdeq_homotopy.path import PathTracker, TrackerOptions
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(10, 10, generator=g, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, 2) * 4.0
+    x = 0.1 * torch.randn(16, 10, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T + x)                             # noqa: E731
+    tracker = PathTracker(f, torch.zeros(16, 10, dtype=torch.float64),
+                          TrackerOptions(newton_iters=0))
+    tangent_lams = []
+    original = tracker._set_tangent
+
+    def spy(st, got, t, budget=None):
+        tangent_lams.append(torch.where(got, t[:, -1], torch.nan))
+        return original(st, got, t, budget)
+
+    tracker._set_tangent = spy
+    with torch.no_grad():
+        result = tracker.run(4000, 1e-9, "abs")
+    assert (result.status == Status.CONVERGED).all()
+    assert ((f(result.z_best) - result.z_best).norm(dim=1) <= 1e-9).all()
+    backward = (torch.stack(tangent_lams) < 0).any(dim=0)
+    assert backward.any()
+
+
+def test_homoode_integrator_failure_is_reported_not_raised():
+    deq = torchdeq_get_deq(core="homoode", homo_init="zeros", homo_options={"max_num_steps": 2},
+                           homo_rtol=1e-9, homo_atol=1e-9)
+    x = torch.randn(3, 2, 4)
+    z_out, info = deq(lambda z: torch.tanh(3 * z + x), torch.zeros_like(x))
+    assert (info["status"] == Status.MAX_EVALS).all()
+    assert torch.isfinite(z_out[-1]).all()
+
+
+def test_homoode_nonfinite_endpoint_flagged_per_sample():
+    deq = torchdeq_get_deq(core="homoode", homo_init="zeros", homo_method="rk4",
+                           homo_options={"step_size": 0.5})
+    x = torch.ones(3, 2, 2)
+    x[1] = float("nan")
+    _, info = deq(lambda z: torch.tanh(z + x), torch.zeros_like(x))
+    assert info["status"].tolist() == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_solver_is_bitwise_deterministic_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(12, 12, generator=g) / 12 ** 0.5 * 4
+    x = 0.1 * torch.randn(8, 12, generator=g)
+    f = lambda z: torch.tanh(z @ W.T + x)                             # noqa: E731
+    runs = [th.homotopy_solver(f, torch.zeros(8, 12), max_iter=1500, tol=1e-5)
+            for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][2]["abs_trace"], runs[1][2]["abs_trace"])
+
+
+@pytest.mark.parametrize("deq_kwargs", [{"core": "homoode"},
+                                        {"core": "sliced", "f_solver": "homotopy"}])
+def test_training_step_is_bitwise_deterministic_on_cpu(deq_kwargs):
+    def one_run():
+        torch.manual_seed(0)
+        model = ImplicitClassifier(1, 10, width=8, **deq_kwargs)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        images, labels = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+        for _ in range(2):
+            reset_deq(model)
+            loss = torch.nn.functional.cross_entropy(model(images)[0], labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(one_run(), one_run())
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+def _trained_model(**deq_kwargs):
+    torch.manual_seed(0)
+    model = ImplicitClassifier(1, 10, width=8, **deq_kwargs)
+    model.train()
+    reset_deq(model)
+    model(torch.randn(2, 1, 8, 8))
+    return model.eval()
+
+
+def test_homoode_models_survive_deepcopy_pickle_save_and_state_dict():
+    model = _trained_model(core="homoode")
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(images)[0]
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(clone(images)[0], expected)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(images)[0], expected)
+        fresh = ImplicitClassifier(1, 10, width=8, core="homoode").eval()
+        fresh.load_state_dict(model.state_dict())          # learned z0 included
+        torch.testing.assert_close(fresh(images)[0], expected)
+
+
+def test_torchdeq_cores_with_configured_homotopy_solver_persist_by_state_dict():
+    """TorchDEQ's gradient closures (backward_factory's local functions) cannot be pickled,
+    so whole-model pickling of its cores fails; deepcopy and state_dict are the supported
+    paths, and the configured solver (a functools.partial) survives both."""
+    kwargs = dict(core="sliced", solver="homotopy", homo_type="newton", ift=True)
+    model = _trained_model(**kwargs)
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(images)[0]
+        clone = copy.deepcopy(model)
+        assert clone.deq.f_solver.keywords == {"homo_type": "newton"}
+        torch.testing.assert_close(clone(images)[0], expected)
+        fresh = ImplicitClassifier(1, 10, width=8, **kwargs).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fresh(images)[0], expected)
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        pickle.dumps(model)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("deq_kwargs", [
+    {"core": "homoode"}, {"core": "homoode", "homo_adjoint": True},
+    {"core": "sliced", "f_solver": "homotopy"},
+    {"core": "sliced", "f_solver": "homotopy", "b_solver": "homotopy", "ift": True},
+    {"core": "indexing", "f_solver": "newton_krylov", "n_states": 2},
+])
+def test_returned_states_require_grad_exactly_when_they_should(deq_kwargs):
+    torch.manual_seed(0)
+    model = ImplicitClassifier(1, 10, width=8, **deq_kwargs)
+    images = torch.randn(2, 1, 8, 8)
+    model.train()
+    reset_deq(model)
+    x = model.stem(images)
+    z_out, _ = model.deq(lambda z: model.cell(z, x), torch.zeros_like(x))
+    assert all(z.requires_grad for z in z_out)
+    model.eval()
+    with torch.no_grad():
+        z_out, _ = model.deq(lambda z: model.cell(z, x), torch.zeros_like(x))
+    assert not any(z.requires_grad for z in z_out)
+
+
+def test_gradcheck_ift_with_homotopy_backward():
+    g = torch.Generator().manual_seed(1)
+    W = 0.8 * torch.randn(4, 4, generator=g, dtype=torch.float64) / 2
+    deq = th.get_deq(solver="homotopy", ift=True, f_tol=1e-12, b_tol=1e-12, f_max_iter=300,
+                     b_max_iter=300)
+
+    def run(u):
+        z_out, _ = deq(lambda z: torch.tanh(z @ W.T + u), torch.zeros_like(u))
+        return z_out[-1]
+
+    u = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (u,), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- properties
+
+shapes = st.lists(st.integers(1, 4), min_size=0, max_size=2)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bsz=st.integers(1, 5), feature_shape=shapes, dtype=st.sampled_from(["f32", "f64"]),
+       gain=st.floats(0.1, 5.0), seed=st.integers(0, 2**16),
+       solver=st.sampled_from(["homotopy", "newton_krylov"]),
+       stop_mode=st.sampled_from(["abs", "rel"]))
+def test_contract_holds_for_random_problems(bsz, feature_shape, dtype, gain, seed, solver,
+                                            stop_mode):
+    dtype = torch.float32 if dtype == "f32" else torch.float64
+    g = torch.Generator().manual_seed(seed)
+    shape = (bsz, *feature_shape)
+    n = max(1, int(torch.tensor(feature_shape).prod()) if feature_shape else 1)
+    W = torch.randn(n, n, generator=g, dtype=dtype)
+    W = W / torch.linalg.matrix_norm(W, 2).clamp_min(1e-6) * gain
+    x = torch.randn(bsz, n, generator=g, dtype=dtype)
+
+    def f(z):
+        flat = z.reshape(bsz, n) if feature_shape else z.reshape(bsz, 1)
+        return torch.tanh(flat @ W.T + x).reshape(z.shape)
+
+    x0 = torch.zeros(shape, dtype=dtype) if feature_shape else torch.zeros(bsz, dtype=dtype)
+    tol = 1e-4
+    z, traj, info = get_solver(solver)(f, x0, max_iter=400, tol=tol, stop_mode=stop_mode,
+                                       indexing=[3, 50])
+    assert z.shape == x0.shape and z.dtype == dtype and len(traj) == 2
+    assert torch.isfinite(z).all()
+    fz = f(z)
+    abs_res = (fz - z).reshape(bsz, -1).norm(dim=1)
+    rel_res = abs_res / (fz.reshape(bsz, -1).norm(dim=1) + 1e-9)
+    scale = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(info["abs_lowest"], abs_res, rtol=1e-3, atol=scale)
+    torch.testing.assert_close(info["rel_lowest"], rel_res, rtol=1e-3, atol=scale)
+    stop = abs_res if stop_mode == "abs" else rel_res
+    converged = info["status"] == Status.CONVERGED
+    assert torch.equal(converged, info["converged"])
+    assert (stop[converged] <= tol * (1 + 1e-3)).all()              # never a false claim
+    assert set(info["status"].tolist()) <= {int(s) for s in Status if s != Status.RUNNING}
+    assert info["abs_trace"].shape[0] == bsz and info["nfe"].le(400).all()
