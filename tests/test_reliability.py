@@ -293,6 +293,9 @@ def test_contract_holds_for_random_problems(bsz, feature_shape, dtype, gain, see
     torch.testing.assert_close(info["abs_lowest"], abs_res, rtol=1e-3, atol=scale)
     torch.testing.assert_close(info["rel_lowest"], rel_res, rtol=1e-3, atol=scale)
     stop = abs_res if stop_mode == "abs" else rel_res
+    lowest, trace = ((info["abs_lowest"], info["abs_trace"]) if stop_mode == "abs"
+                     else (info["rel_lowest"], info["rel_trace"]))
+    assert (lowest <= trace.min(dim=1).values * (1 + 1e-6)).all()   # best iterate kept
     converged = info["status"] == Status.CONVERGED
     assert torch.equal(converged, info["converged"])
     assert (stop[converged] <= tol * (1 + 1e-3)).all()              # never a false claim

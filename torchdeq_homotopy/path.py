@@ -120,7 +120,7 @@ class _Budget:
         return self.limit - self.used
 
 
-def _residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
     """TorchDEQ's errors: abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9), non-finite → inf."""
     abs_res = (fz - z).norm(dim=1)
     rel_res = abs_res / (fz.norm(dim=1) + 1e-9)
@@ -196,7 +196,7 @@ class _State:
 
 
 @dataclass
-class _Best:
+class BestIterate:
     """Best iterate per sample by the fixed-point residual of ``stop_mode``."""
 
     z: Tensor
@@ -419,11 +419,12 @@ class PathTracker:
     # ---------------------------------------------------------------- main loop
     def run(self, max_evals: int, tol: float, stop_mode: str,
             indexing: list[int] | None = None, newton_start: Tensor | None = None,
-            used: int = 0) -> TrackerResult:
+            used: int = 0, best: BestIterate | None = None) -> TrackerResult:
         """Track every sample until it converges, fails, or the budget is spent.
 
         ``newton_start`` (default ``x0``) is where the Newton phase starts; the path itself
-        always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up.
+        always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up,
+        whose best iterate ``best`` is kept unless a later iterate beats it.
         """
         opt, x0, n = self.opt, self.x0, self.n
         budget = _Budget(max_evals)
@@ -434,9 +435,10 @@ class PathTracker:
                           newton_first=newton_first)
         if not newton_first:
             self._build_homotopy(budget)
-        inf = torch.full_like(st.step, float("inf"))
-        best = _Best(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
-                     step=torch.zeros_like(inf))
+        if best is None:
+            inf = torch.full_like(st.step, float("inf"))
+            best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
+                               step=torch.zeros_like(inf))
         abs_trace: list[Tensor] = []
         rel_trace: list[Tensor] = []
         trajectory: list[Tensor] = []
@@ -446,7 +448,7 @@ class PathTracker:
         while budget.spend():
             z, lam = st.y[:, :n], st.y[:, n]
             fz = self.f(z)
-            abs_res, rel_res = _residuals(z, fz)
+            abs_res, rel_res = residuals(z, fz)
             f_finite = torch.isfinite(abs_res)
             abs_trace.append(abs_res)
             rel_trace.append(rel_res)
