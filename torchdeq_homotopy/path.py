@@ -5,15 +5,20 @@ Each sample of a batch follows the zero path of its own homotopy H(z, λ) (see
 of these phases, and all of them advance together, one batched call of f and one
 batched GMRES solve per iteration:
 
-``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first from z0. A sample whose
-            residual stalls (does not fall by 10 % per step) or exceeds its Newton
-            budget hands over to path tracking from (z0, 0).
+``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first (from the warm-up's iterate
+            where that helped, else from z0). A sample whose residual stalls (does not
+            fall by 10 % per step) or exceeds its Newton budget waits until no sample is
+            still converging under Newton; then all of them start on the path from
+            (z0, 0) together, so that their path steps share GMRES calls.
 ``TANGENT`` at an accepted point y_a, the unit tangent t of the path solves the bordered
             system   [H_z  H_λ; t_prevᵀ] w = [0; 1],  t = w / ||w||,
             which stays regular at turning points (where H_z = I - λJ is singular) and
             keeps the orientation t · t_prev > 0. The predictor is y_p = y_a + h t
             (``'tangent'``), or the Davidenko ODE dy/ds = t(y) integrated over [0, h]
-            by torchdiffeq (``'ode'``).
+            by torchdiffeq (``'ode'``); ``'secant'`` skips the solve and takes
+            t = (y_a - y_{a-1}) / ||·||. A tangent that turns by more than
+            arccos(``max_turn``) from the previous one suggests a jump to another branch:
+            the step is retaken from the previous anchor with h/4.
 ``CORRECT`` Newton on the pseudo-arclength system
                 H(y) = 0,   tᵀ (y - y_p) = 0,
             by  [H_z  H_λ; tᵀ] δ = -[H(y); tᵀ(y - y_p)].  The step is accepted when
@@ -344,13 +349,7 @@ class PathTracker:
             st.tangent_prev = _where(leave, e_lam, st.tangent_prev)
             st.phase = torch.where(leave, int(Phase.TANGENT), st.phase)
             return leave
-        tangent = _unit(torch.cat([start[0], start[1][:, None]], dim=1))
-        h0 = self.opt.step_init / tangent[:, -1]     # first step raises λ by step_init
-        st.tangent = _where(leave, tangent, st.tangent)
-        st.tangent_prev = _where(leave, tangent, st.tangent_prev)
-        st.step = torch.where(leave, h0, st.step)
-        st.step_unit = torch.where(leave, h0, st.step_unit)
-        st.begin_step(leave, self._predict_linear(st))
+        self._set_tangent(st, leave, _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
         return leave
 
     def _judge_corrector(self, st: _State, h_norm: Tensor, idle: Tensor) -> Tensor:
@@ -401,9 +400,10 @@ class PathTracker:
         opt = self.opt
         first = got & (st.step_unit == 0)
         sharp = got & ~first & (batch_dot(t, st.tangent) < opt.max_turn)
-        h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)
+        h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)     # raises λ by step_init
         st.step = torch.where(first, h0, st.step)
         st.step_unit = torch.where(first, h0, st.step_unit)
+        st.tangent_prev = _where(first, t, st.tangent_prev)
         smooth = got & ~sharp
         st.tangent = _where(smooth, t, st.tangent)
         st.anchor = _where(sharp, st.anchor_prev, st.anchor)
