@@ -2,9 +2,9 @@
 
     python benchmarks/training.py [--epochs 2] [--train-size 6000] [--test-size 2000]
 
-Runs examples/train_classifier.py once per row (one seed, 0) and writes
-benchmarks/results/training.json and training.md (the table in BENCHMARKS.md), plus the
-plots in benchmarks/results/training/.
+Runs examples/train_classifier.py once per row and seed (default: seed 0) and writes
+benchmarks/results/NAME.json and NAME.md (the tables in BENCHMARKS.md), plus the plots in
+benchmarks/results/training/. ``--rows`` picks rows by label, ``--seeds`` repeats them.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import torch  # noqa: E402
 import train_classifier  # noqa: E402
 
 ROWS = {
@@ -37,25 +38,39 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only the rows whose label contains one of these strings")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--name", default="training", help="results file stem")
     args = parser.parse_args()
     out = Path(args.out)
     common = ["--dataset", "fashion-mnist", "--epochs", str(args.epochs), "--train-size",
               str(args.train_size), "--test-size", str(args.test_size), "--width",
               str(args.width), "--no-plots", "--out", str(out / "training")]
     results = []
-    for label, extra in ROWS.items():
-        (result,) = train_classifier.main(common + extra)
-        result["label"] = label
-        results.append(result)
-        (out / "training.json").write_text(json.dumps(results, indent=1))
+    rows = {k: v for k, v in ROWS.items() if not args.rows or any(r in k for r in args.rows)}
+    for label, extra in rows.items():
+        for seed in args.seeds:
+            (result,) = train_classifier.main(common + extra + ["--seed", str(seed)])
+            result["label"] = label if len(args.seeds) == 1 else f"{label}, seed {seed}"
+            results.append(result)
+            (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     lines = ["| model | test acc | params | peak MB (process) | NFE fwd | NFE bwd | images/s |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['label']} | {r['test_acc']:.4f} | {r['params']} | "
                      f"{r['peak_memory_mb']:.0f} | {r['nfe_forward']:.1f} | "
                      f"{r['nfe_backward']:.1f} | {r['images_per_s']:.0f} |")
-    (out / "training.md").write_text("\n".join(lines) + "\n")
-    train_classifier.plot(results, out / "training")
+    if len(args.seeds) > 1:
+        lines += ["", "| model | mean test acc | std | mean images/s |", "|---|---|---|---|"]
+        for label in rows:
+            group = [r for r in results if r["label"].startswith(label + ", seed")]
+            acc = torch.tensor([r["test_acc"] for r in group])
+            speed = sum(r["images_per_s"] for r in group) / len(group)
+            lines.append(f"| {label} | {acc.mean():.4f} | {acc.std():.4f} | {speed:.0f} |")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    if len(args.seeds) == 1:
+        train_classifier.plot(results, out / "training")
     print("\n".join(lines))
 
 

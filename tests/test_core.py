@@ -188,3 +188,16 @@ def test_bad_core_config_is_rejected():
         get_deq(core="homoode", homo_field="sideways")
     with pytest.raises(th.ConfigError, match="homo_adjoint"):
         get_deq(core="homoode", homo_adjiont=True)
+
+
+def test_solver_kwargs_override_core_keys_for_one_call_only():
+    deq = get_deq(core="homoode", homo_method="rk4", homo_options={"step_size": 0.5},
+                  homo_init="zeros")
+    x = torch.randn(2, 3, 2)
+    func = lambda z: torch.tanh(z + x)                          # noqa: E731
+    assert deq(func, torch.zeros_like(x))[1]["nstep"][0] == 8   # rk4, 2 steps
+    _, info = deq(func, torch.zeros_like(x), solver_kwargs={"homo_options": {"step_size": 0.25}})
+    assert info["nstep"][0] == 16
+    assert deq(func, torch.zeros_like(x))[1]["nstep"][0] == 8   # construction config kept
+    with pytest.raises(th.ConfigError):
+        deq(func, torch.zeros_like(x), solver_kwargs={"homo_metod": "rk4"})

@@ -204,6 +204,21 @@ def resolve(options: Mapping[str, Any], keys: Mapping[str, Key]) -> dict[str, An
     return out
 
 
+def validate(options: Mapping[str, Any], keys: Mapping[str, Key]) -> dict[str, Any]:
+    """Validate ``options`` and return only those of them that belong to ``keys``.
+
+    Example:
+        >>> validate({'homo_rtol': 1e-4, 'f_tol': 1e-3}, CORE_KEYS)
+        {'homo_rtol': 0.0001}
+    """
+    out = {}
+    for name, value in options.items():
+        check_plugin_key(name)
+        if name in keys:
+            out[name] = keys[name].validate(value)
+    return out
+
+
 def split_options(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a config into (plugin ``homo_*`` keys, everything else), validating the former.
 

@@ -31,7 +31,7 @@ from torchdeq.solver.utils import batch_flatten, solver_stat_from_final_step
 from torchdeq.utils.layer_utils import deq_decorator
 
 from .adjoint import closure_inputs, integrate
-from .config import CORE_KEYS, resolve
+from .config import CORE_KEYS, resolve, validate
 from .path import Status
 
 Tensor = torch.Tensor
@@ -78,8 +78,8 @@ class HomoODECore(DEQBase):
     def _broadcast(self, point: Tensor, like: Tensor) -> Tensor:
         return point.view(1, -1, *([1] * (like.dim() - 2))).expand_as(like)
 
-    def _start(self, z_init: Tensor) -> Tensor:
-        mode = self.options["homo_init"]
+    def _start(self, z_init: Tensor, options: dict[str, Any]) -> Tensor:
+        mode = options["homo_init"]
         if mode == "given":
             return z_init
         if mode == "zeros" or z_init.dim() < 2:
@@ -111,9 +111,8 @@ class HomoODECore(DEQBase):
         return loss.detach()
 
     # ---------------------------------------------------------------- solve
-    def _field(self, func: Callable[[Tensor], Tensor], z_start: Tensor,
-               counter: list[int]) -> Callable[[Tensor, Tensor], Tensor]:
-        kind = self.options["homo_field"]
+    def _field(self, func: Callable[[Tensor], Tensor], z_start: Tensor, counter: list[int],
+               kind: str) -> Callable[[Tensor, Tensor], Tensor]:
 
         def field(_lam: Tensor, z: Tensor) -> Tensor:
             counter[0] += 1
@@ -126,11 +125,10 @@ class HomoODECore(DEQBase):
 
         return field
 
-    def _integrate(self, func: Callable[[Tensor], Tensor], z_start: Tensor,
-                   counter: list[int]) -> tuple[Tensor, Tensor]:
+    def _integrate(self, func: Callable[[Tensor], Tensor], z_start: Tensor, counter: list[int],
+                   opt: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """z(1), and a per-sample status (integrator failure is reported, not raised)."""
-        opt = self.options
-        field = self._field(func, z_start, counter)
+        field = self._field(func, z_start, counter, opt["homo_field"])
         adjoint = opt["homo_adjoint"] and torch.is_grad_enabled()
         params = closure_inputs(func, z_start) if adjoint else ()
         status = torch.full((z_start.shape[0],), int(Status.CONVERGED), device=z_start.device)
@@ -154,20 +152,19 @@ class HomoODECore(DEQBase):
                 **kwargs: Any) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Integrate the HomoODE from z0 to λ = 1 and return ``([z(1)], info)``.
 
-        ``solver_kwargs`` may override any ``homo_*`` core key for this call.
+        ``solver_kwargs`` may override any ``homo_*`` core key for this call only.
         """
-        if solver_kwargs:
-            self.options = {**self.options, **resolve(solver_kwargs, CORE_KEYS)}
+        options = {**self.options, **validate(solver_kwargs or {}, CORE_KEYS)}
         deq_func, z_init = deq_decorator(func, z_init, no_stat=False)
         if not torch.is_tensor(z_init):
             raise TypeError("core='homoode' needs a tensor state or a list of tensors; "
                             f"got {type(z_init).__name__}.")
-        z_start = self._start(z_init)
+        z_start = self._start(z_init, options)
         counter = [0]
-        z_end, status = self._integrate(deq_func, z_start, counter)
+        z_end, status = self._integrate(deq_func, z_start, counter, options)
         nfe = counter[0]
         init_loss = torch.zeros((), device=z_end.device)
-        if self.training and self.options["homo_init"] == "learned" and z_end.dim() >= 2:
+        if self.training and options["homo_init"] == "learned" and z_end.dim() >= 2:
             init_loss = self._train_init_point(z_end)
         with torch.no_grad():     # the endpoint's distance from an equilibrium of func
             fz = deq_func(z_end)
