@@ -116,8 +116,9 @@ def run_epoch(model, loader, device, counter, optimizer=None, desc=""):
     training = optimizer is not None
     model.train(training)
     totals = dict(loss=0.0, correct=0.0, count=0.0, nfe_f=0.0, nfe_b=0.0, steps=0.0)
-    bar = tqdm(loader, desc=desc, leave=False, disable=not is_main(), file=sys.stdout,
-               mininterval=2.0)
+    # disable=None: bars on a terminal, none in logs; other ranks never draw.
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if is_main() else True,
+               file=sys.stdout)
     for step, (images, labels) in enumerate(bar):
         if training and ARGS.max_steps and step >= ARGS.max_steps:
             break
@@ -203,7 +204,7 @@ def train_one(name: str, args: argparse.Namespace, data, device: torch.device) -
                             scheduler=scheduler.state_dict(), history=history,
                             epoch=epoch + 1), ckpt_path)
     inner = model.module if hasattr(model, "module") else model
-    checksum = torch.tensor([sum(float(p.double().sum()) for p in inner.parameters())],
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in inner.parameters())],
                             dtype=torch.float64, device=device)
     checksums = [checksum.clone() for _ in range(dist.get_world_size())] if (
         dist.is_initialized()) else [checksum]
