@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not args.no_plots:
             plot(results, Path(args.out))
     if dist.is_initialized():
+        dist.barrier()              # let rank 0 finish writing before the group goes away
         dist.destroy_process_group()
     return results
 
