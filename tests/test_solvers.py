@@ -280,3 +280,28 @@ def test_readme_configuration_table_matches_defaults():
         expected = "none" if key.default is None else str(key.default)
         assert shown == expected or (isinstance(key.default, float)
                                      and float(shown) == key.default), name
+
+
+def test_warm_up_iterates_while_contracting_then_hands_to_anderson():
+    from torchdeq_homotopy.warmup import warm_up
+
+    calls = []
+
+    def counted(f):
+        def g(z):
+            calls.append(1)
+            return f(z)
+        return g
+
+    f, z_true = linear_problem(4, 6, 0.3)                  # contracts by 0.3 per step
+    warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
+    assert len(calls) == warm.evals <= 20                   # fixed-point iteration alone
+    torch.testing.assert_close(warm.best.z, z_true, rtol=0, atol=1e-7)
+    assert torch.equal(warm.newton_start, warm.best.z)      # it helped: Newton starts there
+    calls.clear()
+    f = tanh_cell(4, 6, 5.0, seed=3, dtype=torch.float64)   # expansive: iteration stalls
+    warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
+    assert warm.evals == len(calls) <= 30
+    assert len(warm.abs_trace) < warm.evals                 # Anderson ran after a few steps
+    residual = (f(warm.best.z) - warm.best.z).norm(dim=1)
+    torch.testing.assert_close(warm.best.abs_res, residual)  # kept iterate matches its residual

@@ -17,15 +17,14 @@ each sample's iterate at each column: 1 during the warm-up and Newton phases).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torchdeq.solver.anderson import anderson_solver
 from torchdeq.solver.stat import SolverStat
 
 from .config import SOLVER_KEYS, resolve
-from .path import BestIterate, PathTracker, Status, TrackerOptions, TrackerResult, residuals
+from .path import PathTracker, Status, TrackerOptions, TrackerResult
+from .warmup import warm_up
 
 Tensor = torch.Tensor
 
@@ -82,46 +81,6 @@ def _check_x0(x0: Tensor, stop_mode: str, max_iter: int, tol: float) -> None:
         raise ValueError(f"tol={tol} must be > 0.")
 
 
-@dataclass
-class _Warmup:
-    z: Tensor             # where Newton starts
-    best: BestIterate     # Anderson's best iterate and its residuals
-    evals: int
-    abs_trace: list[Tensor]   # one entry: the residuals of ``best``
-    rel_trace: list[Tensor]
-
-
-def _anderson_warmup(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
-                     stop_mode: str) -> _Warmup | None:
-    """A cheap first phase: TorchDEQ's Anderson acceleration for at most ``budget`` calls.
-
-    On benign cells it solves everything at Anderson's cost; where it helped, its best
-    iterate is where Newton starts (the path always starts at x0).
-    """
-    if budget <= 0:
-        return None
-    calls = 0
-
-    def counted(z: Tensor) -> Tensor:
-        nonlocal calls
-        calls += 1
-        return f(z)
-
-    z, _, info = anderson_solver(counted, x0, max_iter=budget, tol=tol, stop_mode=stop_mode)
-    # Anderson's reported residuals need not be those of the iterate it returns: evaluate
-    # its best iterate once more, so that the kept best iterate and its residual agree.
-    z = torch.where(torch.isfinite(z).all(dim=1, keepdim=True), z, x0)
-    abs_res, rel_res = residuals(z, counted(z))
-    best = BestIterate(z=z, abs_res=abs_res, rel_res=rel_res,
-                       step=torch.full_like(abs_res, float(calls)))
-    # Newton starts from Anderson's best iterate only where it cut the residual tenfold;
-    # elsewhere (expansive or divergent maps) x0 is the better Newton start.
-    first = info["abs_trace"][:, min(1, info["abs_trace"].shape[1] - 1)]
-    helped = (abs_res <= 0.1 * first) & torch.isfinite(abs_res)
-    z = torch.where(helped[:, None], z, x0)
-    return _Warmup(z=z, best=best, evals=calls, abs_trace=[abs_res], rel_trace=[rel_res])
-
-
 def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     info = SolverStat(
         abs_lowest=result.abs_best,
@@ -166,16 +125,16 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
     if not track:
         tracker_opts.newton_iters = int(max_iter)
     with torch.no_grad():
-        warm = _anderson_warmup(flat_f, x_flat, min(opts["homo_warmup"], int(max_iter) // 2),
-                                tol, stop_mode) if track else None
+        warm = warm_up(flat_f, x_flat, min(opts["homo_warmup"], int(max_iter) // 2),
+                       tol, stop_mode) if track else None
         result = PathTracker(flat_f, x_flat, tracker_opts).run(
             int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None,
-            newton_start=warm.z if warm else None, used=warm.evals if warm else 0,
+            newton_start=warm.newton_start if warm else None, used=warm.evals if warm else 0,
             best=warm.best if warm else None)
     if warm is not None:
         result.abs_trace[:0] = warm.abs_trace
         result.rel_trace[:0] = warm.rel_trace
-        result.trace_nfe[:0] = [warm.evals]
+        result.trace_nfe[:0] = warm.trace_nfe
         result.lam_trace[:0] = [torch.ones_like(t) for t in warm.abs_trace]
     info = _stat(result, stop_mode, bsz)
     z_star = result.z_best.view(x0.shape)
