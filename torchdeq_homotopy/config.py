@@ -91,8 +91,9 @@ SOLVER_KEYS: dict[str, Key] = {
             "((f(z+εv)-f(z))/ε, one f call), 'forward' (torch.func.jvp, exact) or 'auto' "
             "(forward, falling back to finite differences if the callable does not support it)",
             choices=("finite_difference", "forward", "auto")),
-        Key("homo_warmup", 30, "evaluations of TorchDEQ's Anderson acceleration tried first "
-            "(at most half the budget); Newton starts from its best iterate (0: no warm-up)",
+        Key("homo_warmup", 30, "evaluations of the warm-up tried first: fixed-point iteration "
+            "while it contracts, then TorchDEQ's Anderson acceleration (at most half the "
+            "budget; 0: no warm-up)",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_newton_iters", 8, "Newton-Krylov steps at λ = 1 tried first; a sample whose "
             "residual stalls hands over to path tracking (0: always track from λ = 0)",

@@ -152,10 +152,13 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
 def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50,
                     tol: float = 1e-3, stop_mode: str = "abs", indexing: list[int] | None = None,
                     **kwargs: Any) -> tuple[Tensor, list[Tensor], SolverStat]:
-    """Find z = f(z) by Newton–Krylov, handing stalled samples to homotopy path tracking.
+    """Find z = f(z): a cheap warm-up, Newton–Krylov, and homotopy path tracking where
+    those stall.
 
-    Each sample first takes Newton–Krylov steps at λ = 1 (cheap when f is benign). A
-    sample whose residual stalls restarts on the zero path of the fixed-point homotopy
+    A warm-up (fixed-point iteration while it contracts, then Anderson; see
+    :mod:`torchdeq_homotopy.warmup`) solves benign cells at the cost of TorchDEQ's own
+    solvers. Remaining samples take Newton–Krylov steps at λ = 1. A sample whose residual
+    stalls restarts on the zero path of the fixed-point homotopy
 
         H(z, λ) = z - λ f(z) - (1 - λ) z0,        λ: 0 → 1,
 
