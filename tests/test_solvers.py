@@ -63,13 +63,15 @@ def test_every_registered_solver_keeps_torchdeq_contract(name):
         assert info["converged"].all() and (info["status"] == Status.CONVERGED).all()
 
 
+@pytest.mark.parametrize("linear_solver", ["gmres", "dense"])
 @pytest.mark.parametrize("name", OURS)
 @pytest.mark.parametrize("radius", [0.5, 3.0])
-def test_linear_maps_match_dense_solve(name, radius):
+def test_linear_maps_match_dense_solve(name, radius, linear_solver):
     """radius 3: fixed-point iteration diverges; the answer is (I - A)^{-1} b all the same."""
     f, z_true = linear_problem(6, 8, radius)
     z, _, info = get_solver(name)(f, torch.zeros(6, 8, dtype=torch.float64), max_iter=400,
-                                  tol=1e-10, homo_krylov_dim=10)
+                                  tol=1e-10, homo_krylov_dim=10,
+                                  homo_linear_solver=linear_solver)
     torch.testing.assert_close(z, z_true, rtol=1e-8, atol=1e-8)
     assert info["converged"].all()
 
@@ -108,17 +110,23 @@ def test_pure_path_tracking_reaches_lambda_one():
     torch.testing.assert_close(info["lam"], torch.ones(8, dtype=torch.float64))
 
 
-def test_max_iter_counts_every_evaluation():
+@pytest.mark.parametrize("linear_solver", ["gmres", "dense"])
+def test_max_iter_counts_every_evaluation(linear_solver):
+    """Each call of f and each Jacobian-vector product counts one. A dense Jacobian is n
+    products in one vmapped call: such a call (its argument is a vmap-batched tensor)
+    counts n here."""
     calls = 0
-    inner = tanh_cell(4, 6, 4.0, seed=1)
+    n = 6
+    inner = tanh_cell(4, n, 4.0, seed=1)
 
     def f(z):
         nonlocal calls
-        calls += 1
+        calls += n if torch._C._functorch.is_batchedtensor(z) else 1
         return inner(z)
 
-    _, _, info = th.homotopy_solver(f, torch.zeros(4, 6), max_iter=37, tol=1e-12)
-    assert calls <= 37
+    _, _, info = th.homotopy_solver(f, torch.zeros(4, n), max_iter=57, tol=1e-12,
+                                    homo_linear_solver=linear_solver)
+    assert calls <= 57
     assert info["nfe"][0] == calls
 
 
@@ -305,3 +313,68 @@ def test_warm_up_iterates_while_contracting_then_hands_to_anderson():
     assert len(warm.abs_trace) < warm.evals                 # Anderson ran after a few steps
     residual = (f(warm.best.z) - warm.best.z).norm(dim=1)
     torch.testing.assert_close(warm.best.abs_res, residual)  # kept iterate matches its residual
+
+
+@pytest.mark.parametrize("mode", ["forward", "finite_difference", "auto"])
+def test_dense_jacobian_matches_autograd(mode):
+    f = tanh_cell(5, 7, 2.0, seed=3, dtype=torch.float64)
+    z = torch.randn(5, 7, dtype=torch.float64)
+    jac, _ = th.linalg.dense_jacobian(f, z, f(z), mode)
+    truth = torch.stack([torch.autograd.functional.jacobian(lambda v, i=i: f(
+        z.index_put((torch.tensor([i]),), v[None]))[i], z[i]) for i in range(5)])
+    torch.testing.assert_close(jac, truth, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_jacobian_of_a_callable_vmap_cannot_trace():
+    """TorchDEQ's backward lambda calls torch.autograd.grad; the columns then come one
+    product at a time, and still match autograd's Jacobian."""
+    A = torch.randn(3, 4, 4, dtype=torch.float64)
+    z0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = (A @ torch.tanh(z0).unsqueeze(-1)).squeeze(-1)
+
+    def vjp(y):      # y -> J_gᵀ y, linear in y, as in TorchDEQ's backward pass
+        return torch.autograd.grad(out, z0, y, retain_graph=True)[0]
+
+    y = torch.randn(3, 4, dtype=torch.float64)
+    jac, _ = th.linalg.dense_jacobian(vjp, y, vjp(y), "finite_difference")
+    truth = (A * (1 - torch.tanh(z0.detach()) ** 2)[:, None, :]).transpose(1, 2)
+    torch.testing.assert_close(jac, truth, rtol=1e-6, atol=1e-6)
+
+
+def test_secant_update_meets_the_secant_condition():
+    """After observing a step, J Δz = Δf exactly (Broyden's update), for rows that moved."""
+    f = tanh_cell(4, 5, 3.0, seed=4, dtype=torch.float64)
+    cache = th.linalg.SecantJacobian(f, "forward")
+    z = torch.randn(4, 5, dtype=torch.float64)
+    cache.observe(z, f(z))
+    cache.refresh()
+    z_new = z.clone()
+    z_new[:3] += 0.1 * torch.randn(3, 5, dtype=torch.float64)    # row 3 does not move
+    cache.observe(z_new, f(z_new))
+    step = (cache.jac @ (z_new - z).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(step[:3], (f(z_new) - f(z))[:3])
+    assert cache.exact.tolist() == [False, False, False, True]
+    exact_row3 = torch.autograd.functional.jacobian(lambda v: f(torch.cat(
+        [z[:3], v[None]]))[3], z[3])
+    torch.testing.assert_close(cache.jac[3], exact_row3)
+
+
+def test_paths_restart_from_a_perturbed_start_after_underflow():
+    """homo_step_min so large that the first rejected step underflows: without restarts
+    those samples fail with STEP_UNDERFLOW; with them, the samples that restarted and
+    converged have a recomputed residual within tol."""
+    f = tanh_cell(32, 12, 5.0, seed=5)
+    x0 = torch.zeros(32, 12)
+    opts = dict(max_iter=3000, tol=1e-4, homo_step_min=0.9, homo_newton_iters=1)
+    _, _, info0 = th.homotopy_solver(f, x0, homo_restarts=0, **opts)
+    failed0 = info0["status"] == Status.STEP_UNDERFLOW
+    assert failed0.any() and (info0["restarts"] == 0).all()
+    z, _, info = th.homotopy_solver(f, x0, homo_restarts=3, **opts)
+    restarted = info["restarts"] > 0
+    assert restarted.any()
+    residual = (f(z) - z).norm(dim=1)
+    ok = info["status"] == Status.CONVERGED
+    assert (ok & restarted).any()
+    assert (residual[ok] <= 1e-4).all()
+    assert (info["status"][~ok] != Status.CONVERGED).all()
+    assert int((info["status"] == Status.STEP_UNDERFLOW).sum()) < int(failed0.sum())

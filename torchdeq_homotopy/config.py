@@ -104,6 +104,10 @@ SOLVER_KEYS: dict[str, Key] = {
             "sample is marked STEP_UNDERFLOW", kind=float, check=_positive, check_doc="> 0"),
         Key("homo_step_max", 16.0, "largest path step (relative to the first)",
             kind=float, check=_positive, check_doc="> 0"),
+        Key("homo_restarts", 2, "new paths a sample may start, from a randomly perturbed "
+            "z0, after its step underflows (a start point whose path is singular is rare, "
+            "so a new one almost surely has a regular path)",
+            kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_corrector_iters", 4, "Newton corrector iterations per path step before the "
             "step is rejected and halved", kind=int, check=_positive, check_doc="> 0"),
         Key("homo_corrector_tol", 1e-3, "corrector tolerance, ||H(z, λ)|| <= tol (1 + ||z||)",
@@ -119,6 +123,10 @@ SOLVER_KEYS: dict[str, Key] = {
             kind=int, check=_positive, check_doc="> 0"),
         Key("homo_krylov_rtol", 1e-2, "GMRES relative residual tolerance (inexact Newton "
             "forcing term)", kind=float, check=_unit_interval, check_doc="in (0, 1)"),
+        Key("homo_linear_solver", "auto", "linear solves with I - λJ: 'gmres' (matrix-free "
+            "Krylov), 'dense' (form J from n products in one vmapped call, solve by LU) or "
+            "'auto' (dense when the state size n <= homo_krylov_dim, else GMRES)",
+            choices=("auto", "gmres", "dense")),
         Key("homo_strict", False, "raise HomotopyConvergenceError when any sample fails "
             "instead of reporting it in info['status']", kind=bool),
     ]

@@ -43,6 +43,11 @@ class FixedPointHomotopy:
         """Unnormalised tangent (dz, dλ) = (f(z0) - z0, 1) at λ = 0."""
         return self.fz0 - self.z0, torch.ones_like(self.z0[:, 0])
 
+    def restart(self, mask: Tensor, z0: Tensor, fz0: Tensor) -> None:
+        """New start points z0 (and their f(z0)) for the samples in ``mask``."""
+        self.z0 = torch.where(mask[:, None], z0, self.z0)
+        self.fz0 = torch.where(mask[:, None], fz0, self.fz0)
+
 
 class NewtonHomotopy:
     """H(z, λ) = G(z) - (1 - λ) G(z0), with G(z) = z - f(z).
@@ -71,6 +76,10 @@ class NewtonHomotopy:
 
     def start_tangent(self) -> None:
         return None
+
+    def restart(self, mask: Tensor, z0: Tensor, fz0: Tensor) -> None:
+        """New start points z0 (and their f(z0)) for the samples in ``mask``."""
+        self.g0 = torch.where(mask[:, None], z0 - fz0, self.g0)
 
 
 HOMOTOPIES = {"fixed_point": FixedPointHomotopy, "newton": NewtonHomotopy}

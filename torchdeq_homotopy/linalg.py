@@ -166,3 +166,91 @@ class Linearization:
         eps = self._scale / v_norm.clamp_min(1e-30)
         jv = (self.f(self.z + eps * v) - self.fz) / eps
         return torch.where(v_norm > 0, jv, torch.zeros_like(jv))
+
+
+def dense_jacobian(f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor,
+                   mode: str = "finite_difference") -> tuple[Tensor, str]:
+    """The Jacobians ``J_f(z_i)`` of every row, shape ``(B, n, n)``, from ``n`` products.
+
+    Column ``k`` is ``J e_k``: all ``n`` products run as one ``torch.func.vmap`` call over
+    the basis vectors (forward mode ``torch.func.jvp``, or the finite difference
+    ``(f(z + ε e_k) - f(z)) / ε`` with ``ε = sqrt(eps) (1 + ||z||)``). A callable that
+    ``vmap`` cannot trace (random ops, ``torch.autograd.grad`` inside) gets the columns one
+    product at a time, each still batched over the rows.
+
+    For ``n`` at most the Krylov dimension this costs no more products than GMRES may need,
+    takes one vectorised call instead of ``n`` sequential ones, and gives exact solves.
+
+    Returns:
+        ``(J, mode)``: the Jacobians and the product mode that worked (``'auto'`` resolves
+        to ``'forward'`` or ``'finite_difference'``).
+
+    Example:
+        >>> A = torch.tensor([[2., 1.], [0., 3.]])
+        >>> z = torch.ones(4, 2)
+        >>> J, _ = dense_jacobian(lambda v: v @ A.T, z, z @ A.T, mode="forward")
+        >>> torch.allclose(J, A.expand(4, 2, 2))
+        True
+    """
+    n = z.shape[1]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    lin = Linearization(f, z, fz, mode)
+
+    def column(e: Tensor) -> Tensor:
+        return lin.jvp(e.expand_as(z))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cols = torch.func.vmap(column)(eye)           # (n, B, n): cols[k] = J e_k
+    except Exception:
+        lin = Linearization(f, z, fz, lin.mode)
+        cols = torch.stack([column(e) for e in eye])
+    return cols.permute(1, 2, 0), lin.mode
+
+
+class SecantJacobian:
+    """Dense Jacobians ``J_f`` per sample: exact on refresh, kept current by Broyden between.
+
+    After each new evaluation ``(z, f(z))`` every sample that moved gets Broyden's rank-one
+    secant update (free: no products)
+
+        J ← J + (Δf - J Δz) Δzᵀ / (Δzᵀ Δz),    Δz = z - z_prev,  Δf = f(z) - f(z_prev),
+
+    so that ``J Δz = Δf`` holds for the last step. :meth:`refresh` recomputes every row
+    exactly by :func:`dense_jacobian` (``n`` products); ``exact`` marks the rows that have
+    not moved since.
+
+    Example:
+        >>> A = torch.tensor([[2., 1.], [0., 3.]])
+        >>> f = lambda v: v @ A.T
+        >>> cache = SecantJacobian(f, "forward")
+        >>> z = torch.ones(1, 2); cache.observe(z, f(z)); cache.refresh()
+        >>> torch.allclose(cache.jac[0], A), bool(cache.exact[0])
+        (True, True)
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], mode: str) -> None:
+        self.f, self.mode = f, mode
+        self.jac: Tensor | None = None
+        self.exact: Tensor | None = None
+        self.z: Tensor | None = None
+        self.fz: Tensor | None = None
+
+    def observe(self, z: Tensor, fz: Tensor) -> None:
+        """Record the newest evaluation and apply the secant update to rows that moved."""
+        if self.jac is not None and self.z is not None:
+            dz, df = z - self.z, fz - self.fz
+            dz_sq = batch_dot(dz, dz)
+            moved = (dz_sq > torch.finfo(z.dtype).tiny) & torch.isfinite(df).all(dim=1) & (
+                torch.isfinite(dz_sq))
+            miss = df - torch.bmm(self.jac, dz.unsqueeze(-1)).squeeze(-1)
+            update = miss.unsqueeze(-1) * (dz / dz_sq.clamp_min(1e-30)[:, None]).unsqueeze(1)
+            self.jac = torch.where(moved[:, None, None], self.jac + update, self.jac)
+            self.exact = self.exact & ~moved
+        self.z, self.fz = z, fz
+
+    def refresh(self) -> None:
+        """Recompute every row exactly at the last observed point (``n`` products)."""
+        self.jac, self.mode = dense_jacobian(self.f, self.z, self.fz, self.mode)
+        self.exact = torch.ones(self.z.shape[0], dtype=torch.bool, device=self.z.device)

@@ -3,7 +3,7 @@
 Each sample of a batch follows the zero path of its own homotopy H(z, λ) (see
 :mod:`torchdeq_homotopy.homotopies`) in the unknowns y = (z, λ). Each sample is in one
 of these phases, and all of them advance together, one batched call of f and one
-batched GMRES solve per iteration:
+batched linear solve per iteration:
 
 ``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first (from the warm-up's iterate
             where that helped, else from z0). A sample whose residual stalls (does not
@@ -30,6 +30,17 @@ batched GMRES solve per iteration:
             step also moves λ onto 1) down to the requested tolerance.
 ``DONE``    converged or failed; the sample is frozen (its linear system is zero).
 
+Linear solves: matrix-free GMRES on Jacobian-vector products, or, for small states
+(n <= ``homo_krylov_dim``), LU on the dense bordered matrix. The dense Jacobian costs n
+products in one vmapped call; between refreshes it follows Broyden's secant update at no
+cost, and a sample asks for a refresh when a Newton step under the secant Jacobian does
+not halve its residual, or a corrector under it is rejected (the step is then retried
+once, from the same prediction, with the exact Jacobian).
+
+Restarts: a sample whose step underflows, or whose path jumps to a branch at λ < 0 (H(·, 0)
+vanishes only at z0), starts a new path from a randomly perturbed z0, up to
+``homo_restarts`` times; from almost every start the path is regular.
+
 All per-sample quantities (phase, step h, corrector counts, status) are ``(B,)`` tensors;
 there is no Python loop over samples. The best iterate by the fixed-point residual
 ||z - f(z)|| is kept for every sample throughout.
@@ -43,7 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .homotopies import HOMOTOPIES, NewtonHomotopy
-from .linalg import Linearization, batch_dot, gmres
+from .linalg import Linearization, SecantJacobian, batch_dot, dense_jacobian, gmres
 
 Tensor = torch.Tensor
 
@@ -58,7 +69,8 @@ class Status(enum.IntEnum):
     NONFINITE = 3
     """f returned NaN or Inf where no recovery was possible."""
     STEP_UNDERFLOW = 4
-    """Path tracking needed a step below ``homo_step_min``."""
+    """Path tracking needed a step below ``homo_step_min`` (or jumped to a branch with
+    λ < 0), on its first path and on every restart."""
 
 
 class Phase(enum.IntEnum):
@@ -88,6 +100,8 @@ class TrackerOptions:
     max_turn: float = 0.5
     krylov_dim: int = 40
     krylov_rtol: float = 1e-2
+    linear_solver: str = "auto"
+    restarts: int = 2
 
 
 @dataclass
@@ -106,6 +120,7 @@ class TrackerResult:
     trajectory: list[Tensor] = field(default_factory=list)
     trace_nfe: list[int] = field(default_factory=list)
     lam_trace: list[Tensor] = field(default_factory=list)
+    restarts: Tensor | None = None
 
 
 class _Budget:
@@ -114,10 +129,10 @@ class _Budget:
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
 
-    def spend(self) -> bool:
-        if self.used >= self.limit:
+    def spend(self, count: int = 1) -> bool:
+        if self.used + count > self.limit:
             return False
-        self.used += 1
+        self.used += count
         return True
 
     @property
@@ -167,6 +182,11 @@ class _State:
     n_newton: Tensor      # Newton steps taken in phase NEWTON
     res_prev: Tensor      # residual before the last Newton step
     solve_failed: Tensor  # the last linear solve gave non-finite values
+    exact: Tensor         # the last linear solve used an exact Jacobian
+    stale: Tensor         # the next solve needs an exact Jacobian (dense mode)
+    retried: Tensor       # the current path step was already retried with an exact one
+    derailed: Tensor      # the step underflowed or λ went below 0: restart or give up
+    restarts: Tensor      # paths restarted from a perturbed start point
 
     @classmethod
     def start(cls, x0: Tensor, newton_first: bool) -> _State:
@@ -184,7 +204,11 @@ class _State:
             status=torch.full_like(zeros_i, int(Status.RUNNING)),
             step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf), k_corr=zeros_i.clone(),
             dnorm=inf.clone(), dnorm_prev=inf.clone(), n_newton=zeros_i.clone(),
-            res_prev=inf.clone(), solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool))
+            res_prev=inf.clone(), solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool),
+            exact=torch.ones_like(zeros_i, dtype=torch.bool),
+            stale=torch.ones_like(zeros_i, dtype=torch.bool),
+            retried=torch.zeros_like(zeros_i, dtype=torch.bool),
+            derailed=torch.zeros_like(zeros_i, dtype=torch.bool), restarts=zeros_i.clone())
 
     def finish(self, mask: Tensor, status: Status) -> None:
         self.status = torch.where(mask, int(status), self.status)
@@ -237,22 +261,42 @@ class PathTracker:
         self.f, self.x0, self.opt = f, x0, options
         self.n = x0.shape[1]
         self.jvp_mode = options.jvp
+        self.jac = SecantJacobian(f, options.jvp)
         # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
         # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
         # more call f(z0), when the first sample starts tracking.
         self.hom = NewtonHomotopy(x0, x0)
         self.fz0: Tensor | None = None
+        self._gen: torch.Generator | None = None
 
     # ---------------------------------------------------------------- linear algebra
-    def _solve(self, y: Tensor, fz: Tensor, border: Tensor, rhs: Tensor,
-               budget: _Budget) -> tuple[Tensor, Tensor]:
-        """Solve the bordered system  [H_z  H_λ; borderᵀ] δ = rhs  by GMRES, at y = (z, λ).
+    def _solve(self, y: Tensor, fz: Tensor, border: Tensor, rhs: Tensor, budget: _Budget,
+               need_exact: Tensor | None = None,
+               rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Solve the bordered system  [H_z  H_λ; borderᵀ] δ = rhs  at y = (z, λ).
 
-        (H_z u + H_λ μ) uses one Jacobian-vector product; the border row keeps the system
-        regular at turning points of the path.
+        The border row keeps the system regular at turning points of the path. Small
+        states (``n <= homo_krylov_dim`` under ``homo_linear_solver='auto'``, or ``'dense'``)
+        form the matrix from a dense Jacobian and solve it by LU; others use GMRES, where
+        (H_z u + H_λ μ) costs one Jacobian-vector product.
+
+        ``need_exact`` (the main loop's solves) lets dense solves reuse the secant-updated
+        Jacobian of :class:`~torchdeq_homotopy.linalg.SecantJacobian`, refreshed (``n``
+        products) only when one of these samples needs it; without it the Jacobian is
+        computed afresh. A dense solve factors only the ``rows`` given (default: all); the
+        other rows come back as zeros.
+
+        Returns:
+            ``(δ, finite, exact)``: the solution, the rows solved with finite values, and
+            the rows whose Jacobian was exact.
         """
         n = self.n
         z, lam = y[:, :n], y[:, n]
+        if self._dense():
+            jac, exact = self._dense_jacobian(z, fz, budget, need_exact)
+            if jac is not None:
+                h_lam = self.hom.d_lambda(z, fz)
+                return (*self._solve_dense(jac, h_lam, lam, border, rhs, rows), exact)
         lin = Linearization(self.f, z, fz, self.jvp_mode)
         h_lam = self.hom.d_lambda(z, fz)
 
@@ -265,6 +309,57 @@ class PathTracker:
                        on_matvec=budget.spend)
         self.jvp_mode = lin.mode
         finite = torch.isfinite(sol).all(dim=1)
+        exact = torch.ones_like(finite)
+        return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
+
+    def _dense(self) -> bool:
+        """``homo_linear_solver='dense'``, or ``'auto'`` with n <= ``homo_krylov_dim`` (GMRES
+        may then need n products anyway, one sequential call each)."""
+        choice = self.opt.linear_solver
+        return choice == "dense" or (choice == "auto" and self.n <= self.opt.krylov_dim)
+
+    def _dense_jacobian(self, z: Tensor, fz: Tensor, budget: _Budget,
+                        need_exact: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """J_f at z: fresh (n products) or the secant-updated cache; None if the budget
+        cannot pay for a needed refresh."""
+        every = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        if need_exact is None:
+            if not budget.spend(self.n):
+                return None, every
+            jac, self.jvp_mode = dense_jacobian(self.f, z, fz, self.jvp_mode)
+            return jac, every
+        self.jac.observe(z, fz)
+        if self.jac.jac is None or bool((need_exact & ~self.jac.exact).any()):
+            if budget.spend(self.n):
+                self.jac.refresh()
+            elif self.jac.jac is None:
+                return None, every
+        return self.jac.jac, self.jac.exact.clone()
+
+    def _solve_dense(self, jac: Tensor, h_lam: Tensor, lam: Tensor, border: Tensor,
+                     rhs: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """LU solve of the bordered matrix  M = [H_z  H_λ; borderᵀ],  (B, n+1, n+1).
+
+        H_z = ∂H/∂z is built from J_f column by column (``d_z`` on the basis vectors); a
+        singular M (a zero LU pivot) or a non-finite solution marks the row as failed.
+        """
+        if rows is not None:      # factor only these rows (one host sync per solve)
+            idx = rows.nonzero().squeeze(1)
+            sol, finite = torch.zeros_like(rhs), torch.ones_like(rows)
+            if idx.numel():
+                part = self._solve_dense(jac[idx], h_lam[idx], lam[idx], border[idx], rhs[idx])
+                sol[idx], finite[idx] = part
+            return sol, finite
+        n, bsz = self.n, jac.shape[0]
+        eye = torch.eye(n, dtype=jac.dtype, device=jac.device).expand(bsz, n, n)
+        # Rows of the (B·n, n) batches are the columns e_k and J_f e_k.
+        h_z = self.hom.d_z(eye.reshape(-1, n), jac.transpose(1, 2).reshape(-1, n),
+                           lam.repeat_interleave(n)).view(bsz, n, n).transpose(1, 2)
+        top = torch.cat([h_z, h_lam[:, :, None]], dim=2)
+        matrix = torch.cat([top, border[:, None, :]], dim=1)
+        matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
+        sol, info = torch.linalg.solve_ex(matrix, rhs)
+        finite = (info == 0) & torch.isfinite(sol).all(dim=1)
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite
 
     # ---------------------------------------------------------------- predictors
@@ -299,7 +394,7 @@ class PathTracker:
             if not budget.spend():
                 return torch.zeros_like(y)
             fz = torch.nan_to_num(self.f(y[:, : self.n]))
-            w, finite = self._solve(y, fz, st.tangent, e_lam, budget)
+            w, finite, _ = self._solve(y, fz, st.tangent, e_lam, budget)
             return torch.where((finite & mask)[:, None], _unit(w) * h[:, None],
                                torch.zeros_like(w))
 
@@ -315,6 +410,13 @@ class PathTracker:
             self.hom = HOMOTOPIES[self.opt.homotopy](self.x0, self.fz0)
         return True
 
+    def _mark_stale(self, st: _State, abs_res: Tensor) -> None:
+        """A Newton or endgame step under a secant Jacobian that did not halve the residual
+        (or failed) asks for the exact Jacobian at the next solve."""
+        newtonish = (st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)
+        slow = ~(abs_res <= 0.5 * st.res_prev) | st.solve_failed
+        st.stale = st.stale | (newtonish & ~st.exact & slow)
+
     def _leave_newton(self, st: _State, f_finite: Tensor, abs_res: Tensor,
                       budget: _Budget) -> Tensor:
         """NEWTON samples that stall restart on the path from (z0, 0); returns the samples
@@ -324,8 +426,9 @@ class PathTracker:
         if not opt.track:
             st.finish(in_newton & ~f_finite, Status.NONFINITE)
             return torch.zeros_like(in_newton)
-        stalled = (~f_finite | st.solve_failed
-                   | ((st.n_newton > 0) & (abs_res > 0.9 * st.res_prev))
+        # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
+        stalled = (~f_finite | (st.solve_failed & st.exact)
+                   | ((st.n_newton > 0) & st.exact & (abs_res > 0.9 * st.res_prev))
                    | (st.n_newton >= opt.newton_iters))
         # Stalled samples wait until no sample is still converging under Newton, then all
         # start on the path together, so that their path steps share GMRES calls.
@@ -337,20 +440,67 @@ class PathTracker:
             return torch.zeros_like(leave)
         st.finish(leave & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
         leave = leave & (st.phase != Phase.DONE)
-        x0_y = torch.cat([self.x0, torch.zeros_like(self.x0[:, :1])], dim=1)
-        st.anchor = _where(leave, x0_y, st.anchor)
-        st.anchor_prev = _where(leave, x0_y, st.anchor_prev)
-        st.y = _where(leave, x0_y, st.y)
+        self._start_path(st, leave, self.x0)
+        return leave
+
+    def _start_path(self, st: _State, mask: Tensor, z0: Tensor) -> None:
+        """Put the samples in ``mask`` at (z0, 0), the start of their path."""
+        st.stale = st.stale | mask
+        st.retried = st.retried & ~mask
+        st.step_unit = torch.where(mask, 0.0, st.step_unit)
+        start_y = torch.cat([z0, torch.zeros_like(z0[:, :1])], dim=1)
+        st.anchor = _where(mask, start_y, st.anchor)
+        st.anchor_prev = _where(mask, start_y, st.anchor_prev)
+        st.y = _where(mask, start_y, st.y)
         start = self.hom.start_tangent()
         if start is None:    # the tangent at λ = 0 needs a solve: do it at the next iteration
-            e_lam = torch.zeros_like(x0_y)
+            e_lam = torch.zeros_like(start_y)
             e_lam[:, -1] = 1
-            st.tangent = _where(leave, e_lam, st.tangent)
-            st.tangent_prev = _where(leave, e_lam, st.tangent_prev)
-            st.phase = torch.where(leave, int(Phase.TANGENT), st.phase)
-            return leave
-        self._set_tangent(st, leave, _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
-        return leave
+            st.tangent = _where(mask, e_lam, st.tangent)
+            st.tangent_prev = _where(mask, e_lam, st.tangent_prev)
+            st.phase = torch.where(mask, int(Phase.TANGENT), st.phase)
+            return
+        self._set_tangent(st, mask, _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
+
+    def _restart(self, st: _State, budget: _Budget) -> Tensor:
+        """Samples whose path step underflowed, or whose path went below λ = 0 (a jump to
+        another branch), start a new path from a perturbed start
+
+            z0' = z0 + k σ ξ,   ξ ~ N(0, I),   σ = max(rms(f(z0) - z0), 0.01 (1 + rms(z0)))
+
+        (k: the restart's number), up to ``homo_restarts`` times; then they fail with
+        STEP_UNDERFLOW. By the probability-one theory a random start almost surely has a
+        regular path. Costs one call of f; returns the restarted samples (idle this
+        iteration)."""
+        pending = st.derailed & (st.phase != Phase.DONE)
+        st.derailed = torch.zeros_like(st.derailed)
+        give_up = pending & (st.restarts >= self.opt.restarts)
+        st.finish(give_up, Status.STEP_UNDERFLOW)
+        again = pending & ~give_up
+        if not bool(again.any()):
+            return again
+        if not budget.spend():
+            st.finish(again, Status.STEP_UNDERFLOW)
+            return torch.zeros_like(again)
+        st.restarts = st.restarts + again.long()
+        rms = (self.n ** -0.5)
+        sigma = torch.maximum((self.fz0 - self.x0).norm(dim=1) * rms,
+                              0.01 * (1 + self.x0.norm(dim=1) * rms))
+        noise = torch.randn(self.x0.shape, generator=self._generator(), dtype=self.x0.dtype,
+                            device=self.x0.device)
+        z0 = self.x0 + (st.restarts * sigma)[:, None] * noise
+        z0 = _where(again, z0, self.x0)
+        fz0 = self.f(z0)
+        again = again & torch.isfinite(fz0).all(dim=1)
+        self.hom.restart(again, z0, fz0)
+        self._start_path(st, again, z0)
+        return again
+
+    def _generator(self) -> torch.Generator:
+        """A fixed-seed generator: restarts are reproducible run to run."""
+        if self._gen is None:
+            self._gen = torch.Generator(device=self.x0.device).manual_seed(0)
+        return self._gen
 
     def _judge_corrector(self, st: _State, h_norm: Tensor, idle: Tensor) -> Tensor:
         """Accept, reject or continue each CORRECT sample; returns the samples now idle."""
@@ -363,9 +513,19 @@ class PathTracker:
         diverging = torch.isfinite(st.dnorm_prev) & (st.dnorm > opt.contraction * st.dnorm_prev)
         reject = in_corr & ~accept & (~h_ok | st.solve_failed | diverging
                                       | (st.k_corr >= opt.corrector_iters))
+        # A step rejected under a secant Jacobian is retried once from the same prediction
+        # with the exact one; otherwise from the anchor with h/2.
+        soft = reject & ~st.exact & ~st.retried
+        st.stale = st.stale | soft
+        st.begin_step(soft, st.pred)
+        st.retried = (st.retried | soft) & ~accept & ~(reject & ~soft)
+        reject = reject & ~soft
         # Accepted: at λ ≈ 1 go to the endgame; otherwise grow h and take a tangent here.
         at_end = accept & (st.y[:, -1] >= 1 - 1e-3)
-        onward = accept & ~at_end
+        # H(z, 0) = 0 only at z0: a path at λ < 0 has jumped to another branch.
+        behind = accept & (st.y[:, -1] < -opt.step_init)
+        st.derailed = st.derailed | behind
+        onward = accept & ~at_end & ~behind
         grow = torch.where(st.k_corr <= 1, 2.0, torch.where(st.k_corr == 2, 1.25, 0.8))
         h_max = opt.step_max * st.step_unit
         st.step = torch.where(onward, torch.minimum(st.step * grow, h_max), st.step)
@@ -376,17 +536,17 @@ class PathTracker:
         st.phase = torch.where(at_end, int(Phase.ENDGAME), st.phase)
         if opt.predictor != "secant":
             st.phase = torch.where(onward, int(Phase.TANGENT), st.phase)
-            return self._retry(st, reject)
+            return soft | self._retry(st, reject)
         # Secant predictor: t = (y_k - y_{k-1}) / ||·||, no linear solve.
         self._set_tangent(st, onward, secant)
-        return onward | self._retry(st, reject)
+        return onward | soft | self._retry(st, reject)
 
     def _retry(self, st: _State, reject: Tensor) -> Tensor:
         """Halve h and predict again from the anchor, unless h underflows; returns retries."""
         opt = self.opt
         st.step = torch.where(reject, 0.5 * st.step, st.step)
         underflow = reject & (st.step.abs() < opt.step_min * st.step_unit.abs())
-        st.finish(underflow, Status.STEP_UNDERFLOW)
+        st.derailed = st.derailed | underflow
         retry = reject & ~underflow
         st.begin_step(retry, self._predict_linear(st))
         return retry
@@ -410,7 +570,7 @@ class PathTracker:
         st.tangent = _where(sharp, st.tangent_prev, st.tangent)
         st.step = torch.where(sharp, 0.25 * st.step, st.step)
         underflow = sharp & (st.step.abs() < opt.step_min * st.step_unit.abs())
-        st.finish(underflow, Status.STEP_UNDERFLOW)
+        st.derailed = st.derailed | underflow
         got = got & ~underflow
         pred = (self._predict(st, got, budget) if budget is not None
                 else self._predict_linear(st))
@@ -466,6 +626,7 @@ class PathTracker:
 
             H = self.hom.residual(z, fz, lam)
             h_norm = H.norm(dim=1)
+            self._mark_stale(st, abs_res)
             idle = self._leave_newton(st, f_finite, abs_res, budget)
             idle = idle | self._judge_corrector(st, h_norm, idle)
             st.finish((st.phase == Phase.ENDGAME) & (~torch.isfinite(h_norm) | st.solve_failed),
@@ -488,15 +649,21 @@ class PathTracker:
                              rhs_lam[:, None]], dim=1)
             rhs = _where(tangent, e_lam, rhs)
             y_eval = _where(f_finite, st.y, torch.cat([best.z, st.y[:, n:]], dim=1))
-            delta, finite = self._solve(y_eval, torch.where(torch.isfinite(fz), fz, 0.0), border,
-                                        rhs, budget)
-            st.solve_failed = ~finite & (newton | tangent | correct)
+            active = newton | tangent | correct
+            delta, finite, exact = self._solve(
+                y_eval, torch.where(torch.isfinite(fz), fz, 0.0), border, rhs, budget,
+                need_exact=active & st.stale, rows=active)
+            st.solve_failed = ~finite & active
+            st.exact = torch.where(active, exact, st.exact)
+            st.stale = st.stale & ~exact
 
             # Newton and corrector updates: y <- y + δ.
             move = (newton | correct) & finite
             st.y = _where(move, st.y + delta, st.y)
             st.res_prev = torch.where(newton, abs_res, st.res_prev)
-            st.n_newton = torch.where(st.phase == Phase.NEWTON, st.n_newton + 1, st.n_newton)
+            # Newton steps count against homo_newton_iters when their Jacobian was exact.
+            st.n_newton = torch.where((st.phase == Phase.NEWTON) & exact, st.n_newton + 1,
+                                      st.n_newton)
             st.dnorm_prev = torch.where(correct, st.dnorm, st.dnorm_prev)
             st.dnorm = torch.where(correct, delta.norm(dim=1), st.dnorm)
             st.k_corr = torch.where(correct, st.k_corr + 1, st.k_corr)
@@ -510,6 +677,7 @@ class PathTracker:
             st.step = torch.where(lost, 0.5 * st.step, st.step)
             st.solve_failed = st.solve_failed & ~lost
             st.begin_step(lost, self._predict_linear(st))
+            self._restart(st, budget)
 
         st.status = torch.where(st.status == Status.RUNNING, int(Status.MAX_EVALS), st.status)
         while len(trajectory) < len(indexing):
@@ -517,4 +685,5 @@ class PathTracker:
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
                              step_best=best.step, abs_trace=abs_trace, rel_trace=rel_trace,
                              status=st.status, lam=st.y[:, n].clone(), evals=budget.used,
-                             trajectory=trajectory, trace_nfe=trace_nfe, lam_trace=lam_trace)
+                             trajectory=trajectory, trace_nfe=trace_nfe, lam_trace=lam_trace,
+                             restarts=st.restarts)

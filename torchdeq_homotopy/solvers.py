@@ -11,8 +11,9 @@ solvers. ``info`` is a :class:`torchdeq.solver.stat.SolverStat` with TorchDEQ's 
 (``abs_lowest``, ``rel_lowest``, ``abs_trace``, ``rel_trace``, ``nstep``) plus
 ``status`` (a :class:`~torchdeq_homotopy.path.Status` code per sample), ``lam``
 (the homotopy parameter each sample reached), ``converged``, ``nfe``, ``trace_nfe``
-(the evaluation count at each column of the traces) and ``lam_trace`` ``(B, N)`` (λ of
-each sample's iterate at each column: 1 during the warm-up and Newton phases).
+(the evaluation count at each column of the traces), ``lam_trace`` ``(B, N)`` (λ of
+each sample's iterate at each column: 1 during the warm-up and Newton phases) and
+``restarts`` (the paths each sample restarted from a perturbed start, ``homo_restarts``).
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     info["nfe"] = torch.full((shape_b,), float(result.evals), device=result.lam.device)
     info["trace_nfe"] = torch.tensor(result.trace_nfe, dtype=torch.long)
     info["lam_trace"] = torch.stack(result.lam_trace, dim=1)
+    info["restarts"] = result.restarts
     return info
 
 
@@ -105,7 +107,8 @@ def _empty(x0: Tensor, indexing: list[int] | None) -> tuple[Tensor, list[Tensor]
     info.update(status=torch.zeros(0, dtype=torch.long, device=x0.device),
                 converged=torch.zeros(0, dtype=torch.bool, device=x0.device), lam=empty,
                 nfe=empty, trace_nfe=torch.zeros(0, dtype=torch.long),
-                lam_trace=x0.new_zeros(0, 0))
+                lam_trace=x0.new_zeros(0, 0),
+                restarts=torch.zeros(0, dtype=torch.long, device=x0.device))
     return x0.clone(), [x0.clone() for _ in (indexing or [])], info
 
 
@@ -124,6 +127,8 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
                                   homotopy=opts["homo_type"], track=track)
     if not track:
         tracker_opts.newton_iters = int(max_iter)
+        if "homo_linear_solver" not in options:     # Newton–Krylov: Krylov by default
+            tracker_opts.linear_solver = "gmres"
     with torch.no_grad():
         warm = warm_up(flat_f, x_flat, min(opts["homo_warmup"], int(max_iter) // 2),
                        tol, stop_mode) if track else None
@@ -164,8 +169,11 @@ def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int 
 
     (or the Newton homotopy, ``homo_type='newton'``) followed by a predictor–corrector
     tracker with pseudo-arclength and per-sample step control, and ends with a Newton
-    endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). All linear solves with
-    [I - λJ_f, ∂H/∂λ] are matrix-free GMRES on Jacobian-vector products.
+    endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). Linear solves with
+    [I - λJ_f, ∂H/∂λ] are matrix-free GMRES on Jacobian-vector products, or, for states of
+    at most ``homo_krylov_dim`` entries, LU on a dense Jacobian (n products in one vmapped
+    call) kept current by Broyden updates between refreshes. A sample whose path step
+    underflows, or whose path jumps below λ = 0, restarts from a perturbed start.
 
     Args:
         func: the map f; called with one tensor shaped like ``x0``.
