@@ -2,6 +2,7 @@
 
     python benchmarks/solvers.py [--budget 2000] [--out benchmarks/results]
     python benchmarks/solvers.py --held-out     # 16 expansive cells, homotopy solver only
+    python benchmarks/solvers.py --hard-ratio   # homotopy / Broyden wall time, interleaved
 
 Writes benchmarks/results/solvers.json, solvers.md (the table in BENCHMARKS.md) and
 residual_vs_evaluations.png. A sample counts as solved when its recomputed relative
@@ -148,6 +149,36 @@ def held_out(budget: int, tol: float) -> str:
     return "\n".join(lines)
 
 
+HARD = ["expansive tanh (‖W‖=3)", "expansive tanh (‖W‖=4.5)", "expansive tanh (‖W‖=6)"]
+
+
+def hard_ratio(budget: int, tol: float, repeats: int = 7) -> str:
+    """Homotopy against Broyden on the hard cells, alternating runs so that both see the
+    same machine load; the medians and their ratio."""
+    lines = ["| problem | Broyden ms | homotopy ms | ratio | solved (Broyden / homotopy) |",
+             "|---|---|---|---|---|"]
+    for problem in HARD:
+        f, x0 = PROBLEMS[problem]()
+        walls: dict[str, list[float]] = {"broyden": [], "homotopy": []}
+        solved = {}
+        for _ in range(repeats):
+            for solver in walls:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    z, _, _ = get_solver(solver)(f, x0, max_iter=budget, tol=tol,
+                                                 stop_mode="rel")
+                walls[solver].append(time.perf_counter() - start)
+                fz = f(z)
+                rel = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)
+                solved[solver] = float((rel <= tol).float().mean())
+        med = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in walls.items()}
+        lines.append(f"| {problem} | {med['broyden']:.1f} | {med['homotopy']:.1f} | "
+                     f"{med['homotopy'] / med['broyden']:.2f} | {solved['broyden']:.3f} / "
+                     f"{solved['homotopy']:.3f} |")
+        print(lines[-1], flush=True)
+    return f"Median of {repeats} alternating runs each.\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=int, default=2000)
@@ -155,10 +186,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--held-out", action="store_true",
                         help="only the homotopy solver on 16 cells no default was tuned on")
+    parser.add_argument("--hard-ratio", action="store_true",
+                        help="homotopy against Broyden on the hard cells, interleaved")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.hard_ratio:
+        text = hard_ratio(args.budget, args.tol)
+        (out / "solvers_hard_ratio.md").write_text(text + "\n")
+        print(text)
+        return
     if args.held_out:
         text = held_out(args.budget, args.tol)
         (out / "solvers_held_out.md").write_text(text + "\n")
