@@ -307,12 +307,20 @@ def test_warm_up_iterates_while_contracting_then_hands_to_anderson():
     torch.testing.assert_close(warm.best.z, z_true, rtol=0, atol=1e-7)
     assert torch.equal(warm.newton_start, warm.best.z)      # it helped: Newton starts there
     calls.clear()
-    f = tanh_cell(4, 6, 5.0, seed=3, dtype=torch.float64)   # expansive: iteration stalls
+    f, _ = linear_problem(4, 6, 0.95)                       # contracts, but too slowly
     warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
     assert warm.evals == len(calls) <= 30
     assert len(warm.abs_trace) < warm.evals                 # Anderson ran after a few steps
     residual = (f(warm.best.z) - warm.best.z).norm(dim=1)
     torch.testing.assert_close(warm.best.abs_res, residual)  # kept iterate matches its residual
+    calls.clear()
+    f = tanh_cell(4, 6, 5.0, seed=3, dtype=torch.float64)   # expansive: the residual grows
+    r0 = (f(torch.zeros(4, 6, dtype=torch.float64))).norm(dim=1)
+    r1 = (f(f(torch.zeros(4, 6, dtype=torch.float64))) - f(torch.zeros(4, 6,
+                                                                      dtype=torch.float64)))
+    assert (r1.norm(dim=1) > r0).float().mean() >= 0.5
+    warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
+    assert warm.evals == len(calls) == 2                    # no Anderson on an expanding map
 
 
 @pytest.mark.parametrize("mode", ["forward", "finite_difference", "auto"])

@@ -34,8 +34,10 @@ Linear solves: matrix-free GMRES on Jacobian-vector products, or, for small stat
 (n <= ``homo_krylov_dim``), LU on the dense bordered matrix. The dense Jacobian costs n
 products in one vmapped call; between refreshes it follows Broyden's secant update at no
 cost, and a sample asks for a refresh when a Newton step under the secant Jacobian does
-not halve its residual, or a corrector under it is rejected (the step is then retried
-once, from the same prediction, with the exact Jacobian).
+not halve its residual, when a corrector under it is rejected (the step is then retried
+once, from the same prediction, with the exact Jacobian), or when an accepted step
+needed three or more corrector steps (the tangent at its endpoint then uses the exact
+Jacobian).
 
 Restarts: a sample whose step underflows, or whose path jumps to a branch at λ < 0 (H(·, 0)
 vanishes only at z0), starts a new path from a randomly perturbed z0, up to
@@ -57,6 +59,9 @@ from .homotopies import HOMOTOPIES, NewtonHomotopy
 from .linalg import Linearization, SecantJacobian, batch_dot, dense_jacobian, gmres
 
 Tensor = torch.Tensor
+
+# Corrector steps after which an accepted path step refreshes the dense Jacobian.
+_SLOW_CORRECTOR = 3
 
 
 class Status(enum.IntEnum):
@@ -526,6 +531,9 @@ class PathTracker:
         behind = accept & (st.y[:, -1] < -opt.step_init)
         st.derailed = st.derailed | behind
         onward = accept & ~at_end & ~behind
+        # A corrector that needed _SLOW_CORRECTOR or more steps had a poor secant
+        # Jacobian: the tangent at the new anchor is taken with a fresh one.
+        st.stale = st.stale | (onward & (st.k_corr >= _SLOW_CORRECTOR))
         grow = torch.where(st.k_corr <= 1, 2.0, torch.where(st.k_corr == 2, 1.25, 0.8))
         h_max = opt.step_max * st.step_unit
         st.step = torch.where(onward, torch.minimum(st.step * grow, h_max), st.step)

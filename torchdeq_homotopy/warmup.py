@@ -48,13 +48,18 @@ def _record(traces: tuple[list[Tensor], list[Tensor], list[int]], abs_res: Tenso
 def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: float,
                                    stop_mode: str, best: BestIterate, rate: float,
                                    traces: tuple[list[Tensor], list[Tensor], list[int]]
-                                   ) -> Tensor:
+                                   ) -> tuple[Tensor, bool]:
     """z_{k+1} = f(z_k) while every unconverged sample's residual shrinks by ``rate`` per
     step, r_{k+1} <= rate · r_k (one host sync per step, as TorchDEQ's own iteration).
-    Returns the residual ||f(x0) - x0|| of the start."""
+
+    Returns the residual ||f(x0) - x0|| of the start, and whether the map expands there:
+    the first step grew the residual, r_1 > r_0, for at least half the unconverged samples.
+    """
     z, fz = x0, f(x0)
     first, _ = residuals(z, fz)
     previous = None
+    expanding = False
+    abs_first = first
     while True:
         abs_res, rel_res = residuals(z, fz)
         _record(traces, abs_res, rel_res, f.calls)
@@ -62,8 +67,10 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
         stop = abs_res if stop_mode == "abs" else rel_res
         open_ = stop > tol
         slow = previous is not None and bool((open_ & ~(stop <= rate * previous)).any())
+        if slow and f.calls == 2:     # judged on ||f(z) - z||, whatever the stop mode
+            expanding = 2 * int((open_ & (abs_res > abs_first)).sum()) >= int(open_.sum())
         if not bool(open_.any()) or slow or f.calls >= budget:
-            return first
+            return first, expanding
         previous = stop
         z, fz = fz, f(fz)
 
@@ -72,6 +79,8 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
             stop_mode: str, rate: float = 0.7) -> Warmup | None:
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
     acceleration (TorchDEQ's) from the best iterate, within ``budget`` calls of f.
+    Anderson is skipped where the first fixed-point step grew most residuals: on such
+    expansive maps it rarely converges (BENCHMARKS.md), and Newton does better.
 
     Newton later starts from the best iterate where the warm-up cut the residual tenfold;
     elsewhere (expansive or divergent maps) from x0, the better Newton start there.
@@ -88,10 +97,10 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
     best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                        step=torch.zeros_like(inf))
     traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
-    first = _fixed_point_while_contracting(counted, x0, budget, tol, stop_mode, best, rate,
-                                           traces)
+    first, expanding = _fixed_point_while_contracting(counted, x0, budget, tol, stop_mode,
+                                                      best, rate, traces)
     stop = best.abs_res if stop_mode == "abs" else best.rel_res
-    if bool((stop > tol).any()) and budget - counted.calls > 1:
+    if not expanding and bool((stop > tol).any()) and budget - counted.calls > 1:
         z, _, _ = anderson_solver(counted, best.z, max_iter=budget - counted.calls - 1,
                                   tol=tol, stop_mode=stop_mode)
         # Anderson's reported residuals need not be those of the iterate it returns:
