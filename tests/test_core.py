@@ -201,3 +201,27 @@ def test_solver_kwargs_override_core_keys_for_one_call_only():
     assert deq(func, torch.zeros_like(x))[1]["nstep"][0] == 8   # construction config kept
     with pytest.raises(th.ConfigError):
         deq(func, torch.zeros_like(x), solver_kwargs={"homo_metod": "rk4"})
+
+
+def test_zero_start_is_the_published_plain_odeint():
+    """homo_init='zeros' is what the published code does: torchdiffeq's odeint of the cell
+    from zeros over [0, 1] (dopri5, rtol = atol = 1e-3). Same endpoint, same gradients."""
+    from torchdiffeq import odeint
+
+    torch.manual_seed(0)
+    model = ImplicitClassifier(1, 10, width=8, core="homoode", homo_init="zeros").double()
+    model.train()
+    images = torch.randn(3, 1, 8, 8, dtype=F64)
+    reset_deq(model)
+    logits, _ = model(images)
+    grads = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+
+    x = model.stem(images)
+    z_end = odeint(lambda _t, z: model.cell(z, x), torch.zeros_like(x),
+                   torch.tensor([0.0, 1.0], dtype=F64), method="dopri5", rtol=1e-3,
+                   atol=1e-3)[-1]
+    logits_ref = model.readout(z_end)
+    grads_ref = torch.autograd.grad(logits_ref.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(logits, logits_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
