@@ -560,14 +560,19 @@ class PathTracker:
         return retry
 
     def _set_tangent(self, st: _State, got: Tensor, t: Tensor,
-                     budget: _Budget | None = None) -> None:
+                     budget: _Budget | None = None, exact: Tensor | None = None) -> None:
         """Take ``t`` as the anchor's tangent and predict the next point. The first tangent
         sets the step scale. A tangent turning sharply (t · t_prev < ``max_turn``) means the
         step may have jumped to another branch: go back to the previous anchor with a
-        quarter of the step."""
+        quarter of the step. A sharp turn of a tangent solved with a secant Jacobian
+        (``exact`` False) is first recomputed with the exact one."""
         opt = self.opt
         first = got & (st.step_unit == 0)
         sharp = got & ~first & (batch_dot(t, st.tangent) < opt.max_turn)
+        if exact is not None:
+            recheck = sharp & ~exact        # stays in TANGENT; the next solve is exact
+            st.stale = st.stale | recheck
+            sharp, got = sharp & ~recheck, got & ~recheck
         h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)     # raises λ by step_init
         st.step = torch.where(first, h0, st.step)
         st.step_unit = torch.where(first, h0, st.step_unit)
@@ -644,15 +649,20 @@ class PathTracker:
             #   NEWTON/ENDGAME  [H_z H_λ; e_λᵀ] δ = -[H; λ - 1]
             #   CORRECT         [H_z H_λ; tᵀ]   δ = -[H; tᵀ(y - y_p)]
             #   TANGENT         [H_z H_λ; tᵀ]   w = [0; 1]
+            # A final step (predicted onto λ = 1) corrects at λ = 1, like the endgame: on
+            # the hyperplane tᵀ(y - y_p) = 0 a path that bends back near λ = 1 would
+            # approach it in ever smaller steps.
             newton = ((st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)) & ~idle
             tangent = (st.phase == Phase.TANGENT) & ~idle
             correct = (st.phase == Phase.CORRECT) & ~idle
+            final = correct & (st.pred[:, n] >= 1 - 1e-6)
             e_lam = torch.zeros_like(st.y)
             e_lam[:, -1] = 1
-            border = _where(tangent | correct, st.tangent, e_lam)
+            border = _where(tangent | (correct & ~final), st.tangent, e_lam)
             H_safe = torch.where(torch.isfinite(H), H, torch.zeros_like(H))
-            rhs_lam = torch.where(newton, 1 - lam, torch.zeros_like(lam))
-            rhs_lam = torch.where(correct, -batch_dot(st.tangent, st.y - st.pred), rhs_lam)
+            rhs_lam = torch.where(newton | final, 1 - lam, torch.zeros_like(lam))
+            rhs_lam = torch.where(correct & ~final, -batch_dot(st.tangent, st.y - st.pred),
+                                  rhs_lam)
             rhs = torch.cat([_where(newton | correct, -H_safe, torch.zeros_like(H)),
                              rhs_lam[:, None]], dim=1)
             rhs = _where(tangent, e_lam, rhs)
@@ -679,7 +689,7 @@ class PathTracker:
             # Tangent updates: t = w / ||w||, then predict (see _set_tangent).
             got = tangent & finite
             if bool(got.any()):
-                self._set_tangent(st, got, _unit(delta), budget)
+                self._set_tangent(st, got, _unit(delta), budget, exact)
             # A failed tangent solve retries from the anchor with half the step.
             lost = tangent & ~finite
             st.step = torch.where(lost, 0.5 * st.step, st.step)
