@@ -107,9 +107,9 @@ def test_turning_points_are_traversed():
     tangent_lams = []
     original = tracker._set_tangent
 
-    def spy(st, got, t, budget=None):
+    def spy(st, got, t, budget=None, exact=None):
         tangent_lams.append(torch.where(got, t[:, -1], torch.nan))
-        return original(st, got, t, budget)
+        return original(st, got, t, budget, exact)
 
     tracker._set_tangent = spy
     with torch.no_grad():

@@ -649,20 +649,15 @@ class PathTracker:
             #   NEWTON/ENDGAME  [H_z H_λ; e_λᵀ] δ = -[H; λ - 1]
             #   CORRECT         [H_z H_λ; tᵀ]   δ = -[H; tᵀ(y - y_p)]
             #   TANGENT         [H_z H_λ; tᵀ]   w = [0; 1]
-            # A final step (predicted onto λ = 1) corrects at λ = 1, like the endgame: on
-            # the hyperplane tᵀ(y - y_p) = 0 a path that bends back near λ = 1 would
-            # approach it in ever smaller steps.
             newton = ((st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)) & ~idle
             tangent = (st.phase == Phase.TANGENT) & ~idle
             correct = (st.phase == Phase.CORRECT) & ~idle
-            final = correct & (st.pred[:, n] >= 1 - 1e-6)
             e_lam = torch.zeros_like(st.y)
             e_lam[:, -1] = 1
-            border = _where(tangent | (correct & ~final), st.tangent, e_lam)
+            border = _where(tangent | correct, st.tangent, e_lam)
             H_safe = torch.where(torch.isfinite(H), H, torch.zeros_like(H))
-            rhs_lam = torch.where(newton | final, 1 - lam, torch.zeros_like(lam))
-            rhs_lam = torch.where(correct & ~final, -batch_dot(st.tangent, st.y - st.pred),
-                                  rhs_lam)
+            rhs_lam = torch.where(newton, 1 - lam, torch.zeros_like(lam))
+            rhs_lam = torch.where(correct, -batch_dot(st.tangent, st.y - st.pred), rhs_lam)
             rhs = torch.cat([_where(newton | correct, -H_safe, torch.zeros_like(H)),
                              rhs_lam[:, None]], dim=1)
             rhs = _where(tangent, e_lam, rhs)
