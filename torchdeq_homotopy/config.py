@@ -92,10 +92,11 @@ SOLVER_KEYS: dict[str, Key] = {
             "(forward, falling back to finite differences if the callable does not support it)",
             choices=("finite_difference", "forward", "auto")),
         Key("homo_warmup", 30, "evaluations of the warm-up tried first: fixed-point iteration "
-            "while it contracts, then TorchDEQ's Anderson acceleration (at most half the "
-            "budget; 0: no warm-up)",
+            "while it contracts, then TorchDEQ's Anderson acceleration unless the first step "
+            "grew most residuals (at most half the budget; 0: no warm-up)",
             kind=int, check=_non_negative, check_doc=">= 0"),
-        Key("homo_newton_iters", 8, "Newton-Krylov steps at λ = 1 tried first; a sample whose "
+        Key("homo_newton_iters", 8, "Newton steps at λ = 1 tried first (with dense solves, "
+            "those taken with an exact Jacobian; secant steps between are free); a sample whose "
             "residual stalls hands over to path tracking (0: always track from λ = 0)",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_step_init", 0.1, "first path step, as the increase of λ it makes",

@@ -9,7 +9,7 @@ batched linear solve per iteration:
             where that helped, else from z0). A sample whose residual stalls (does not
             fall by 10 % per step) or exceeds its Newton budget waits until no sample is
             still converging under Newton; then all of them start on the path from
-            (z0, 0) together, so that their path steps share GMRES calls.
+            (z0, 0) together, so that their path steps share linear solves.
 ``TANGENT`` at an accepted point y_a, the unit tangent t of the path solves the bordered
             system   [H_z  H_λ; t_prevᵀ] w = [0; 1],  t = w / ||w||,
             which stays regular at turning points (where H_z = I - λJ is singular) and
@@ -436,7 +436,7 @@ class PathTracker:
                    | ((st.n_newton > 0) & st.exact & (abs_res > 0.9 * st.res_prev))
                    | (st.n_newton >= opt.newton_iters))
         # Stalled samples wait until no sample is still converging under Newton, then all
-        # start on the path together, so that their path steps share GMRES calls.
+        # start on the path together, so that their path steps share linear solves.
         leave = in_newton & stalled
         st.n_newton = torch.where(leave, opt.newton_iters, st.n_newton)   # stays stalled
         if bool((in_newton & ~stalled).any()):
