@@ -76,13 +76,15 @@ def test_linear_maps_match_dense_solve(name, radius, linear_solver):
     assert info["converged"].all()
 
 
+@pytest.mark.parametrize("linear_solver", ["dense", "gmres"])
 @pytest.mark.parametrize("gain", [3.0, 4.5, 6.0])
-def test_expansive_tanh_cells_solved_where_fixed_point_iteration_fails(gain):
+def test_expansive_tanh_cells_solved_where_fixed_point_iteration_fails(gain, linear_solver):
     f = tanh_cell(16, 12, gain, seed=int(gain))
     x0 = torch.zeros(16, 12)
     z_fp, _, _ = get_solver("fixed_point_iter")(f, x0, max_iter=500, tol=1e-4)
     assert ((f(z_fp) - z_fp).norm(dim=1) > 1e-4).any()
-    z, _, info = th.homotopy_solver(f, x0, max_iter=2000, tol=1e-4)
+    z, _, info = th.homotopy_solver(f, x0, max_iter=2000, tol=1e-4,
+                                    homo_linear_solver=linear_solver)
     residual = (f(z) - z).norm(dim=1)                      # recomputed, not the solver's word
     assert (residual <= 1e-4).all()
     assert (info["status"] == Status.CONVERGED).all()
