@@ -61,6 +61,14 @@ PROBLEMS = {
 }
 
 
+@torch.no_grad()
+def solved_fraction(f, z: torch.Tensor, tol: float) -> float:
+    """Share of samples whose recomputed ||f(z) - z|| / ||f(z)|| is finite and <= tol."""
+    fz = f(z)
+    rel = (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
+    return float(((rel <= tol) & torch.isfinite(rel)).float().mean())
+
+
 def run(budget: int, tol: float) -> list[dict]:
     rows = []
     for problem, make in PROBLEMS.items():
@@ -74,15 +82,12 @@ def run(budget: int, tol: float) -> list[dict]:
                     z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol,
                                                     stop_mode="rel")
                     walls.append(time.perf_counter() - start)
-                fz = f(z)
             wall = sorted(walls)[1]
-            rel = ((fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9))
-            solved = (rel <= tol) & torch.isfinite(rel)
             nfe = info["nfe"][0].item() if "nfe" in info else info["nstep"].max().item()
             trace = info["rel_trace"].clamp_max(1e3).median(dim=0).values
             xs = (info["trace_nfe"].tolist() if "trace_nfe" in info
                   else list(range(trace.shape[0])))
-            rows.append(dict(problem=problem, solver=solver, solved=float(solved.float().mean()),
+            rows.append(dict(problem=problem, solver=solver, solved=solved_fraction(f, z, tol),
                              nfe=float(nfe), wall_s=wall, trace=trace.tolist()[:len(xs)],
                              trace_nfe=xs))
             print(f"{problem:<40}{solver:<18}solved {rows[-1]['solved']:.3f}  nfe {nfe:6.0f}"
@@ -139,9 +144,7 @@ def held_out(budget: int, tol: float) -> str:
             with torch.no_grad():
                 z, _, info = get_solver("homotopy")(f, x0, max_iter=budget, tol=tol,
                                                     stop_mode="rel")
-                fz = f(z)
-            rel = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)
-            solved.append(float((rel <= tol).float().mean()))
+            solved.append(solved_fraction(f, z, tol))
             cells.append(f"{solved[-1]:.3f} / {info['nfe'][0]:.0f}")
         lines.append(f"| {gain:g} | " + " | ".join(cells) + " |")
     lines.append(f"\nMean fraction solved: **{sum(solved) / len(solved):.4f}** "
@@ -168,9 +171,7 @@ def hard_ratio(budget: int, tol: float, repeats: int = 7) -> str:
                     z, _, _ = get_solver(solver)(f, x0, max_iter=budget, tol=tol,
                                                  stop_mode="rel")
                 walls[solver].append(time.perf_counter() - start)
-                fz = f(z)
-                rel = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)
-                solved[solver] = float((rel <= tol).float().mean())
+                solved[solver] = solved_fraction(f, z, tol)
         med = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in walls.items()}
         lines.append(f"| {problem} | {med['broyden']:.1f} | {med['homotopy']:.1f} | "
                      f"{med['homotopy'] / med['broyden']:.2f} | {solved['broyden']:.3f} / "
