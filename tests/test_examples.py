@@ -51,7 +51,8 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path, model):
            str(ROOT / "examples" / "train_classifier.py"), "--model", model, "--epochs", "1",
            "--max-steps", "3", "--batch-size", "16", "--width", "8", "--train-size", "128",
            "--test-size", "64", "--device", "cpu", "--no-plots", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    done = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stderr[-6000:]}"
     result = json.loads((tmp_path / model / "results.json").read_text())
     assert result["world_size"] == 2
     first, second = result["rank_param_checksums"]
