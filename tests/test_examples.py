@@ -44,6 +44,10 @@ def test_missing_torchvision_dataset_names_the_fix(tmp_path, monkeypatch):
         load_image_data("cifar10", tmp_path)
 
 
+SOCKET_RACES = ("Address already in use", "DistNetworkError", "Connection reset by peer",
+                "Connection closed by peer")
+
+
 @pytest.mark.parametrize("model", ["homoode", "deq"])
 def test_torchrun_two_processes_end_with_identical_parameters(tmp_path, model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -52,6 +56,10 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path, model):
            "--max-steps", "3", "--batch-size", "16", "--width", "8", "--train-size", "128",
            "--test-size", "64", "--device", "cpu", "--no-plots", "--out", str(tmp_path)]
     done = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    if done.returncode and any(sign in done.stderr for sign in SOCKET_RACES):
+        # A free port picked by the launcher can be taken before the workers bind it;
+        # that is the machine's, not the training's, failure: run once more.
+        done = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stderr[-6000:]}"
     result = json.loads((tmp_path / model / "results.json").read_text())
     assert result["world_size"] == 2
