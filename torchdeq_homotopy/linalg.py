@@ -238,19 +238,28 @@ class SecantJacobian:
         self.fz: Tensor | None = None
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
-        """Record the newest evaluation and apply the secant update to rows that moved."""
+        """Record the newest evaluation and apply the secant update to rows that moved.
+
+        Only the rows that moved are gathered and updated (one host sync): late in a solve
+        most samples have finished, and their Jacobians are left as they are.
+        """
         if self.jac is not None and self.z is not None:
             dz, df = z - self.z, fz - self.fz
             dz_sq = batch_dot(dz, dz)
             moved = (dz_sq > torch.finfo(z.dtype).tiny) & torch.isfinite(df).all(dim=1) & (
                 torch.isfinite(dz_sq))
-            miss = df - torch.bmm(self.jac, dz.unsqueeze(-1)).squeeze(-1)
-            update = miss.unsqueeze(-1) * (dz / dz_sq.clamp_min(1e-30)[:, None]).unsqueeze(1)
-            self.jac = torch.where(moved[:, None, None], self.jac + update, self.jac)
+            rows = moved.nonzero().squeeze(1)
+            if rows.numel():
+                jac, dz_r = self.jac[rows], dz[rows]
+                # miss = Δf - J Δz;   J ← J + miss Δzᵀ / (Δzᵀ Δz)
+                miss = df[rows] - torch.bmm(jac, dz_r.unsqueeze(-1)).squeeze(-1)
+                self.jac[rows] = torch.baddbmm(
+                    jac, miss.unsqueeze(-1), (dz_r / dz_sq[rows, None]).unsqueeze(1))
             self.exact = self.exact & ~moved
         self.z, self.fz = z, fz
 
     def refresh(self) -> None:
         """Recompute every row exactly at the last observed point (``n`` products)."""
-        self.jac, self.mode = dense_jacobian(self.f, self.z, self.fz, self.mode)
+        jac, self.mode = dense_jacobian(self.f, self.z, self.fz, self.mode)
+        self.jac = jac.contiguous()       # updated in place by observe; fast bmm
         self.exact = torch.ones(self.z.shape[0], dtype=torch.bool, device=self.z.device)
