@@ -163,6 +163,13 @@ def _where(mask: Tensor, a: Tensor | float, b: Tensor) -> Tensor:
     return torch.where(mask.view(-1, *([1] * (b.dim() - 1))), a, b)
 
 
+def _maybe_any(mask: Tensor) -> bool:
+    """False only when ``mask`` is known to be empty: checked on CPU, where the host check
+    costs less than the masked updates it skips; assumed True on accelerators, where it
+    would be a device sync."""
+    return mask.device.type != "cpu" or bool(mask.any())
+
+
 def _unit(y: Tensor) -> Tensor:
     return y / y.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
@@ -221,6 +228,8 @@ class _State:
 
     def begin_step(self, mask: Tensor, pred: Tensor) -> None:
         """Start the corrector of a path step at the predicted point ``pred``."""
+        if not _maybe_any(mask):
+            return
         self.pred = _where(mask, pred, self.pred)
         self.y = _where(mask, pred, self.y)
         self.phase = torch.where(mask, int(Phase.CORRECT), self.phase)
@@ -428,6 +437,8 @@ class PathTracker:
         that are idle this iteration (waiting or restarting)."""
         opt = self.opt
         in_newton = st.phase == Phase.NEWTON
+        if not _maybe_any(in_newton):
+            return in_newton
         if not opt.track:
             st.finish(in_newton & ~f_finite, Status.NONFINITE)
             return torch.zeros_like(in_newton)
@@ -511,6 +522,8 @@ class PathTracker:
         """Accept, reject or continue each CORRECT sample; returns the samples now idle."""
         opt = self.opt
         in_corr = (st.phase == Phase.CORRECT) & ~idle
+        if not _maybe_any(in_corr):
+            return in_corr
         z = st.y[:, : self.n]
         h_ok = torch.isfinite(h_norm)
         accept = in_corr & h_ok & ~st.solve_failed & (
@@ -552,6 +565,8 @@ class PathTracker:
     def _retry(self, st: _State, reject: Tensor) -> Tensor:
         """Halve h and predict again from the anchor, unless h underflows; returns retries."""
         opt = self.opt
+        if not _maybe_any(reject):
+            return reject
         st.step = torch.where(reject, 0.5 * st.step, st.step)
         underflow = reject & (st.step.abs() < opt.step_min * st.step_unit.abs())
         st.derailed = st.derailed | underflow
@@ -687,9 +702,10 @@ class PathTracker:
                 self._set_tangent(st, got, _unit(delta), budget, exact)
             # A failed tangent solve retries from the anchor with half the step.
             lost = tangent & ~finite
-            st.step = torch.where(lost, 0.5 * st.step, st.step)
-            st.solve_failed = st.solve_failed & ~lost
-            st.begin_step(lost, self._predict_linear(st))
+            if _maybe_any(lost):
+                st.step = torch.where(lost, 0.5 * st.step, st.step)
+                st.solve_failed = st.solve_failed & ~lost
+                st.begin_step(lost, self._predict_linear(st))
             self._restart(st, budget)
 
         st.status = torch.where(st.status == Status.RUNNING, int(Status.MAX_EVALS), st.status)
