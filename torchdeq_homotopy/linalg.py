@@ -246,8 +246,9 @@ class SecantJacobian:
         if self.jac is not None and self.z is not None:
             dz, df = z - self.z, fz - self.fz
             dz_sq = batch_dot(dz, dz)
-            moved = (dz_sq > torch.finfo(z.dtype).tiny) & torch.isfinite(df).all(dim=1) & (
-                torch.isfinite(dz_sq))
+            # moved, with every entry of Δf and Δz finite (a sum is finite only then)
+            moved = ((dz_sq > torch.finfo(z.dtype).tiny) & (dz_sq < float("inf"))
+                     & (df.sum(dim=1).abs() < float("inf")))
             rows = moved.nonzero().squeeze(1)
             if rows.numel():
                 jac, dz_r = self.jac[rows], dz[rows]

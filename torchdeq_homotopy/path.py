@@ -147,11 +147,10 @@ class _Budget:
 
 def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
     """TorchDEQ's errors: abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9), non-finite → inf."""
-    abs_res = (fz - z).norm(dim=1)
-    rel_res = abs_res / (fz.norm(dim=1) + 1e-9)
-    inf = torch.full_like(abs_res, float("inf"))
-    finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-    return torch.where(finite, abs_res, inf), torch.where(finite, rel_res, inf)
+    abs_res = (fz - z).norm(dim=1).nan_to_num(nan=float("inf"))
+    # abs = inf gives rel = inf or inf/inf = NaN, hence inf as well
+    rel_res = (abs_res / (fz.norm(dim=1) + 1e-9)).nan_to_num(nan=float("inf"))
+    return abs_res, rel_res
 
 
 def _where(mask: Tensor, a: Tensor | float, b: Tensor) -> Tensor:
@@ -223,8 +222,8 @@ class _State:
             derailed=torch.zeros_like(zeros_i, dtype=torch.bool), restarts=zeros_i.clone())
 
     def finish(self, mask: Tensor, status: Status) -> None:
-        self.status = torch.where(mask, int(status), self.status)
-        self.phase = torch.where(mask, int(Phase.DONE), self.phase)
+        self.status = self.status.masked_fill(mask, int(status))
+        self.phase = self.phase.masked_fill(mask, int(Phase.DONE))
 
     def begin_step(self, mask: Tensor, pred: Tensor) -> None:
         """Start the corrector of a path step at the predicted point ``pred``."""
@@ -232,10 +231,10 @@ class _State:
             return
         self.pred = _where(mask, pred, self.pred)
         self.y = _where(mask, pred, self.y)
-        self.phase = torch.where(mask, int(Phase.CORRECT), self.phase)
-        self.k_corr = torch.where(mask, 0, self.k_corr)
-        self.dnorm = torch.where(mask, float("inf"), self.dnorm)
-        self.dnorm_prev = torch.where(mask, float("inf"), self.dnorm_prev)
+        self.phase = self.phase.masked_fill(mask, int(Phase.CORRECT))
+        self.k_corr = self.k_corr.masked_fill(mask, 0)
+        self.dnorm = self.dnorm.masked_fill(mask, float("inf"))
+        self.dnorm_prev = self.dnorm_prev.masked_fill(mask, float("inf"))
 
 
 @dataclass
@@ -253,7 +252,7 @@ class BestIterate:
         self.z = _where(better, z, self.z)
         self.abs_res = torch.where(better, abs_res, self.abs_res)
         self.rel_res = torch.where(better, rel_res, self.rel_res)
-        self.step = torch.where(better, float(used), self.step)
+        self.step = self.step.masked_fill(better, float(used))
 
 
 class PathTracker:
@@ -373,7 +372,7 @@ class PathTracker:
         matrix = torch.cat([top, border[:, None, :]], dim=1)
         matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
         sol, info = torch.linalg.solve_ex(matrix, rhs)
-        finite = (info == 0) & torch.isfinite(sol).all(dim=1)
+        finite = (info == 0) & (sol.sum(dim=1).abs() < float("inf"))   # all entries finite
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite
 
     # ---------------------------------------------------------------- predictors
@@ -463,7 +462,7 @@ class PathTracker:
         """Put the samples in ``mask`` at (z0, 0), the start of their path."""
         st.stale = st.stale | mask
         st.retried = st.retried & ~mask
-        st.step_unit = torch.where(mask, 0.0, st.step_unit)
+        st.step_unit = st.step_unit.masked_fill(mask, 0.0)
         start_y = torch.cat([z0, torch.zeros_like(z0[:, :1])], dim=1)
         st.anchor = _where(mask, start_y, st.anchor)
         st.anchor_prev = _where(mask, start_y, st.anchor_prev)
@@ -474,7 +473,7 @@ class PathTracker:
             e_lam[:, -1] = 1
             st.tangent = _where(mask, e_lam, st.tangent)
             st.tangent_prev = _where(mask, e_lam, st.tangent_prev)
-            st.phase = torch.where(mask, int(Phase.TANGENT), st.phase)
+            st.phase = st.phase.masked_fill(mask, int(Phase.TANGENT))
             return
         self._set_tangent(st, mask, _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
 
@@ -525,10 +524,10 @@ class PathTracker:
         if not _maybe_any(in_corr):
             return in_corr
         z = st.y[:, : self.n]
-        h_ok = torch.isfinite(h_norm)
+        h_ok = h_norm < float("inf")         # False for NaN too
         accept = in_corr & h_ok & ~st.solve_failed & (
             h_norm <= opt.corrector_tol * (1 + z.norm(dim=1)))
-        diverging = torch.isfinite(st.dnorm_prev) & (st.dnorm > opt.contraction * st.dnorm_prev)
+        diverging = (st.dnorm_prev < float("inf")) & (st.dnorm > opt.contraction * st.dnorm_prev)
         reject = in_corr & ~accept & (~h_ok | st.solve_failed | diverging
                                       | (st.k_corr >= opt.corrector_iters))
         # A step rejected under a secant Jacobian is retried once from the same prediction
@@ -554,9 +553,9 @@ class PathTracker:
         st.anchor_prev = _where(onward, st.anchor, st.anchor_prev)
         st.tangent_prev = _where(onward, st.tangent, st.tangent_prev)
         st.anchor = _where(onward, st.y, st.anchor)
-        st.phase = torch.where(at_end, int(Phase.ENDGAME), st.phase)
+        st.phase = st.phase.masked_fill(at_end, int(Phase.ENDGAME))
         if opt.predictor != "secant":
-            st.phase = torch.where(onward, int(Phase.TANGENT), st.phase)
+            st.phase = st.phase.masked_fill(onward, int(Phase.TANGENT))
             return soft | self._retry(st, reject)
         # Secant predictor: t = (y_k - y_{k-1}) / ||·||, no linear solve.
         self._set_tangent(st, onward, secant)
@@ -637,7 +636,7 @@ class PathTracker:
             z, lam = st.y[:, :n], st.y[:, n]
             fz = self.f(z)
             abs_res, rel_res = residuals(z, fz)
-            f_finite = torch.isfinite(abs_res)
+            f_finite = abs_res < float("inf")
             abs_trace.append(abs_res)
             rel_trace.append(rel_res)
             trace_nfe.append(budget.used)
@@ -646,7 +645,7 @@ class PathTracker:
             stop_res = abs_res if stop_mode == "abs" else rel_res
             converged = (st.phase != Phase.DONE) & (stop_res <= tol)
             st.finish(converged, Status.CONVERGED)
-            st.y[:, n] = torch.where(converged, 1.0, lam)
+            st.y[:, n] = lam.masked_fill(converged, 1.0)
             while len(trajectory) < len(indexing) and indexing[len(trajectory)] <= budget.used:
                 trajectory.append(best.z.clone())
             if bool((st.phase == Phase.DONE).all()) or budget.left <= 0:
@@ -657,7 +656,7 @@ class PathTracker:
             self._mark_stale(st, abs_res)
             idle = self._leave_newton(st, f_finite, abs_res, budget)
             idle = idle | self._judge_corrector(st, h_norm, idle)
-            st.finish((st.phase == Phase.ENDGAME) & (~torch.isfinite(h_norm) | st.solve_failed),
+            st.finish((st.phase == Phase.ENDGAME) & (~(h_norm < float("inf")) | st.solve_failed),
                       Status.NONFINITE)
 
             # One batched bordered solve; each sample chooses its border row and rhs:
@@ -670,8 +669,8 @@ class PathTracker:
             e_lam = torch.zeros_like(st.y)
             e_lam[:, -1] = 1
             border = _where(tangent | correct, st.tangent, e_lam)
-            H_safe = torch.where(torch.isfinite(H), H, torch.zeros_like(H))
-            rhs_lam = torch.where(newton, 1 - lam, torch.zeros_like(lam))
+            H_safe = torch.nan_to_num(H, nan=0.0, posinf=0.0, neginf=0.0)
+            rhs_lam = (1 - lam).masked_fill(~newton, 0.0)
             rhs_lam = torch.where(correct, -batch_dot(st.tangent, st.y - st.pred), rhs_lam)
             rhs = torch.cat([_where(newton | correct, -H_safe, torch.zeros_like(H)),
                              rhs_lam[:, None]], dim=1)
@@ -679,7 +678,7 @@ class PathTracker:
             y_eval = _where(f_finite, st.y, torch.cat([best.z, st.y[:, n:]], dim=1))
             active = newton | tangent | correct
             delta, finite, exact = self._solve(
-                y_eval, torch.where(torch.isfinite(fz), fz, 0.0), border, rhs, budget,
+                y_eval, torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0), border, rhs, budget,
                 need_exact=active & st.stale, rows=active)
             st.solve_failed = ~finite & active
             st.exact = torch.where(active, exact, st.exact)
@@ -708,7 +707,7 @@ class PathTracker:
                 st.begin_step(lost, self._predict_linear(st))
             self._restart(st, budget)
 
-        st.status = torch.where(st.status == Status.RUNNING, int(Status.MAX_EVALS), st.status)
+        st.status = st.status.masked_fill(st.status == Status.RUNNING, int(Status.MAX_EVALS))
         while len(trajectory) < len(indexing):
             trajectory.append(best.z.clone())
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
