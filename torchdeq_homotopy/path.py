@@ -487,6 +487,8 @@ class PathTracker:
         STEP_UNDERFLOW. By the probability-one theory a random start almost surely has a
         regular path. Costs one call of f; returns the restarted samples (idle this
         iteration)."""
+        if not _maybe_any(st.derailed):
+            return st.derailed
         pending = st.derailed & (st.phase != Phase.DONE)
         st.derailed = torch.zeros_like(st.derailed)
         give_up = pending & (st.restarts >= self.opt.restarts)
