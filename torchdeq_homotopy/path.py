@@ -353,8 +353,9 @@ class PathTracker:
                      rhs: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """LU solve of the bordered matrix  M = [H_z  H_λ; borderᵀ],  (B, n+1, n+1).
 
-        H_z = ∂H/∂z is built from J_f column by column (``d_z`` on the basis vectors); a
-        singular M (a zero LU pivot) or a non-finite solution marks the row as failed.
+        H_z = ∂H/∂z = ``d_z`` applied to the columns of (I, J_f) (I - λJ_f for the
+        fixed-point homotopy); a singular M (a zero LU pivot) or a non-finite solution marks
+        the row as failed.
         """
         if rows is not None:      # factor only these rows (one host sync per solve)
             idx = rows.nonzero().squeeze(1)
@@ -363,11 +364,8 @@ class PathTracker:
                 part = self._solve_dense(jac[idx], h_lam[idx], lam[idx], border[idx], rhs[idx])
                 sol[idx], finite[idx] = part
             return sol, finite
-        n, bsz = self.n, jac.shape[0]
-        eye = torch.eye(n, dtype=jac.dtype, device=jac.device).expand(bsz, n, n)
-        # Rows of the (B·n, n) batches are the columns e_k and J_f e_k.
-        h_z = self.hom.d_z(eye.reshape(-1, n), jac.transpose(1, 2).reshape(-1, n),
-                           lam.repeat_interleave(n)).view(bsz, n, n).transpose(1, 2)
+        eye = torch.eye(self.n, dtype=jac.dtype, device=jac.device).expand_as(jac)
+        h_z = self.hom.d_z(eye, jac, lam[:, None])        # λ broadcast as (B, 1, 1)
         top = torch.cat([h_z, h_lam[:, :, None]], dim=2)
         matrix = torch.cat([top, border[:, None, :]], dim=1)
         matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
