@@ -349,10 +349,13 @@ def test_dense_jacobian_of_a_callable_vmap_cannot_trace():
     torch.testing.assert_close(jac, truth, rtol=1e-6, atol=1e-6)
 
 
-def test_secant_update_meets_the_secant_condition():
-    """After observing a step, J Δz = Δf exactly (Broyden's update), for rows that moved."""
+@pytest.mark.parametrize("gather_rows", [True, False], ids=["moved-rows", "full-batch"])
+def test_secant_update_meets_the_secant_condition(gather_rows):
+    """After observing a step, J Δz = Δf exactly (Broyden's update), for rows that moved;
+    the others keep their exact Jacobian. Both update strategies (CPU: gather the moved
+    rows; accelerators: masked full-batch update) are checked."""
     f = tanh_cell(4, 5, 3.0, seed=4, dtype=torch.float64)
-    cache = th.linalg.SecantJacobian(f, "forward")
+    cache = th.linalg.SecantJacobian(f, "forward", gather_rows=gather_rows)
     z = torch.randn(4, 5, dtype=torch.float64)
     cache.observe(z, f(z))
     cache.refresh()

@@ -230,8 +230,10 @@ class SecantJacobian:
         (True, True)
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor], mode: str) -> None:
+    def __init__(self, f: Callable[[Tensor], Tensor], mode: str,
+                 gather_rows: bool | None = None) -> None:
         self.f, self.mode = f, mode
+        self.gather_rows = gather_rows      # None: gather on CPU, full-batch update elsewhere
         self.jac: Tensor | None = None
         self.exact: Tensor | None = None
         self.z: Tensor | None = None
@@ -240,8 +242,10 @@ class SecantJacobian:
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record the newest evaluation and apply the secant update to rows that moved.
 
-        Only the rows that moved are gathered and updated (one host sync): late in a solve
-        most samples have finished, and their Jacobians are left as they are.
+        On CPU (or with ``gather_rows=True``) only the rows that moved are gathered and
+        updated (one host check): late in a solve most samples have finished and their
+        Jacobians stay as they are. On accelerators every row is updated, with a zero
+        update for the others (no sync).
         """
         if self.jac is not None and self.z is not None:
             dz, df = z - self.z, fz - self.fz
@@ -249,15 +253,25 @@ class SecantJacobian:
             # moved, with every entry of Δf and Δz finite (a sum is finite only then)
             moved = ((dz_sq > torch.finfo(z.dtype).tiny) & (dz_sq < float("inf"))
                      & (df.sum(dim=1).abs() < float("inf")))
-            rows = moved.nonzero().squeeze(1)
-            if rows.numel():
-                jac, dz_r = self.jac[rows], dz[rows]
-                # miss = Δf - J Δz;   J ← J + miss Δzᵀ / (Δzᵀ Δz)
-                miss = df[rows] - torch.bmm(jac, dz_r.unsqueeze(-1)).squeeze(-1)
-                self.jac[rows] = torch.baddbmm(
-                    jac, miss.unsqueeze(-1), (dz_r / dz_sq[rows, None]).unsqueeze(1))
+            gather = (z.device.type == "cpu") if self.gather_rows is None else self.gather_rows
+            if gather:
+                rows = moved.nonzero().squeeze(1)
+                if rows.numel():
+                    self.jac[rows] = self._secant_update(self.jac[rows], dz[rows], df[rows],
+                                                         dz_sq[rows])
+            else:
+                keep = moved[:, None]
+                self.jac = self._secant_update(self.jac, torch.where(keep, dz, 0.0),
+                                               torch.where(keep, df, 0.0),
+                                               torch.where(moved, dz_sq, 1.0))
             self.exact = self.exact & ~moved
         self.z, self.fz = z, fz
+
+    @staticmethod
+    def _secant_update(jac: Tensor, dz: Tensor, df: Tensor, dz_sq: Tensor) -> Tensor:
+        """J + (Δf - J Δz) Δzᵀ / (Δzᵀ Δz), batched: one bmm and one baddbmm."""
+        miss = df - torch.bmm(jac, dz.unsqueeze(-1)).squeeze(-1)
+        return torch.baddbmm(jac, miss.unsqueeze(-1), (dz / dz_sq[:, None]).unsqueeze(1))
 
     def refresh(self) -> None:
         """Recompute every row exactly at the last observed point (``n`` products)."""
