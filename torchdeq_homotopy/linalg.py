@@ -202,7 +202,12 @@ def dense_jacobian(f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cols = torch.func.vmap(column)(eye)           # (n, B, n): cols[k] = J e_k
+            if lin.mode == "finite_difference":
+                # ||e_k|| = 1, so ε is the row's own scale: vmap f alone over z + ε e_k.
+                shifted = z + lin._scale * eye[:, None, :]          # (n, B, n)
+                cols = (torch.func.vmap(f)(shifted) - fz) / lin._scale
+            else:
+                cols = torch.func.vmap(column)(eye)           # (n, B, n): cols[k] = J e_k
     except Exception:
         lin = Linearization(f, z, fz, lin.mode)
         cols = torch.stack([column(e) for e in eye])
