@@ -301,3 +301,22 @@ def test_contract_holds_for_random_problems(bsz, feature_shape, dtype, gain, see
     assert (stop[converged] <= tol * (1 + 1e-3)).all()              # never a false claim
     assert set(info["status"].tolist()) <= {int(s) for s in Status if s != Status.RUNNING}
     assert info["abs_trace"].shape[0] == bsz and info["nfe"].le(400).all()
+
+
+def test_residuals_match_torchdeqs_formula_and_mark_non_finite_rows_inf():
+    """abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9) on finite rows (recomputed here);
+    a NaN or inf anywhere in a row of z or f(z) gives inf for both, never NaN."""
+    from torchdeq_homotopy.path import residuals
+
+    z = torch.randn(5, 3, dtype=torch.float64)
+    fz = torch.randn(5, 3, dtype=torch.float64)
+    fz[1, 0] = float("nan")
+    fz[2, 2] = float("inf")
+    z[3, 1] = float("-inf")
+    abs_res, rel_res = residuals(z, fz)
+    for row in (0, 4):
+        truth = torch.linalg.vector_norm(fz[row] - z[row])
+        torch.testing.assert_close(abs_res[row], truth)
+        torch.testing.assert_close(rel_res[row], truth / (torch.linalg.vector_norm(fz[row])
+                                                          + 1e-9))
+    assert torch.isinf(abs_res[1:4]).all() and torch.isinf(rel_res[1:4]).all()

@@ -147,9 +147,10 @@ class _Budget:
 
 def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
     """TorchDEQ's errors: abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9), non-finite → inf."""
-    abs_res = (fz - z).norm(dim=1).nan_to_num(nan=float("inf"))
+    inf = float("inf")      # nan_to_num would otherwise turn inf into the largest float
+    abs_res = (fz - z).norm(dim=1).nan_to_num(nan=inf, posinf=inf)
     # abs = inf gives rel = inf or inf/inf = NaN, hence inf as well
-    rel_res = (abs_res / (fz.norm(dim=1) + 1e-9)).nan_to_num(nan=float("inf"))
+    rel_res = (abs_res / (fz.norm(dim=1) + 1e-9)).nan_to_num(nan=inf, posinf=inf)
     return abs_res, rel_res
 
 
