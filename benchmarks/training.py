@@ -23,6 +23,8 @@ ROWS = {
     "HomoODE, learned z0, direct": ["--model", "homoode"],
     "HomoODE, learned z0, adjoint": ["--model", "homoode", "--homo_adjoint", "true"],
     "HomoODE, zero z0 (plain odeint)": ["--model", "homoode", "--homo_init", "zeros"],
+    "HomoODE, zero z0, first step 0.05": ["--model", "homoode", "--homo_init", "zeros",
+                                          "--homo_options", "first_step=0.05"],
     "DEQ, anderson": ["--model", "deq", "--f_solver", "anderson"],
     "DEQ, broyden": ["--model", "deq", "--f_solver", "broyden"],
     "DEQ, homotopy": ["--model", "deq", "--f_solver", "homotopy", "--f_max_iter", "60"],
