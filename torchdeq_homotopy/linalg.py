@@ -149,8 +149,8 @@ class Linearization:
     def __init__(self, f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor,
                  mode: str = "finite_difference") -> None:
         self.f, self.z, self.fz, self.mode = f, z, fz, mode
-        self._eps = torch.finfo(z.dtype).eps ** 0.5
-        self._scale = self._eps * (1 + z.norm(dim=1, keepdim=True))
+        # ε · ||v|| per row, (B, 1): sqrt(eps) (1 + ||z||)
+        self.step_scale = torch.finfo(z.dtype).eps ** 0.5 * (1 + z.norm(dim=1, keepdim=True))
 
     def jvp(self, v: Tensor) -> Tensor:
         if self.mode in ("forward", "auto"):
@@ -163,7 +163,7 @@ class Linearization:
                               stacklevel=2)
                 self.mode = "finite_difference"
         v_norm = v.norm(dim=1, keepdim=True)
-        eps = self._scale / v_norm.clamp_min(1e-30)
+        eps = self.step_scale / v_norm.clamp_min(1e-30)
         jv = (self.f(self.z + eps * v) - self.fz) / eps
         return torch.where(v_norm > 0, jv, torch.zeros_like(jv))
 
@@ -204,8 +204,8 @@ def dense_jacobian(f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor,
             warnings.simplefilter("ignore")
             if lin.mode == "finite_difference":
                 # ||e_k|| = 1, so ε is the row's own scale: vmap f alone over z + ε e_k.
-                shifted = z + lin._scale * eye[:, None, :]          # (n, B, n)
-                cols = (torch.func.vmap(f)(shifted) - fz) / lin._scale
+                shifted = z + lin.step_scale * eye[:, None, :]      # (n, B, n)
+                cols = (torch.func.vmap(f)(shifted) - fz) / lin.step_scale
             else:
                 cols = torch.func.vmap(column)(eye)           # (n, B, n): cols[k] = J e_k
     except Exception:
