@@ -47,21 +47,29 @@ def nfe_at_init(images: torch.Tensor) -> None:
         print(f"{name:<26} forward evaluations {int(info['nstep'].max())}")
 
 
-def z0_drift(images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+def training(config: dict, images: torch.Tensor, labels: torch.Tensor, steps: int):
+    """Train the reference classifier (width 16, batch 64, Adam 1e-3) from seed 0 with the
+    same batches for every ``config``; yields ``(step, model, info)`` after each step."""
     torch.manual_seed(0)
-    model = ImplicitClassifier(1, 10, width=16, core="homoode")
+    model = ImplicitClassifier(1, 10, width=16, core="homoode", **config)
     model.eval()
     model(images[:1])                                   # materialise the initial point
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     model.train()
+    batches = torch.Generator().manual_seed(0)
     for step in range(steps):
-        idx = torch.randint(len(labels), (64,))
+        idx = torch.randint(len(labels), (64,), generator=batches)
         reset_deq(model)
         logits, info = model(images[idx])
         loss = F.cross_entropy(logits, labels[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        yield step, model, info
+
+
+def z0_drift(images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    for step, model, info in training({}, images, labels, steps):
         if step % 20 == 0 or step == steps - 1:
             print(f"step {step:4d}  ||z0|| {float(model.deq.init_point.norm()):.3f}  "
                   f"evaluations {int(info['nstep'].max())}  "
@@ -78,24 +86,9 @@ COMPARED = {
 
 def compare_starts(images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
     for name, config in COMPARED.items():
-        torch.manual_seed(0)
-        model = ImplicitClassifier(1, 10, width=16, core="homoode", **config)
-        model.eval()
-        model(images[:1])
-        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-        model.train()
-        batches = torch.Generator().manual_seed(0)
-        marks = []
-        for step in range(steps):
-            idx = torch.randint(len(labels), (64,), generator=batches)
-            reset_deq(model)
-            logits, info = model(images[idx])
-            loss = F.cross_entropy(logits, labels[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step % 40 == 39:
-                marks.append(f"{int(info['nstep'].max())}/{float(info['init_loss']):.3f}")
+        marks = [f"{int(info['nstep'].max())}/{float(info['init_loss']):.3f}"
+                 for step, _, info in training(config, images, labels, steps)
+                 if step % 40 == 39]
         print(f"{name:<30}", " ".join(marks))
 
 
