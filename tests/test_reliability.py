@@ -320,3 +320,38 @@ def test_residuals_match_torchdeqs_formula_and_mark_non_finite_rows_inf():
         torch.testing.assert_close(rel_res[row], truth / (torch.linalg.vector_norm(fz[row])
                                                           + 1e-9))
     assert torch.isinf(abs_res[1:4]).all() and torch.isinf(rel_res[1:4]).all()
+
+
+def _plain_newton_residuals(f, z, steps):
+    """||f(z_k) - z_k|| of plain Newton, z ← z + (I - J)^{-1} (f(z) - z), J by autograd."""
+    eye = torch.eye(z.shape[1], dtype=z.dtype)
+    history = []
+    for _ in range(steps):
+        fz = f(z)
+        history.append((fz - z).norm(dim=1))
+        jac = torch.autograd.functional.jacobian(lambda v: f(v).sum(0), z, vectorize=True)
+        z = z + torch.linalg.solve(eye - jac.permute(1, 0, 2), fz - z)
+    return torch.stack(history, dim=1)
+
+
+def test_newton_that_climbs_before_converging_is_not_sent_onto_the_path():
+    """On this expansive cell plain Newton from z0 = 0 converges for every sample, some
+    after their residual climbed above its best; the solver must let them converge at
+    λ = 1 instead of restarting them on the (longer) homotopy path."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 32, generator=g).double()      # the benchmark's ‖W‖ = 3 cell
+    W = W / torch.linalg.matrix_norm(W, 2) * 3.0
+    x = 0.1 * torch.randn(64, 32, generator=g).double()
+    f = lambda z: torch.tanh(z @ W.T + x)                             # noqa: E731
+    z0 = torch.zeros(64, 32, dtype=torch.float64)
+    res = _plain_newton_residuals(f, z0, 10)
+    converged_at = (res < 1e-10).float().argmax(dim=1)
+    assert (res[:, -1] < 1e-10).all()                     # independent truth: Newton works
+    before = torch.arange(res.shape[1] - 1) < converged_at[:, None]
+    climbed = ((res[:, 1:] > torch.cummin(res, dim=1).values[:, :-1]) & before).any(dim=1)
+    assert climbed.sum() >= 3                                  # and the rule is exercised
+    with torch.no_grad():
+        z, _, info = get_solver("homotopy")(f, z0, max_iter=2000, tol=1e-8)
+    assert (info["status"] == Status.CONVERGED).all()
+    assert ((f(z) - z).norm(dim=1) <= 1e-8).all()
+    assert (info["lam_trace"] == 1).all()                 # no sample left λ = 1

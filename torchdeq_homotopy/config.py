@@ -95,7 +95,7 @@ SOLVER_KEYS: dict[str, Key] = {
             "while it contracts, then TorchDEQ's Anderson acceleration unless the first step "
             "grew most residuals (at most half the budget; 0: no warm-up)",
             kind=int, check=_non_negative, check_doc=">= 0"),
-        Key("homo_newton_iters", 8, "Newton steps at λ = 1 tried first (with dense solves, "
+        Key("homo_newton_iters", 6, "Newton steps at λ = 1 tried first (with dense solves, "
             "those taken with an exact Jacobian; secant steps between are free); a sample whose "
             "residual stalls hands over to path tracking (0: always track from λ = 0)",
             kind=int, check=_non_negative, check_doc=">= 0"),

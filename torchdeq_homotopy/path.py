@@ -6,10 +6,12 @@ of these phases, and all of them advance together, one batched call of f and one
 batched linear solve per iteration:
 
 ``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first (from the warm-up's iterate
-            where that helped, else from z0). A sample whose residual stalls (does not
-            fall by 10 % per step) or exceeds its Newton budget waits until no sample is
-            still converging under Newton; then all of them start on the path from
-            (z0, 0) together, so that their path steps share linear solves.
+            where that helped, else from z0). A sample stalls when three exact-Jacobian
+            steps in a row end above the lowest residual it has met (Newton may climb
+            before it converges) or when it exceeds its Newton budget. Stalled samples
+            wait until no sample is still converging under Newton; then all of them
+            start on the path from (z0, 0) together, so that their path steps share
+            linear solves.
 ``TANGENT`` at an accepted point y_a, the unit tangent t of the path solves the bordered
             system   [H_z  H_λ; t_prevᵀ] w = [0; 1],  t = w / ||w||,
             which stays regular at turning points (where H_z = I - λJ is singular) and
@@ -62,6 +64,11 @@ Tensor = torch.Tensor
 
 # Corrector steps after which an accepted path step refreshes the dense Jacobian.
 _SLOW_CORRECTOR = 3
+# Exact-Jacobian Newton steps in a row that may end above the lowest residual met so far
+# before a sample counts as stalled. Newton on expansive cells often climbs before it
+# converges (up to hundreds of times its best residual, then quadratic convergence); the
+# earlier rule, a 10 % fall at every exact step, sent such samples onto the path.
+_PATIENCE = 3
 
 
 class Status(enum.IntEnum):
@@ -94,7 +101,7 @@ class TrackerOptions:
     predictor: str = "tangent"
     ode_method: str = "rk4"
     jvp: str = "finite_difference"
-    newton_iters: int = 8
+    newton_iters: int = 6
     track: bool = True
     step_init: float = 0.1
     step_min: float = 1e-4
@@ -193,6 +200,8 @@ class _State:
     dnorm_prev: Tensor    # ||δ|| of the one before
     n_newton: Tensor      # Newton steps taken in phase NEWTON
     res_prev: Tensor      # residual before the last Newton step
+    newton_best: Tensor   # lowest residual met in phase NEWTON
+    n_worse: Tensor       # exact Newton steps in a row that ended above newton_best
     solve_failed: Tensor  # the last linear solve gave non-finite values
     exact: Tensor         # the last linear solve used an exact Jacobian
     stale: Tensor         # the next solve needs an exact Jacobian (dense mode)
@@ -216,7 +225,8 @@ class _State:
             status=torch.full_like(zeros_i, int(Status.RUNNING)),
             step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf), k_corr=zeros_i.clone(),
             dnorm=inf.clone(), dnorm_prev=inf.clone(), n_newton=zeros_i.clone(),
-            res_prev=inf.clone(), solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool),
+            res_prev=inf.clone(), newton_best=inf.clone(), n_worse=zeros_i.clone(),
+            solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool),
             exact=torch.ones_like(zeros_i, dtype=torch.bool),
             stale=torch.ones_like(zeros_i, dtype=torch.bool),
             retried=torch.zeros_like(zeros_i, dtype=torch.bool),
@@ -441,8 +451,12 @@ class PathTracker:
             st.finish(in_newton & ~f_finite, Status.NONFINITE)
             return torch.zeros_like(in_newton)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
-        stalled = (~f_finite | (st.solve_failed & st.exact)
-                   | ((st.n_newton > 0) & st.exact & (abs_res > 0.9 * st.res_prev))
+        exact_step = in_newton & (st.n_newton > 0) & st.exact
+        worse = exact_step & ~(abs_res < st.newton_best)
+        st.n_worse = torch.where(worse, st.n_worse + 1, st.n_worse.masked_fill(exact_step, 0))
+        st.newton_best = torch.where(in_newton, torch.minimum(st.newton_best, abs_res),
+                                     st.newton_best)
+        stalled = (~f_finite | (st.solve_failed & st.exact) | (st.n_worse >= _PATIENCE)
                    | (st.n_newton >= opt.newton_iters))
         # Stalled samples wait until no sample is still converging under Newton, then all
         # start on the path together, so that their path steps share linear solves.
@@ -690,8 +704,8 @@ class PathTracker:
             st.y = _where(move, st.y + delta, st.y)
             st.res_prev = torch.where(newton, abs_res, st.res_prev)
             # Newton steps count against homo_newton_iters when their Jacobian was exact.
-            st.n_newton = torch.where((st.phase == Phase.NEWTON) & exact, st.n_newton + 1,
-                                      st.n_newton)
+            st.n_newton = torch.where(newton & (st.phase == Phase.NEWTON) & exact,
+                                      st.n_newton + 1, st.n_newton)
             st.dnorm_prev = torch.where(correct, st.dnorm, st.dnorm_prev)
             st.dnorm = torch.where(correct, delta.norm(dim=1), st.dnorm)
             st.k_corr = torch.where(correct, st.k_corr + 1, st.k_corr)
