@@ -3,6 +3,7 @@
     python benchmarks/solvers.py [--budget 2000] [--out benchmarks/results]
     python benchmarks/solvers.py --held-out     # 16 expansive cells, homotopy solver only
     python benchmarks/solvers.py --hard-ratio   # homotopy / Broyden wall time, interleaved
+    python benchmarks/solvers.py --test-cells   # 32 more expansive cells, with Broyden
 
 Writes benchmarks/results/solvers.json, solvers.md (the table in BENCHMARKS.md) and
 residual_vs_evaluations.png. A sample counts as solved when its recomputed relative
@@ -133,22 +134,36 @@ def plot(rows: list[dict], out: Path, problem: str) -> None:
     fig.savefig(out / "residual_vs_evaluations.png", dpi=120)
 
 
-def held_out(budget: int, tol: float) -> str:
-    """The homotopy solver on 16 expansive cells that no default was tuned on."""
-    lines = ["| ‖W‖ \\ seed | 10 | 11 | 12 | 13 |", "|---|---|---|---|---|"]
-    solved = []
+def held_out(budget: int, tol: float, seeds: tuple[int, ...] = (10, 11, 12, 13),
+             against_broyden: bool = False) -> str:
+    """Expansive tanh cells (‖W‖ = 3, 4, 5, 6 × ``seeds``) outside the suite: the homotopy
+    solver (and, with ``against_broyden``, Broyden at the same budget)."""
+    solvers = ["homotopy"] + (["broyden"] if against_broyden else [])
+    head = " | ".join(str(seed) for seed in seeds)
+    lines = [f"| ‖W‖ \\ seed | {head} |", "|---|" + "---|" * len(seeds)]
+    solved: dict[str, list[float]] = {name: [] for name in solvers}
+    evals = 0
     for gain in (3.0, 4.0, 5.0, 6.0):
         cells = []
-        for seed in (10, 11, 12, 13):
+        for seed in seeds:
             f, x0 = tanh_cell(gain, seed=seed)
-            with torch.no_grad():
-                z, _, info = get_solver("homotopy")(f, x0, max_iter=budget, tol=tol,
-                                                    stop_mode="rel")
-            solved.append(solved_fraction(f, z, tol))
-            cells.append(f"{solved[-1]:.3f} / {info['nfe'][0]:.0f}")
+            cell = []
+            for name in solvers:
+                with torch.no_grad():
+                    z, _, info = get_solver(name)(f, x0, max_iter=budget, tol=tol,
+                                                  stop_mode="rel")
+                solved[name].append(solved_fraction(f, z, tol))
+                cell.append(f"{solved[name][-1]:.3f}")
+                if name == "homotopy":
+                    evals += int(info["nfe"][0])
+                    cell.append(f"{info['nfe'][0]:.0f}")
+            cells.append(" / ".join(cell))
         lines.append(f"| {gain:g} | " + " | ".join(cells) + " |")
-    lines.append(f"\nMean fraction solved: **{sum(solved) / len(solved):.4f}** "
-                 "(cells: fraction solved / evaluations).")
+    what = "fraction solved / evaluations" + (" / Broyden's fraction solved"
+                                             if against_broyden else "")
+    means = ", ".join(f"{name} **{sum(v) / len(v):.4f}**" for name, v in solved.items())
+    lines.append(f"\nMean fraction solved: {means}; homotopy evaluations in all: {evals} "
+                 f"(cells: {what}).")
     return "\n".join(lines)
 
 
@@ -187,6 +202,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--held-out", action="store_true",
                         help="only the homotopy solver on 16 cells no default was tuned on")
+    parser.add_argument("--test-cells", action="store_true",
+                        help="homotopy and Broyden on 32 expansive cells (seeds 40-47), "
+                             "run once to check the defaults chosen on other cells")
     parser.add_argument("--hard-ratio", action="store_true",
                         help="homotopy against Broyden on the hard cells, interleaved")
     args = parser.parse_args()
@@ -196,6 +214,11 @@ def main() -> None:
     if args.hard_ratio:
         text = hard_ratio(args.budget, args.tol)
         (out / "solvers_hard_ratio.md").write_text(text + "\n")
+        print(text)
+        return
+    if args.test_cells:
+        text = held_out(args.budget, args.tol, seeds=tuple(range(40, 48)), against_broyden=True)
+        (out / "solvers_test_cells.md").write_text(text + "\n")
         print(text)
         return
     if args.held_out:

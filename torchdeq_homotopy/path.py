@@ -69,6 +69,8 @@ _SLOW_CORRECTOR = 3
 # converges (up to hundreds of times its best residual, then quadratic convergence); the
 # earlier rule, a 10 % fall at every exact step, sent such samples onto the path.
 _PATIENCE = 3
+# Growth of the path step after an accepted step, by its corrector iterations 0, 1, 2, 3+.
+_STEP_GROWTH = torch.tensor([2.0, 2.0, 1.25, 0.8])
 
 
 class Status(enum.IntEnum):
@@ -436,6 +438,8 @@ class PathTracker:
         """A Newton or endgame step under a secant Jacobian that did not halve the residual
         (or failed) asks for the exact Jacobian at the next solve."""
         newtonish = (st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)
+        if not _maybe_any(newtonish):
+            return
         slow = ~(abs_res <= 0.5 * st.res_prev) | st.solve_failed
         st.stale = st.stale | (newtonish & ~st.exact & slow)
 
@@ -545,6 +549,8 @@ class PathTracker:
         diverging = (st.dnorm_prev < float("inf")) & (st.dnorm > opt.contraction * st.dnorm_prev)
         reject = in_corr & ~accept & (~h_ok | st.solve_failed | diverging
                                       | (st.k_corr >= opt.corrector_iters))
+        if not _maybe_any(accept | reject):     # every corrector goes on: nothing to decide
+            return torch.zeros_like(in_corr)
         # A step rejected under a secant Jacobian is retried once from the same prediction
         # with the exact one; otherwise from the anchor with h/2.
         soft = reject & ~st.exact & ~st.retried
@@ -561,10 +567,10 @@ class PathTracker:
         # A corrector that needed _SLOW_CORRECTOR or more steps had a poor secant
         # Jacobian: the tangent at the new anchor is taken with a fresh one.
         st.stale = st.stale | (onward & (st.k_corr >= _SLOW_CORRECTOR))
-        grow = torch.where(st.k_corr <= 1, 2.0, torch.where(st.k_corr == 2, 1.25, 0.8))
+        grow = _STEP_GROWTH.to(st.step)[st.k_corr.clamp(max=len(_STEP_GROWTH) - 1)]
         h_max = opt.step_max * st.step_unit
         st.step = torch.where(onward, torch.minimum(st.step * grow, h_max), st.step)
-        secant = _unit(st.y - st.anchor)
+        secant = _unit(st.y - st.anchor) if opt.predictor == "secant" else None
         st.anchor_prev = _where(onward, st.anchor, st.anchor_prev)
         st.tangent_prev = _where(onward, st.tangent, st.tangent_prev)
         st.anchor = _where(onward, st.y, st.anchor)
