@@ -96,8 +96,9 @@ SOLVER_KEYS: dict[str, Key] = {
             "grew most residuals (at most half the budget; 0: no warm-up)",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_newton_iters", 6, "Newton steps at λ = 1 tried first (with dense solves, "
-            "those taken with an exact Jacobian; secant steps between are free); a sample whose "
-            "residual stalls hands over to path tracking (0: always track from λ = 0)",
+            "those taken with an exact Jacobian; secant steps between are free); a sample "
+            "hands over to path tracking after them, or earlier when three exact steps in a "
+            "row end above its lowest residual (0: always track from λ = 0)",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_step_init", 0.1, "first path step, as the increase of λ it makes",
             kind=float, check=_positive, check_doc="> 0"),
