@@ -1,0 +1,82 @@
+"""How far dopri5's solution of a trained HomoODE is from the exact one, by start and first step.
+
+    python benchmarks/forward_accuracy.py benchmarks/results/training/homoode/checkpoint.pt
+
+Loads a trained reference classifier (HomoODE core, width 16, Fashion-MNIST; the checkpoint
+``benchmarks/training.py`` leaves), evaluates the first 2,000 test images with the
+integrator settings below, and compares each with a reference solve at rtol = atol = 1e-7:
+test accuracy, forward evaluations per batch, and the share of predictions that agree
+with the reference. Writes benchmarks/results/forward_accuracy.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import train_classifier
+
+from torchdeq_homotopy.data import load_image_data
+
+SETTINGS = {
+    "zero start, rtol = atol = 1e-3 (plain odeint)": ["--homo_init", "zeros"],
+    "zero start, first step 0.005": ["--homo_init", "zeros", "--homo_options", "first_step=0.005"],
+    "zero start, first step 0.01": ["--homo_init", "zeros", "--homo_options", "first_step=0.01"],
+    "zero start, first step 0.02": ["--homo_init", "zeros", "--homo_options", "first_step=0.02"],
+    "zero start, first step 0.05": ["--homo_init", "zeros", "--homo_options", "first_step=0.05"],
+    "zero start, rtol = atol = 5e-4": ["--homo_init", "zeros", "--homo_rtol", "5e-4",
+                                       "--homo_atol", "5e-4"],
+}
+REFERENCE = ["--homo_init", "zeros", "--homo_rtol", "1e-7", "--homo_atol", "1e-7"]
+
+
+@torch.no_grad()
+def predictions(state: dict, extra: list[str],
+                test_size: int) -> tuple[torch.Tensor, float, float]:
+    """Predicted classes, test accuracy and forward evaluations per batch of 256."""
+    args = train_classifier.parse_args(["--dataset", "fashion-mnist", "--width", "16",
+                                        "--model", "homoode", *extra])
+    data = load_image_data(args.dataset, args.data_dir)
+    test = Subset(data.test, range(test_size))
+    model = train_classifier.build_model("homoode", args, data.in_channels, data.num_classes)
+    model.load_state_dict(state, strict=False)     # a zero start has no learned point
+    model.eval()
+    counter = train_classifier.Counter(model.cell)
+    preds, labels, batches = [], [], 0
+    for x, y in DataLoader(test, batch_size=256):
+        out = model(x)
+        preds.append((out[0] if isinstance(out, tuple) else out).argmax(1))
+        labels.append(y)
+        batches += 1
+    pred = torch.cat(preds)
+    return pred, float((pred == torch.cat(labels)).float().mean()), counter.calls / batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["model"]
+    ref, ref_acc, ref_nfe = predictions(state, REFERENCE, args.test_size)
+    lines = ["| integration | test acc | forward evaluations | agreement with reference |",
+             "|---|---|---|---|",
+             f"| reference, rtol = atol = 1e-7 | {ref_acc:.4f} | {ref_nfe:.0f} | 1 |"]
+    for name, extra in SETTINGS.items():
+        pred, acc, nfe = predictions(state, extra, args.test_size)
+        agree = float((pred == ref).float().mean())
+        lines.append(f"| {name} | {acc:.4f} | {nfe:.0f} | {agree:.4f} |")
+        print(lines[-1], flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "forward_accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
