@@ -25,6 +25,8 @@ ROWS = {
     "HomoODE, zero z0 (plain odeint)": ["--model", "homoode", "--homo_init", "zeros"],
     "HomoODE, zero z0, first step 0.05": ["--model", "homoode", "--homo_init", "zeros",
                                           "--homo_options", "first_step=0.05"],
+    "HomoODE, learned z0, first step 0.01": ["--model", "homoode", "--homo_options",
+                                             "first_step=0.01"],
     "HomoODE, learned z0 at lr 1.0, first step 0.05": [
         "--model", "homoode", "--homo_init_lr", "1.0", "--homo_options", "first_step=0.05"],
     "DEQ, anderson": ["--model", "deq", "--f_solver", "anderson"],
