@@ -69,8 +69,6 @@ _SLOW_CORRECTOR = 3
 # converges (up to hundreds of times its best residual, then quadratic convergence); the
 # earlier rule, a 10 % fall at every exact step, sent such samples onto the path.
 _PATIENCE = 3
-# Growth of the path step after an accepted step, by its corrector iterations 0, 1, 2, 3+.
-_STEP_GROWTH = torch.tensor([2.0, 2.0, 1.25, 0.8])
 
 
 class Status(enum.IntEnum):
@@ -567,7 +565,7 @@ class PathTracker:
         # A corrector that needed _SLOW_CORRECTOR or more steps had a poor secant
         # Jacobian: the tangent at the new anchor is taken with a fresh one.
         st.stale = st.stale | (onward & (st.k_corr >= _SLOW_CORRECTOR))
-        grow = _STEP_GROWTH.to(st.step)[st.k_corr.clamp(max=len(_STEP_GROWTH) - 1)]
+        grow = torch.where(st.k_corr <= 1, 2.0, torch.where(st.k_corr == 2, 1.25, 0.8))
         h_max = opt.step_max * st.step_unit
         st.step = torch.where(onward, torch.minimum(st.step * grow, h_max), st.step)
         secant = _unit(st.y - st.anchor) if opt.predictor == "secant" else None
