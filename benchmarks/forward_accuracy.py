@@ -1,4 +1,4 @@
-"""How far dopri5's solution of a trained HomoODE is from the exact one, by start and first step.
+"""How far a trained HomoODE's integrated solution is from the exact one, by start and method.
 
     python benchmarks/forward_accuracy.py benchmarks/results/training/homoode/checkpoint.pt
     python benchmarks/forward_accuracy.py CHECKPOINT --start learned
@@ -6,9 +6,10 @@
 Loads a trained reference classifier (HomoODE core, width 16, Fashion-MNIST; the checkpoint
 ``benchmarks/training.py`` leaves), evaluates the first 2,000 test images with the
 integrator settings below, and compares each with a reference solve at rtol = atol = 1e-7
-from the same start: test accuracy, forward evaluations per batch, and the share of
-predictions that agree with the reference. ``--start zeros`` (the default) integrates
-from z0 = 0; ``--start learned`` from the model's learned initial point (for a model
+from the same start: test accuracy, forward evaluations per batch, the share of
+predictions that agree with the reference, and the endpoints' relative error
+||z(1) - z_ref(1)|| / ||z_ref(1)|| over all test images. ``--start zeros`` (the default)
+integrates from z0 = 0; ``--start learned`` from the model's learned initial point (for a model
 trained with it). Writes benchmarks/results/forward_accuracy[_learned].md.
 """
 from __future__ import annotations
@@ -33,19 +34,28 @@ SETTINGS = {
     "zero start, first step 0.05": ["--homo_init", "zeros", "--homo_options", "first_step=0.05"],
     "zero start, rtol = atol = 5e-4": ["--homo_init", "zeros", "--homo_rtol", "5e-4",
                                        "--homo_atol", "5e-4"],
+    "zero start, dopri5 with ifactor 100": ["--homo_options", "ifactor=100"],
+    "zero start, bosh3": ["--homo_method", "bosh3"],
+    "zero start, bosh3, first step 0.005": ["--homo_method", "bosh3", "--homo_options",
+                                            "first_step=0.005"],
+    "zero start, bosh3, first step 0.01": ["--homo_method", "bosh3", "--homo_options",
+                                           "first_step=0.01"],
+    "zero start, adaptive_heun": ["--homo_method", "adaptive_heun"],
+    "zero start, fehlberg2": ["--homo_method", "fehlberg2"],
 }
 LEARNED_SETTINGS = {
     "learned start, rtol = atol = 1e-3 (the default)": [],
     "learned start, first step 0.01": ["--homo_options", "first_step=0.01"],
     "learned start, rtol = atol = 5e-4": ["--homo_rtol", "5e-4", "--homo_atol", "5e-4"],
+    "learned start, bosh3": ["--homo_method", "bosh3"],
 }
 REFERENCE = ["--homo_rtol", "1e-7", "--homo_atol", "1e-7"]
 
 
 @torch.no_grad()
 def predictions(state: dict, extra: list[str],
-                test_size: int) -> tuple[torch.Tensor, float, float]:
-    """Predicted classes, test accuracy and forward evaluations per batch of 256."""
+                test_size: int) -> tuple[torch.Tensor, float, float, torch.Tensor]:
+    """Predicted classes, test accuracy, forward evaluations per batch of 256, endpoints."""
     args = train_classifier.parse_args(["--dataset", "fashion-mnist", "--width", "16",
                                         "--model", "homoode", *extra])
     data = load_image_data(args.dataset, args.data_dir)
@@ -54,6 +64,8 @@ def predictions(state: dict, extra: list[str],
     model.load_state_dict(state, strict=False)     # a zero start has no learned point
     model.eval()
     counter = train_classifier.Counter(model.cell)
+    ends: list[torch.Tensor] = []
+    model.readout.register_forward_pre_hook(lambda _m, inputs: ends.append(inputs[0]))
     preds, labels, batches = [], [], 0
     for x, y in DataLoader(test, batch_size=256):
         out = model(x)
@@ -61,7 +73,8 @@ def predictions(state: dict, extra: list[str],
         labels.append(y)
         batches += 1
     pred = torch.cat(preds)
-    return pred, float((pred == torch.cat(labels)).float().mean()), counter.calls / batches
+    accuracy = float((pred == torch.cat(labels)).float().mean())
+    return pred, accuracy, counter.calls / batches, torch.cat(ends)
 
 
 def main() -> None:
@@ -75,14 +88,15 @@ def main() -> None:
     settings = SETTINGS if args.start == "zeros" else LEARNED_SETTINGS
     torch.set_num_threads(2)
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["model"]
-    ref, ref_acc, ref_nfe = predictions(state, start + REFERENCE, args.test_size)
-    lines = ["| integration | test acc | forward evaluations | agreement with reference |",
-             "|---|---|---|---|",
-             f"| reference, rtol = atol = 1e-7 | {ref_acc:.4f} | {ref_nfe:.0f} | 1 |"]
+    ref, ref_acc, ref_nfe, ref_end = predictions(state, start + REFERENCE, args.test_size)
+    lines = ["| integration | test acc | forward evaluations | agreement with reference "
+             "| endpoint error |", "|---|---|---|---|---|",
+             f"| reference, rtol = atol = 1e-7 | {ref_acc:.4f} | {ref_nfe:.0f} | 1 | 0 |"]
     for name, extra in settings.items():
-        pred, acc, nfe = predictions(state, start + extra, args.test_size)
+        pred, acc, nfe, end = predictions(state, start + extra, args.test_size)
         agree = float((pred == ref).float().mean())
-        lines.append(f"| {name} | {acc:.4f} | {nfe:.0f} | {agree:.4f} |")
+        error = float((end - ref_end).norm() / ref_end.norm())   # ||z - z_ref|| / ||z_ref||
+        lines.append(f"| {name} | {acc:.4f} | {nfe:.0f} | {agree:.4f} | {error:.4f} |")
         print(lines[-1], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = "forward_accuracy" if args.start == "zeros" else "forward_accuracy_learned"

@@ -30,6 +30,7 @@ ROWS = {
     "HomoODE, zero z0, bosh3, first step 0.005": [
         "--model", "homoode", "--homo_init", "zeros", "--homo_method", "bosh3",
         "--homo_options", "first_step=0.005"],
+    "HomoODE, learned z0, bosh3": ["--model", "homoode", "--homo_method", "bosh3"],
     "HomoODE, learned z0 at lr 1.0, first step 0.05": [
         "--model", "homoode", "--homo_init_lr", "1.0", "--homo_options", "first_step=0.05"],
     "DEQ, anderson": ["--model", "deq", "--f_solver", "anderson"],
