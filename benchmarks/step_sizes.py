@@ -1,4 +1,4 @@
-"""Where a trained HomoODE spends its forward evaluations: dopri5's steps along λ.
+"""Where a trained HomoODE spends its forward evaluations: the integrator's steps along λ.
 
     python benchmarks/step_sizes.py ZERO_START_CHECKPOINT LEARNED_START_CHECKPOINT
     python benchmarks/step_sizes.py ZERO_START_CHECKPOINT LEARNED_START_CHECKPOINT \
