@@ -52,17 +52,22 @@ LEARNED_SETTINGS = {
 REFERENCE = ["--homo_rtol", "1e-7", "--homo_atol", "1e-7"]
 
 
+def trained_model(state: dict, extra: list[str]) -> torch.nn.Module:
+    """The reference HomoODE classifier (width 16, Fashion-MNIST) with the weights in
+    ``state``, configured by the command-line flags ``extra``, in eval mode."""
+    args = train_classifier.parse_args(["--dataset", "fashion-mnist", "--width", "16",
+                                        "--model", "homoode", *extra])
+    model = train_classifier.build_model("homoode", args, 1, 10)
+    model.load_state_dict(state, strict=False)     # a zero start has no learned point
+    return model.eval()
+
+
 @torch.no_grad()
 def predictions(state: dict, extra: list[str],
                 test_size: int) -> tuple[torch.Tensor, float, float, torch.Tensor]:
     """Predicted classes, test accuracy, forward evaluations per batch of 256, endpoints."""
-    args = train_classifier.parse_args(["--dataset", "fashion-mnist", "--width", "16",
-                                        "--model", "homoode", *extra])
-    data = load_image_data(args.dataset, args.data_dir)
-    test = Subset(data.test, range(test_size))
-    model = train_classifier.build_model("homoode", args, data.in_channels, data.num_classes)
-    model.load_state_dict(state, strict=False)     # a zero start has no learned point
-    model.eval()
+    test = Subset(load_image_data("fashion-mnist").test, range(test_size))
+    model = trained_model(state, extra)
     counter = train_classifier.Counter(model.cell)
     ends: list[torch.Tensor] = []
     model.readout.register_forward_pre_hook(lambda _m, inputs: ends.append(inputs[0]))

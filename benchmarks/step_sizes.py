@@ -18,27 +18,19 @@ torchdiffeq's adaptive Runge–Kutta step. Writes benchmarks/results/step_sizes[
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+from forward_accuracy import trained_model
 from torch.utils.data import DataLoader, Subset
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import train_classifier
 
 from torchdeq_homotopy.data import load_image_data
 
 
 def load(checkpoint: str, init: str, extra: list[str]) -> torch.nn.Module:
-    args = train_classifier.parse_args(["--dataset", "fashion-mnist", "--width", "16",
-                                        "--model", "homoode", "--homo_init", init, *extra])
-    data = load_image_data(args.dataset, args.data_dir)
-    model = train_classifier.build_model("homoode", args, data.in_channels, data.num_classes)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
-    model.load_state_dict(state, strict=False)          # a zero start has no learned point
-    return model.eval()
+    return trained_model(state, ["--homo_init", init, *extra])
 
 
 @torch.no_grad()
