@@ -125,10 +125,22 @@ SOLVER_KEYS: dict[str, Key] = {
             kind=int, check=_positive, check_doc="> 0"),
         Key("homo_krylov_rtol", 1e-2, "GMRES relative residual tolerance (inexact Newton "
             "forcing term)", kind=float, check=_unit_interval, check_doc="in (0, 1)"),
-        Key("homo_linear_solver", "auto", "linear solves with I - λJ: 'gmres' (matrix-free "
-            "Krylov), 'dense' (form J from n products in one vmapped call, solve by LU) or "
-            "'auto' (dense when the state size n <= homo_krylov_dim, else GMRES)",
-            choices=("auto", "gmres", "dense")),
+        Key("homo_linear_solver", "auto", "linear solves with I - λJ: 'secant' (a low-rank "
+            "Broyden model of J_f per sample, solved by Woodbury; GMRES preconditioned by it "
+            "where an exact solve is needed, its products fed back into the model), 'gmres' "
+            "(unpreconditioned matrix-free Krylov), 'dense' (J from n products in one vmapped "
+            "call, LU) or 'auto' (dense when n <= homo_krylov_dim, else secant)",
+            choices=("auto", "secant", "gmres", "dense")),
+        Key("homo_secant_rank", 32, "columns of the secant model per sample (memory "
+            "2 n · rank); the oldest is dropped when all are in use",
+            kind=int, check=_positive, check_doc="> 0"),
+        Key("homo_broyden_memory", None, "with the secant solver: secant pairs kept by its "
+            "Broyden phase at λ = 1 (None: the evaluation budget, as TorchDEQ's broyden keeps "
+            "max_iter of them)", kind=int, check=lambda x: x is None or x > 0,
+            check_doc="> 0 or None"),
+        Key("homo_secant_patience", 30, "with the secant solver: Broyden steps at λ = 1 "
+            "without a new lowest residual before a sample starts on the path",
+            kind=int, check=_positive, check_doc="> 0"),
         Key("homo_strict", False, "raise HomotopyConvergenceError when any sample fails "
             "instead of reporting it in info['status']", kind=bool),
     ]

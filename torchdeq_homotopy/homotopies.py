@@ -39,6 +39,10 @@ class FixedPointHomotopy:
         """(∂H/∂z) u = u - λ J_f u."""
         return u - lam[:, None] * ju
 
+    def jac_scale(self, lam: Tensor) -> Tensor:
+        """s in ∂H/∂z = I - s J_f: here s = λ."""
+        return lam
+
     def start_tangent(self) -> tuple[Tensor, Tensor] | None:
         """Unnormalised tangent (dz, dλ) = (f(z0) - z0, 1) at λ = 0."""
         return self.fz0 - self.z0, torch.ones_like(self.z0[:, 0])
@@ -73,6 +77,10 @@ class NewtonHomotopy:
     def d_z(self, u: Tensor, ju: Tensor, lam: Tensor) -> Tensor:
         """(∂H/∂z) u = u - J_f u."""
         return u - ju
+
+    def jac_scale(self, lam: Tensor) -> Tensor:
+        """s in ∂H/∂z = I - s J_f: here s = 1."""
+        return torch.ones_like(lam)
 
     def start_tangent(self) -> None:
         return None

@@ -27,11 +27,17 @@ def gmres(
     matvec: MatVec,
     b: Tensor,
     *,
-    rtol: float = 1e-2,
+    rtol: float | Tensor = 1e-2,
     max_iter: int = 20,
     on_matvec: Callable[[], bool] | None = None,
+    precond: MatVec | None = None,
+    required: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solve ``A x_i = b_i`` for every row of ``b`` by GMRES(m) without restarts, from x = 0.
+
+    With a right preconditioner ``precond`` (v -> P⁻¹ v, linear and fixed during the
+    solve), the Arnoldi process runs on A P⁻¹ and the solution is x = P⁻¹ V_k y_k; the
+    residual ||b - A x|| is the same quantity as without it.
 
     The Arnoldi process builds an orthonormal basis ``V_k`` of the Krylov space
     ``K_k(A, b) = span{b, Ab, ..., A^{k-1} b}`` with ``A V_k = V_{k+1} H_k``
@@ -49,9 +55,13 @@ def gmres(
     Args:
         matvec: ``v -> A v`` on ``(B, n)`` batches, row-wise independent.
         b: right-hand sides, ``(B, n)``.
-        rtol: relative residual tolerance per row.
+        rtol: relative residual tolerance, a float or one per row ``(B,)``.
         max_iter: Krylov dimension (number of products).
         on_matvec: called before each product; returning False stops the iteration.
+        precond: optional right preconditioner ``v -> P⁻¹ v`` on ``(B, n)`` batches.
+        required: optional ``(B,)`` mask; the iteration ends once these rows are done, and
+            the other rows (riding along on the same batched products) keep the iterate
+            they reached by then.
 
     Returns:
         ``(x, ok)``: solutions ``(B, n)`` and a ``(B,)`` bool mask of rows that reached
@@ -78,9 +88,10 @@ def gmres(
     residual = beta.clone()
     steps = 0
     for j in range(max_iter):
-        if bool(done.all()) or (on_matvec is not None and not on_matvec()):
+        finished = done if required is None else done | ~required
+        if bool(finished.all()) or (on_matvec is not None and not on_matvec()):
             break
-        w = matvec(basis[:, j])
+        w = matvec(basis[:, j] if precond is None else precond(basis[:, j]))
         # Classical Gram–Schmidt, twice (CGS2): h = V_jᵀ w, w -= V_j h.
         v_j = basis[:, : j + 1]
         h = torch.bmm(v_j, w.unsqueeze(-1)).squeeze(-1)
@@ -123,6 +134,8 @@ def gmres(
     h_k = torch.where(finite[:, None, None], hess[:, : steps + 1, :steps], sub_eye)
     y = torch.linalg.lstsq(h_k, rhs.unsqueeze(-1)).solution.squeeze(-1)
     x = torch.bmm(y.unsqueeze(1), basis[:, :steps]).squeeze(1)
+    if precond is not None:
+        x = precond(x)
     finite = finite & torch.isfinite(x).all(dim=1)
     x = torch.where(finite[:, None], x, torch.zeros_like(x))
     ok = finite & (residual <= rtol * beta + tiny)

@@ -59,6 +59,7 @@ import torch
 
 from .homotopies import HOMOTOPIES, NewtonHomotopy
 from .linalg import Linearization, SecantJacobian, batch_dot, dense_jacobian, gmres
+from .secant import InverseBroyden, LowRankJacobian
 
 Tensor = torch.Tensor
 
@@ -113,6 +114,9 @@ class TrackerOptions:
     krylov_dim: int = 40
     krylov_rtol: float = 1e-2
     linear_solver: str = "auto"
+    secant_rank: int = 32
+    secant_patience: int = 30
+    broyden_memory: int | None = None
     restarts: int = 2
 
 
@@ -286,6 +290,8 @@ class PathTracker:
         self.n = x0.shape[1]
         self.jvp_mode = options.jvp
         self.jac = SecantJacobian(f, options.jvp)
+        self.model: LowRankJacobian | None = None      # the 'secant' linear solver's model
+        self.broyden: InverseBroyden | None = None     # its Broyden phase at λ = 1
         # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
         # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
         # more call f(z0), when the first sample starts tracking.
@@ -316,6 +322,8 @@ class PathTracker:
         """
         n = self.n
         z, lam = y[:, :n], y[:, n]
+        if self._mode() == "secant":
+            return self._solve_secant(z, lam, fz, border, rhs, budget, need_exact, rows)
         if self._dense():
             jac, exact = self._dense_jacobian(z, fz, budget, need_exact)
             if jac is not None:
@@ -336,11 +344,78 @@ class PathTracker:
         exact = torch.ones_like(finite)
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
 
-    def _dense(self) -> bool:
-        """``homo_linear_solver='dense'``, or ``'auto'`` with n <= ``homo_krylov_dim`` (GMRES
-        may then need n products anyway, one sequential call each)."""
+    def _mode(self) -> str:
+        """The linear solver in use: ``'dense'``, ``'secant'`` or ``'gmres'``.
+
+        ``'auto'`` is dense when n <= ``homo_krylov_dim`` (one refresh then costs no more
+        products than one GMRES solve may, in one vectorised call), else secant."""
         choice = self.opt.linear_solver
-        return choice == "dense" or (choice == "auto" and self.n <= self.opt.krylov_dim)
+        if choice == "auto":
+            return "dense" if self.n <= self.opt.krylov_dim else "secant"
+        return choice
+
+    def _dense(self) -> bool:
+        return self._mode() == "dense"
+
+    def _solve_secant(self, z: Tensor, lam: Tensor, fz: Tensor, border: Tensor, rhs: Tensor,
+                      budget: _Budget, need_exact: Tensor | None,
+                      rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Bordered solves through the low-rank secant model B ≈ J_f
+        (:class:`~torchdeq_homotopy.secant.LowRankJacobian`).
+
+        Rows that need no exact Jacobian get the model's Woodbury solve of
+        [I - sB, H_λ; borderᵀ] δ = rhs (no products). The others (``need_exact``; all rows
+        when it is None) run GMRES on the exact operator, right-preconditioned by that
+        solve; every product (u, J_f u) GMRES makes is absorbed into the model afterwards.
+        The main loop's solves (``need_exact`` given) first record (z, f(z)) for Broyden's
+        update of the model.
+        """
+        n = self.n
+        bsz = z.shape[0]
+        if self.model is None:
+            self.model = LowRankJacobian(bsz, n, self.opt.secant_rank, z.dtype, z.device)
+        if need_exact is not None:
+            self.model.observe(z, fz)
+        scale = self.hom.jac_scale(lam)
+        h_lam = self.hom.d_lambda(z, fz)
+        model_solve = self.model.factor_bordered(scale, h_lam, border)
+        sol, finite = model_solve(rhs)
+        exact = torch.ones_like(finite) if need_exact is None else need_exact.clone()
+        if rows is not None:
+            exact = exact & rows
+        if not _maybe_any(exact):
+            return sol, finite, exact
+        # Each product is one batched call of f: every other row of the solve rides along
+        # and keeps the GMRES iterate reached when the rows that needed it are done.
+        required = exact
+        if need_exact is not None and rows is not None:
+            exact = rows.clone()
+        lin = Linearization(self.f, z, fz, self.jvp_mode)
+        products: list[tuple[Tensor, Tensor]] = []
+
+        def precond(v: Tensor) -> Tensor:
+            return model_solve(v)[0]
+
+        def matvec(x: Tensor) -> Tensor:
+            u, mu = x[:, :n], x[:, n]
+            ju = lin.jvp(u)
+            products.append((u, ju))
+            top = self.hom.d_z(u, ju, lam) + h_lam * mu[:, None]
+            return torch.cat([top, batch_dot(border, x)[:, None]], dim=1)
+
+        exact_sol, ok = gmres(matvec, torch.where(exact[:, None], rhs, torch.zeros_like(rhs)),
+                              rtol=self.opt.krylov_rtol, max_iter=self.opt.krylov_dim,
+                              on_matvec=budget.spend, precond=precond, required=required)
+        self.jvp_mode = lin.mode
+        if products:
+            S = torch.stack([u for u, _ in products], dim=2)
+            Y = torch.stack([ju for _, ju in products], dim=2)
+            keep = exact[:, None, None] & torch.isfinite(Y).all(dim=1, keepdim=True)
+            self.model.absorb(torch.where(keep, S, 0.0), torch.where(keep, Y, 0.0))
+        exact_finite = torch.isfinite(exact_sol).all(dim=1) & (exact_sol.abs().sum(dim=1) > 0)
+        sol = _where(exact, exact_sol, sol)
+        finite = torch.where(exact, exact_finite, finite)
+        return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
 
     def _dense_jacobian(self, z: Tensor, fz: Tensor, budget: _Budget,
                         need_exact: Tensor | None) -> tuple[Tensor | None, Tensor]:
@@ -435,7 +510,8 @@ class PathTracker:
     def _mark_stale(self, st: _State, abs_res: Tensor) -> None:
         """A Newton or endgame step under a secant Jacobian that did not halve the residual
         (or failed) asks for the exact Jacobian at the next solve."""
-        newtonish = (st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)
+        newtonish = (st.phase == Phase.ENDGAME) | (
+            (st.phase == Phase.NEWTON) & (self._mode() != "secant"))
         if not _maybe_any(newtonish):
             return
         slow = ~(abs_res <= 0.5 * st.res_prev) | st.solve_failed
@@ -452,6 +528,8 @@ class PathTracker:
         if not opt.track:
             st.finish(in_newton & ~f_finite, Status.NONFINITE)
             return torch.zeros_like(in_newton)
+        if self._mode() == "secant":
+            return self._leave_broyden(st, in_newton, f_finite, abs_res, budget)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         exact_step = in_newton & (st.n_newton > 0) & st.exact
         worse = exact_step & ~(abs_res < st.newton_best)
@@ -472,6 +550,45 @@ class PathTracker:
         leave = leave & (st.phase != Phase.DONE)
         self._start_path(st, leave, self.x0)
         return leave
+
+    def _broyden_step(self, z: Tensor, fz: Tensor, rows: Tensor, delta: Tensor, finite: Tensor,
+                      max_evals: int) -> tuple[Tensor, Tensor]:
+        """Broyden's step δ = W (f(z) - z) (:class:`~torchdeq_homotopy.secant.InverseBroyden`,
+        memory ``homo_broyden_memory``, default the budget as in TorchDEQ) for ``rows``;
+        the model observes every evaluation, so its updates follow each sample's steps."""
+        if self.broyden is None:
+            memory = self.opt.broyden_memory or max_evals
+            self.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device)
+        self.broyden.observe(z, fz)
+        if not _maybe_any(rows):
+            return delta, finite
+        step = self.broyden.step(fz - z)
+        ok = torch.isfinite(step).all(dim=1)
+        step = torch.cat([step, torch.zeros_like(step[:, :1])], dim=1)
+        return _where(rows, step, delta), torch.where(rows, ok, finite)
+
+    def _leave_broyden(self, st: _State, in_newton: Tensor, f_finite: Tensor,
+                       abs_res: Tensor, budget: _Budget) -> Tensor:
+        """With the secant model the NEWTON phase is Broyden's method (see
+        :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
+        find no residual below its lowest, or when f or the step is not finite; once every
+        sample of the phase has stalled, the stalled ones start on the path together."""
+        progress = in_newton & (abs_res < st.newton_best)
+        st.n_worse = torch.where(progress, 0, torch.where(in_newton, st.n_worse + 1, st.n_worse))
+        st.newton_best = torch.where(in_newton, torch.minimum(st.newton_best, abs_res),
+                                     st.newton_best)
+        stalled = in_newton & (~f_finite | st.solve_failed
+                               | (st.n_worse >= self.opt.secant_patience))
+        # Stalled samples go on with (free) Broyden steps until every sample in this phase
+        # has stalled: a path step's products are batched calls of f, and would take
+        # evaluations from the samples that Broyden is still solving.
+        if not _maybe_any(stalled) or bool((in_newton & ~stalled).any()) \
+                or not self._build_homotopy(budget):
+            return torch.zeros_like(stalled)
+        st.finish(stalled & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
+        stalled = stalled & (st.phase != Phase.DONE)
+        self._start_path(st, stalled, self.x0)
+        return stalled
 
     def _start_path(self, st: _State, mask: Tensor, z0: Tensor) -> None:
         """Put the samples in ``mask`` at (z0, 0), the start of their path."""
@@ -696,9 +813,15 @@ class PathTracker:
             rhs = _where(tangent, e_lam, rhs)
             y_eval = _where(f_finite, st.y, torch.cat([best.z, st.y[:, n:]], dim=1))
             active = newton | tangent | correct
+            fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
+            broyden = (newton & (st.phase == Phase.NEWTON) if self._mode() == "secant"
+                       else torch.zeros_like(newton))
             delta, finite, exact = self._solve(
-                y_eval, torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0), border, rhs, budget,
-                need_exact=active & st.stale, rows=active)
+                y_eval, fz_safe, border, rhs, budget,
+                need_exact=active & st.stale & ~broyden, rows=active & ~broyden)
+            if self._mode() == "secant":
+                delta, finite = self._broyden_step(y_eval[:, :n], fz_safe, broyden, delta, finite,
+                                                   max_evals)
             st.solve_failed = ~finite & active
             st.exact = torch.where(active, exact, st.exact)
             st.stale = st.stale & ~exact

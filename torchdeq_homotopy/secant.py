@@ -1,0 +1,294 @@
+"""A limited-memory secant model of J_f per sample, and bordered solves through it.
+
+The model is a low-rank matrix per sample (Allgower & Georg, *Introduction to Numerical
+Continuation Methods*, ch. 7; the factors TorchDEQ's Broyden keeps, in direct form)::
+
+    J_f ≈ B = U Vᵀ,        U, V: (batch, n, m),   B₀ = 0,
+
+so that ∂H/∂z = I − s B (s = λ for the fixed-point homotopy, 1 for the Newton one)
+is the identity plus a rank-m term. Two kinds of secant pairs (s, y ≈ J_f s) refine it:
+
+* a step of the iterate, s = z₊ − z, y = f(z₊) − f(z): Broyden's "good" update
+  B ← B + (y − B s) sᵀ / (sᵀ s)        (:meth:`LowRankJacobian.observe`);
+* exact Jacobian-vector products (s_j, J s_j), j = 1..k, from a Krylov solve: after
+  orthonormalising S = Q R and Y' = Y R⁻¹ (so Y' = J Q), the block update
+  B ← B + (Y' − B Q) Qᵀ makes B Q = J Q on the whole span   (:meth:`LowRankJacobian.absorb`).
+
+Each update writes columns into per-sample cyclic slots: when all m slots are in use the
+oldest column is dropped, as in TorchDEQ's Broyden (its ``LBFGS_thres``). The Gram matrix
+G = Vᵀ U is kept current column by column, so a solve costs O(n m + m³) per sample and
+never O(n m²).
+
+Bordered solves. With border row (t_z, t_λ), ∂H/∂λ = h and s the Jacobian scale, the
+bordered matrix of the path tracker is the identity plus a rank-(m + 2) term::
+
+    M = [I − s U Vᵀ   h ]  =  I + P Qᵀ,   P = [−s U  h  0]    Q = [V  0  t_z      ]
+        [t_zᵀ        t_λ]                     [ 0    0  1],       [0  1  t_λ − 1  ],
+
+so by Woodbury M⁻¹ r = r − P (I + QᵀP)⁻¹ Qᵀ r, where the capacitance matrix is
+
+    K = I + QᵀP = [I − s G   Vᵀ h    0 ]
+                  [0         1       1 ]
+                  [−s t_zᵀU  t_zᵀ h  t_λ].
+
+K is singular exactly when M is, so the solve stays regular at turning points of the
+path, where I − s B is singular. At λ = 1 with border e_λ this is Broyden's step.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class LowRankJacobian:
+    """Per-sample low-rank secant model J_f ≈ U Vᵀ with cyclic memory of ``rank`` columns.
+
+    Args:
+        bsz, n: batch size and state size.
+        rank: columns kept per sample (m); the oldest is dropped when all are in use.
+        dtype, device: of the factors.
+
+    Example:
+        >>> A = torch.tensor([[0.5, 2.0], [0.0, 3.0]])
+        >>> model = LowRankJacobian(1, 2, rank=4, dtype=A.dtype, device=A.device)
+        >>> S = torch.eye(2)[None]                    # two exact products J e_1, J e_2
+        >>> model.absorb(S, (A @ S[0])[None])
+        >>> torch.allclose(model.matvec(torch.tensor([[1.0, 1.0]])), torch.tensor([[2.5, 3.0]]))
+        True
+    """
+
+    def __init__(self, bsz: int, n: int, rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.rank = rank
+        self.U = torch.zeros(bsz, n, rank, dtype=dtype, device=device)
+        self.V = torch.zeros(bsz, n, rank, dtype=dtype, device=device)
+        self.gram = torch.zeros(bsz, rank, rank, dtype=dtype, device=device)   # G = Vᵀ U
+        self.next_slot = torch.zeros(bsz, dtype=torch.long, device=device)
+        self._z: Tensor | None = None
+        self._fz: Tensor | None = None
+
+    # ---------------------------------------------------------------- products
+    def matvec(self, v: Tensor) -> Tensor:
+        """B v = U (Vᵀ v), rows independent, ``(B, n) -> (B, n)``."""
+        return torch.bmm(self.U, torch.bmm(self.V.transpose(1, 2), v.unsqueeze(-1))).squeeze(-1)
+
+    # ---------------------------------------------------------------- updates
+    def _write(self, cols_u: Tensor, cols_v: Tensor, valid: Tensor) -> None:
+        """Write column j of ``cols_u``/``cols_v`` ``(B, n, k)`` into the next cyclic slot of
+        every sample with ``valid[:, j]`` (a prefix per sample), and update G = Vᵀ U."""
+        bsz, _, k = cols_u.shape
+        if k > self.rank:        # keep the newest columns only
+            cols_u, cols_v, valid = cols_u[..., -self.rank:], cols_v[..., -self.rank:], \
+                valid[:, -self.rank:]
+            k = self.rank
+        count = valid.long().sum(dim=1)                                  # (B,)
+        offsets = torch.arange(k, device=valid.device)
+        slots = (self.next_slot[:, None] + offsets) % self.rank           # (B, k)
+        # Invalid columns write nothing: their slot index points at a scratch column.
+        slots = torch.where(valid, slots, torch.full_like(slots, self.rank))
+        pad = torch.zeros_like(self.U[..., :1])
+        U = torch.cat([self.U, pad], dim=2)
+        V = torch.cat([self.V, pad], dim=2)
+        index = slots[:, None, :].expand(-1, U.shape[1], -1)
+        U.scatter_(2, index, cols_u)
+        V.scatter_(2, index, cols_v)
+        self.U, self.V = U[..., : self.rank].contiguous(), V[..., : self.rank].contiguous()
+        self.next_slot = (self.next_slot + count) % self.rank
+        # G = Vᵀ U: recompute the rows and columns of the written slots (O(n m k)).
+        rows = torch.bmm(cols_v.transpose(1, 2), self.U)                  # (B, k, m)
+        cols = torch.bmm(self.V.transpose(1, 2), cols_u)                  # (B, m, k)
+        gram = torch.cat([self.gram, torch.zeros_like(self.gram[:, :1])], dim=1)
+        gram.scatter_(1, slots[:, :, None].expand(-1, -1, self.rank), rows)
+        gram = torch.cat([gram[:, : self.rank], torch.zeros_like(gram[:, : self.rank, :1])],
+                         dim=2)
+        gram.scatter_(2, slots[:, None, :].expand(-1, self.rank, -1), cols)
+        self.gram = gram[..., : self.rank].contiguous()
+
+    def observe(self, z: Tensor, fz: Tensor) -> None:
+        """Record an evaluation; for every sample that moved since the last one, Broyden's
+        good update with s = z − z_prev, y = f(z) − f(z_prev):
+
+            B ← B + (y − B s) sᵀ / (sᵀ s).
+
+        Samples whose step is zero (frozen) or not finite keep their model; the recorded
+        point advances wherever f(z) is finite.
+        """
+        if self._z is None:
+            self._z, self._fz = z.clone(), fz.clone()
+            return
+        s, y = z - self._z, fz - self._fz
+        s_sq = (s * s).sum(dim=1)
+        finite = torch.isfinite(fz).all(dim=1)
+        ok = (s_sq > torch.finfo(z.dtype).tiny) & torch.isfinite(s_sq) & finite
+        s = torch.where(ok[:, None], s, torch.zeros_like(s))
+        y = torch.where(ok[:, None], y, torch.zeros_like(y))
+        u = (y - self.matvec(s)) / torch.where(ok, s_sq, torch.ones_like(s_sq))[:, None]
+        self._write(u[..., None], s[..., None], ok[:, None])
+        self._z = torch.where(finite[:, None], z, self._z)
+        self._fz = torch.where(finite[:, None], fz, self._fz)
+
+    def absorb(self, S: Tensor, Y: Tensor, tol: float = 1e-6) -> None:
+        """Make B agree with exact products Y = J S on span(S), per sample.
+
+        ``S``, ``Y``: ``(B, n, k)``. With S = Q R (reduced QR) and Y' = Y R⁻¹,
+
+            B ← B + (Y' − B Q) Qᵀ,
+
+        so that afterwards B Q = Y' = J Q. Columns after the first with
+        |R_jj| <= ``tol`` · ||s_j|| (zero or dependent products) are ignored.
+        """
+        Q, R = torch.linalg.qr(S)
+        diag = R.diagonal(dim1=1, dim2=2).abs()                           # (B, k)
+        valid = torch.cumprod((diag > tol * S.norm(dim=1)).to(torch.int8), dim=1).bool()
+        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+        R_safe = torch.where(valid[:, None, :] & valid[:, :, None], R, eye)
+        # Y' R = Y on the valid block: Y'ᵀ = solve(Rᵀ, Yᵀ) (upper-triangular R).
+        Y_masked = torch.where(valid[:, None, :], Y, torch.zeros_like(Y))
+        Yq = torch.linalg.solve_triangular(R_safe, Y_masked, upper=True, left=False)
+        Q = torch.where(valid[:, None, :], Q, torch.zeros_like(Q))
+        BQ = torch.bmm(self.U, torch.bmm(self.V.transpose(1, 2), Q))
+        self._write(Yq - BQ, Q, valid)
+
+    # ---------------------------------------------------------------- solves
+    def solve_bordered(self, scale: Tensor, h_lam: Tensor, border: Tensor,
+                       rhs: Tensor) -> tuple[Tensor, Tensor]:
+        """Solve [I − s B, h; borderᵀ] x = rhs for every row by Woodbury (module docstring).
+
+        Args:
+            scale: s per sample ``(B,)`` (λ for the fixed-point homotopy).
+            h_lam: ∂H/∂λ, ``(B, n)``.
+            border: the border row (t_z, t_λ), ``(B, n + 1)``.
+            rhs: ``(B, n + 1)``.
+
+        Returns:
+            ``(x, ok)``: the solutions and a mask of rows with a regular capacitance
+            matrix and finite values (other rows are zero).
+        """
+        return self.factor_bordered(scale, h_lam, border)(rhs)
+
+    def factor_bordered(self, scale: Tensor, h_lam: Tensor,
+                        border: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """LU-factor the capacitance matrix K once; returns ``rhs -> (x, ok)`` as
+        :meth:`solve_bordered`, O(n m + m²) per right-hand side."""
+        m = self.rank
+        t_z, t_lam = border[:, :-1], border[:, -1]
+        s = scale[:, None]
+        Vt = self.V.transpose(1, 2)
+        bsz = border.shape[0]
+        K = border.new_zeros(bsz, m + 2, m + 2)
+        K[:, :m, :m] = torch.eye(m, dtype=K.dtype, device=K.device) - s[:, :, None] * self.gram
+        K[:, :m, m] = torch.bmm(Vt, h_lam.unsqueeze(-1)).squeeze(-1)
+        K[:, m, m] = 1.0
+        K[:, m, m + 1] = 1.0
+        K[:, m + 1, :m] = -s * torch.bmm(t_z.unsqueeze(1), self.U).squeeze(1)
+        K[:, m + 1, m] = (t_z * h_lam).sum(dim=1)
+        K[:, m + 1, m + 1] = t_lam
+        K = torch.nan_to_num(K, nan=0.0, posinf=0.0, neginf=0.0)
+        lu, pivots, info = torch.linalg.lu_factor_ex(K)
+        regular = info == 0
+        U = self.U
+
+        def solve(rhs: Tensor) -> tuple[Tensor, Tensor]:
+            r_z, r_lam = rhs[:, :-1], rhs[:, -1]
+            q_r = torch.cat([torch.bmm(Vt, r_z.unsqueeze(-1)).squeeze(-1), r_lam[:, None],
+                             ((t_z * r_z).sum(dim=1) + (t_lam - 1) * r_lam)[:, None]], dim=1)
+            c = torch.linalg.lu_solve(lu, pivots, q_r.unsqueeze(-1)).squeeze(-1)
+            # x = r − P c:  x_z = r_z + s U c_U − h c_h,  x_λ = r_λ − c_e
+            x_z = r_z + s * torch.bmm(U, c[:, :m, None]).squeeze(-1) - h_lam * c[:, m:m + 1]
+            x = torch.cat([x_z, (r_lam - c[:, m + 1])[:, None]], dim=1)
+            ok = regular & torch.isfinite(x).all(dim=1)
+            return torch.where(ok[:, None], x, torch.zeros_like(x)), ok
+
+        return solve
+
+
+class InverseBroyden:
+    """Broyden's good method at λ = 1 in inverse form, as TorchDEQ's ``broyden`` keeps it.
+
+    The model is W ≈ (I − J_f)⁻¹ = I + C Dᵀ (C, D: ``(B, n, k)``), so a step costs O(n k)
+    with no factorisation:
+
+        δ = W (f(z) − z),        z ← z + δ.
+
+    After a step s = Δz with y = Δf and Δg = y − s, Broyden's good update of J_f
+    (B ← B + (y − B s) sᵀ / sᵀs), carried to the inverse by Sherman–Morrison, is
+
+        W ← W − (s + W Δg) (Wᵀ s)ᵀ / (sᵀ W Δg),
+
+    one column pair (c, d) = (−(s + W Δg) / (sᵀ W Δg), Wᵀ s) per step. From W = I the
+    iterates are those of TorchDEQ's ``broyden_solver`` (without line search). Up to
+    ``memory`` pairs are kept per sample, the oldest overwritten after that (TorchDEQ's
+    ``LBFGS_thres``); the buffers grow as pairs arrive.
+
+    Example:
+        >>> A = torch.tensor([[0.5, 2.0], [0.0, 3.0]]); b = torch.ones(1, 2)
+        >>> f = lambda z: z @ A.T + b                    # expansive: iteration diverges
+        >>> model, z = InverseBroyden(1, 2, memory=10, dtype=A.dtype, device=A.device), b * 0
+        >>> for _ in range(6):
+        ...     fz = f(z); model.observe(z, fz); z = z + model.step(fz - z)
+        >>> torch.allclose(z, f(z), atol=1e-5)
+        True
+    """
+
+    def __init__(self, bsz: int, n: int, memory: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.memory = memory
+        self.C = torch.zeros(bsz, n, 1, dtype=dtype, device=device)   # + scratch column
+        self.D = torch.zeros(bsz, n, 1, dtype=dtype, device=device)
+        self.next_slot = torch.zeros(bsz, dtype=torch.long, device=device)
+        self._written = 0              # an upper bound on any sample's pairs (no host sync)
+        self._z: Tensor | None = None
+        self._fz: Tensor | None = None
+
+    def apply(self, r: Tensor) -> Tensor:
+        """W r = r + C (Dᵀ r)."""
+        return r + torch.bmm(self.C, torch.bmm(self.D.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
+
+    def apply_t(self, r: Tensor) -> Tensor:
+        """Wᵀ r = r + D (Cᵀ r)."""
+        return r + torch.bmm(self.D, torch.bmm(self.C.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
+
+    def step(self, residual: Tensor) -> Tensor:
+        """Broyden's step δ = W (f(z) − z) for ``residual`` = f(z) − z."""
+        return self.apply(residual)
+
+    def observe(self, z: Tensor, fz: Tensor) -> None:
+        """Record an evaluation and apply the good update to samples that moved since the
+        last one (a zero or non-finite step, or a vanishing denominator, skips it)."""
+        if self._z is not None:
+            s, y = z - self._z, fz - self._fz
+            w_dg = self.apply(y - s)
+            denom = (s * w_dg).sum(dim=1)
+            ok = (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom) \
+                & ((s * s).sum(dim=1) > 0)
+            safe = torch.where(ok, denom, torch.ones_like(denom))[:, None]
+            c = torch.where(ok[:, None], -(s + w_dg) / safe, torch.zeros_like(s))
+            d = torch.where(ok[:, None], self.apply_t(s), torch.zeros_like(s))
+            self._write(c, d, ok)
+        finite = torch.isfinite(fz).all(dim=1)
+        if self._z is None:
+            self._z, self._fz = z.clone(), fz.clone()
+        else:
+            self._z = torch.where(finite[:, None], z, self._z)
+            self._fz = torch.where(finite[:, None], fz, self._fz)
+
+    def _write(self, c: Tensor, d: Tensor, ok: Tensor) -> None:
+        """Store (c, d) in each ok sample's next slot, in place. The buffers end in one
+        scratch column that receives the zero pairs of the other samples, so it stays zero
+        and every product may run over the whole buffer."""
+        capacity = self.C.shape[2] - 1
+        if self._written >= capacity and capacity < self.memory:
+            grow = min(max(32, capacity), self.memory - capacity)
+            pad = c.new_zeros(*c.shape, grow + 1)
+            self.C = torch.cat([self.C[..., :capacity], pad], dim=2)
+            self.D = torch.cat([self.D[..., :capacity], pad], dim=2)
+            capacity += grow
+        self._written += 1
+        slot = torch.where(ok, self.next_slot, torch.full_like(self.next_slot, capacity))
+        index = slot[:, None, None].expand(-1, c.shape[1], 1)
+        self.C.scatter_(2, index, c[..., None])
+        self.D.scatter_(2, index, d[..., None])
+        self.next_slot = (self.next_slot + ok.long()) % self.memory
