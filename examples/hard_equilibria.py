@@ -1,7 +1,12 @@
-"""A cell where fixed-point iteration, Anderson and Broyden stall and the homotopy solver
-converges; plots residual against evaluations, and the path λ(s) of one sample.
+"""A cell where fixed-point iteration and Anderson fail, Broyden solves about half the
+samples and the homotopy solver most of them; plots residual against evaluations, and the
+path λ(s) of one sample.
 
-    python examples/hard_equilibria.py [--out hard_equilibria.png]
+    python examples/hard_equilibria.py [--out runs/hard_equilibria.png]
+
+The cell is one of the benchmark's test cells (tanh, 32 wide, ‖W‖₂ = 5, seed 43, batch 64,
+relative tolerance 1e-4, 2,000 evaluations). Measured output (2-core CPU):
+fixed_point_iter 0.00, anderson 0.00, broyden 0.53, homotopy 0.78 of the samples solved.
 """
 import argparse
 
@@ -13,10 +18,10 @@ import torchdeq_homotopy  # noqa: F401
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="hard_equilibria.png")
+    parser.add_argument("--out", default="runs/hard_equilibria.png")
     args = parser.parse_args()
-    g = torch.Generator().manual_seed(2)
-    n, bsz = 24, 16
+    g = torch.Generator().manual_seed(43)
+    n, bsz, budget, tol = 32, 64, 2000, 1e-4
     W = torch.randn(n, n, generator=g)
     W = W / torch.linalg.matrix_norm(W, 2) * 5.0        # ‖W‖₂ = 5: strongly expansive
     x = 0.1 * torch.randn(bsz, n, generator=g)
@@ -29,24 +34,29 @@ def main() -> None:
     fig, (ax, ax_path) = plt.subplots(1, 2, figsize=(11, 4))
     for solver in ["fixed_point_iter", "anderson", "broyden", "homotopy"]:
         with torch.no_grad():
-            z, _, info = get_solver(solver)(f, torch.zeros(bsz, n), max_iter=1500, tol=1e-5)
-        res = (f(z) - z).norm(dim=1)
-        print(f"{solver:<18} solved {(res <= 1e-5).float().mean():.2f}  max residual "
+            z, _, info = get_solver(solver)(f, torch.zeros(bsz, n), max_iter=budget, tol=tol,
+                                            stop_mode="rel")
+        res = (f(z) - z).norm(dim=1) / f(z).norm(dim=1)
+        print(f"{solver:<18} solved {(res <= tol).float().mean():.2f}  max relative residual "
               f"{res.max():.2e}")
         steps = info["trace_nfe"] if "trace_nfe" in info else torch.arange(
             info["abs_trace"].shape[1])
-        trace = info["abs_trace"].clamp_max(1e2).median(dim=0).values
+        trace = info["rel_trace"].clamp_max(1e2).median(dim=0).values
         ax.semilogy(steps[1:], trace[1:], label=solver)
-    ax.set(xlabel="evaluations", ylabel="median ||f(z) - z||")
+    ax.set(xlabel="evaluations", ylabel="median ||f(z) - z|| / ||f(z)||",
+           title="tanh cell, n = 32, ‖W‖₂ = 5, batch 64")
     ax.legend()
     # λ along the path: pure path tracking (no warm-up or Newton phase) from z0 = 0.
     with torch.no_grad():
-        _, _, info = get_solver("homotopy")(f, torch.zeros(bsz, n), max_iter=1500, tol=1e-5,
-                                            homo_warmup=0, homo_newton_iters=0)
+        _, _, info = get_solver("homotopy")(f, torch.zeros(bsz, n), max_iter=budget, tol=tol,
+                                            stop_mode="rel", homo_warmup=0, homo_newton_iters=0)
     lams = info["lam_trace"][0]
     ax_path.plot(info["trace_nfe"], lams, marker=".")
     ax_path.set(xlabel="evaluations (along the path)", ylabel="λ of sample 0")
     fig.tight_layout()
+    from pathlib import Path
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -65,3 +66,16 @@ def test_torchrun_two_processes_end_with_identical_parameters(tmp_path, model):
     assert result["world_size"] == 2
     first, second = result["rank_param_checksums"]
     assert first == second
+
+
+def test_every_readme_python_block_runs():
+    """Users copy README's code: every ```python block must run as written."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    for block in blocks:
+        torch.manual_seed(0)
+        exec(compile(block, "README.md", "exec"), {})

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torchdeq import core as torchdeq_core
 from torchdeq import get_deq as torchdeq_get_deq
 from torchdeq import reset_deq
 from torchdeq.solver import get_solver
@@ -45,14 +46,15 @@ def test_checked_get_deq_rejects_unknown_keys_and_takes_solver_shorthand():
         th.get_deq(solver="homotopy", f_solver="anderson")
     deq = th.get_deq(solver="homotopy")
     assert deq.f_solver is th.homotopy_solver and deq.b_solver is th.homotopy_solver
-    # TorchDEQ's own factory silently ignores 'solver': that is the trap being closed.
-    assert torchdeq_get_deq(solver="homotopy").f_solver is not th.homotopy_solver
+    # After the import TorchDEQ's own factory reads 'solver' as well (tests/test_registry.py).
+    assert torchdeq_get_deq(solver="homotopy").f_solver is th.homotopy_solver
 
 
 def test_checked_get_deq_otherwise_behaves_like_torchdeqs():
     ours = th.get_deq(f_solver="anderson", f_max_iter=17, f_tol=1e-5, core="indexing")
     theirs = torchdeq_get_deq(f_solver="anderson", f_max_iter=17, f_tol=1e-5, core="indexing")
     assert type(ours) is type(theirs)
+    assert issubclass(type(ours), torchdeq_core.DEQIndexing)
     assert (ours.f_max_iter, ours.f_tol, ours.f_solver) == (
         theirs.f_max_iter, theirs.f_tol, theirs.f_solver)
 

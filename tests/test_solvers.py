@@ -241,7 +241,8 @@ def test_one_flag_switch_and_command_line():
     args = parser.parse_args(["--f_solver", "homotopy", "--b_solver", "homotopy", "--ift",
                               "--homo_type", "newton", "--f_max_iter", "200"])
     deq = get_deq(args)                                # TorchDEQ's own factory
-    assert deq.f_solver is th.homotopy_solver
+    assert deq.f_solver.func is th.homotopy_solver
+    assert deq.f_solver.keywords == {"homo_type": "newton"}
     deq = th.get_deq(args)                             # ours: homo_* keys reach the solver
     assert deq.f_solver.keywords["homo_type"] == "newton"
     with pytest.raises(SystemExit):

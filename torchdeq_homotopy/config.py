@@ -138,9 +138,11 @@ SOLVER_KEYS: dict[str, Key] = {
             "Broyden phase at λ = 1 (None: the evaluation budget, as TorchDEQ's broyden keeps "
             "max_iter of them)", kind=int, check=lambda x: x is None or x > 0,
             check_doc="> 0 or None"),
-        Key("homo_secant_patience", 30, "with the secant solver: Broyden steps at λ = 1 "
-            "without a new lowest residual before a sample starts on the path",
-            kind=int, check=_positive, check_doc="> 0"),
+        Key("homo_secant_patience", None, "with the secant solver: Broyden steps at λ = 1 "
+            "without a new lowest residual before a sample counts as stalled; the stalled "
+            "samples start on the path once every sample of the batch has stalled (None: a "
+            "third of the budget)", kind=int, check=lambda x: x is None or x > 0,
+            check_doc="> 0 or None"),
         Key("homo_strict", False, "raise HomotopyConvergenceError when any sample fails "
             "instead of reporting it in info['status']", kind=bool),
     ]
@@ -169,7 +171,9 @@ CORE_KEYS: dict[str, Key] = {
         Key("homo_init_every", 20, "step the initial point's optimiser every this many "
             "training forward passes", kind=int, check=_positive, check_doc="> 0"),
         Key("homo_adjoint", False, "adjoint backward (memory independent of the number of "
-            "integrator steps) instead of backpropagation through the integrator", kind=bool),
+            "integrator steps) instead of backpropagation through the integrator; on smooth "
+            "cells its gradients equal backpropagation's to the integrator tolerance, on ReLU "
+            "cells they converge only as about tol^0.35 (kinks)", kind=bool),
     ]
 }
 
@@ -313,11 +317,18 @@ def add_homotopy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         >>> args.b_solver, args.homo_type
         ('homotopy', 'newton')
     """
+    from torchdeq.solver import _solvers
+
+    registered = ", ".join(sorted(map(str, _solvers)))
     for action in parser._actions:
         if {"--f_solver", "--b_solver"} & set(action.option_strings):
             action.choices = None
             action.type = _registered_solver
+            direction = "forward" if action.dest == "f_solver" else "backward"
+            action.help = f"{direction} solver; registered: {registered}"
     group = parser.add_argument_group("torchdeq_homotopy")
+    group.add_argument("--solver", type=_registered_solver, default=None,
+                       help=f"sets --f_solver and --b_solver together; registered: {registered}")
     for key in ALL_KEYS.values():
         flag = f"--{key.name}"
         if key.kind is bool:

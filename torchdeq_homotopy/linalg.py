@@ -162,8 +162,10 @@ class Linearization:
     def __init__(self, f: Callable[[Tensor], Tensor], z: Tensor, fz: Tensor,
                  mode: str = "finite_difference") -> None:
         self.f, self.z, self.fz, self.mode = f, z, fz, mode
-        # ε · ||v|| per row, (B, 1): sqrt(eps) (1 + ||z||)
-        self.step_scale = torch.finfo(z.dtype).eps ** 0.5 * (1 + z.norm(dim=1, keepdim=True))
+        # ε · ||v|| per row, (B, 1): sqrt(eps) (1 + ||z||), with eps the precision f is
+        # evaluated in (``f.precision_eps`` where f declares it, as under autocast)
+        eps = getattr(f, "precision_eps", torch.finfo(z.dtype).eps)
+        self.step_scale = eps ** 0.5 * (1 + z.norm(dim=1, keepdim=True))
 
     def jvp(self, v: Tensor) -> Tensor:
         if self.mode in ("forward", "auto"):

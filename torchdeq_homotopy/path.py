@@ -32,14 +32,20 @@ batched linear solve per iteration:
             step also moves λ onto 1) down to the requested tolerance.
 ``DONE``    converged or failed; the sample is frozen (its linear system is zero).
 
-Linear solves: matrix-free GMRES on Jacobian-vector products, or, for small states
-(n <= ``homo_krylov_dim``), LU on the dense bordered matrix. The dense Jacobian costs n
-products in one vmapped call; between refreshes it follows Broyden's secant update at no
-cost, and a sample asks for a refresh when a Newton step under the secant Jacobian does
-not halve its residual, when a corrector under it is rejected (the step is then retried
-once, from the same prediction, with the exact Jacobian), or when an accepted step
-needed three or more corrector steps (the tangent at its endpoint then uses the exact
-Jacobian).
+Linear solves (``homo_linear_solver``): for states larger than ``homo_krylov_dim`` (the
+``'secant'`` solver), a low-rank secant model of J_f per sample
+(:mod:`torchdeq_homotopy.secant`). There the NEWTON phase is Broyden's method in inverse
+form (TorchDEQ's iterates, no products); path and endgame solves use the model's Woodbury
+solve of the bordered system, and where an exact solve is needed (the same triggers as a
+dense refresh below) GMRES right-preconditioned by the model, whose products are absorbed
+into the model. Otherwise: matrix-free GMRES on Jacobian-vector products (``'gmres'``), or,
+for small states (n <= ``homo_krylov_dim``), LU on the dense bordered matrix. The dense
+Jacobian costs n products in one vmapped call; between refreshes it follows Broyden's
+secant update at no cost, and a sample asks for a refresh when a Newton step under the
+secant Jacobian does not halve its residual, when a corrector under it is rejected (the
+step is then retried once, from the same prediction, with the exact Jacobian), or when an
+accepted step needed three or more corrector steps (the tangent at its endpoint then uses
+the exact Jacobian).
 
 Restarts: a sample whose step underflows, or whose path jumps to a branch at λ < 0 (H(·, 0)
 vanishes only at z0), starts a new path from a randomly perturbed z0, up to
@@ -115,7 +121,7 @@ class TrackerOptions:
     krylov_rtol: float = 1e-2
     linear_solver: str = "auto"
     secant_rank: int = 32
-    secant_patience: int = 30
+    secant_patience: int | None = None
     broyden_memory: int | None = None
     restarts: int = 2
 
@@ -137,6 +143,8 @@ class TrackerResult:
     trace_nfe: list[int] = field(default_factory=list)
     lam_trace: list[Tensor] = field(default_factory=list)
     restarts: Tensor | None = None
+    krylov_solves: int = 0
+    krylov_products: int = 0
 
 
 class _Budget:
@@ -292,6 +300,8 @@ class PathTracker:
         self.jac = SecantJacobian(f, options.jvp)
         self.model: LowRankJacobian | None = None      # the 'secant' linear solver's model
         self.broyden: InverseBroyden | None = None     # its Broyden phase at λ = 1
+        self.krylov_solves = 0        # GMRES solves run, and the products they made
+        self.krylov_products = 0
         # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
         # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
         # more call f(z0), when the first sample starts tracking.
@@ -337,8 +347,11 @@ class PathTracker:
             top = self.hom.d_z(u, lin.jvp(u), lam) + h_lam * mu[:, None]
             return torch.cat([top, batch_dot(border, x)[:, None]], dim=1)
 
+        calls = budget.used
         sol, _ = gmres(matvec, rhs, rtol=self.opt.krylov_rtol, max_iter=self.opt.krylov_dim,
                        on_matvec=budget.spend)
+        self.krylov_solves += 1
+        self.krylov_products += budget.used - calls
         self.jvp_mode = lin.mode
         finite = torch.isfinite(sol).all(dim=1)
         exact = torch.ones_like(finite)
@@ -403,10 +416,12 @@ class PathTracker:
             top = self.hom.d_z(u, ju, lam) + h_lam * mu[:, None]
             return torch.cat([top, batch_dot(border, x)[:, None]], dim=1)
 
-        exact_sol, ok = gmres(matvec, torch.where(exact[:, None], rhs, torch.zeros_like(rhs)),
+        exact_sol, _ = gmres(matvec, torch.where(exact[:, None], rhs, torch.zeros_like(rhs)),
                               rtol=self.opt.krylov_rtol, max_iter=self.opt.krylov_dim,
                               on_matvec=budget.spend, precond=precond, required=required)
         self.jvp_mode = lin.mode
+        self.krylov_solves += 1
+        self.krylov_products += len(products)
         if products:
             S = torch.stack([u for u, _ in products], dim=2)
             Y = torch.stack([ju for _, ju in products], dim=2)
@@ -556,14 +571,15 @@ class PathTracker:
         """Broyden's step δ = W (f(z) - z) (:class:`~torchdeq_homotopy.secant.InverseBroyden`,
         memory ``homo_broyden_memory``, default the budget as in TorchDEQ) for ``rows``;
         the model observes every evaluation, so its updates follow each sample's steps."""
+        if not _maybe_any(rows):     # no sample returns to this phase: free the pairs
+            self.broyden = None
+            return delta, finite
         if self.broyden is None:
             memory = self.opt.broyden_memory or max_evals
             self.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device)
         self.broyden.observe(z, fz)
-        if not _maybe_any(rows):
-            return delta, finite
-        step = self.broyden.step(fz - z)
-        ok = torch.isfinite(step).all(dim=1)
+        step = self.broyden.step()
+        ok = torch.isfinite(step).all(dim=1) & torch.isfinite(fz).all(dim=1)
         step = torch.cat([step, torch.zeros_like(step[:, :1])], dim=1)
         return _where(rows, step, delta), torch.where(rows, ok, finite)
 
@@ -577,8 +593,8 @@ class PathTracker:
         st.n_worse = torch.where(progress, 0, torch.where(in_newton, st.n_worse + 1, st.n_worse))
         st.newton_best = torch.where(in_newton, torch.minimum(st.newton_best, abs_res),
                                      st.newton_best)
-        stalled = in_newton & (~f_finite | st.solve_failed
-                               | (st.n_worse >= self.opt.secant_patience))
+        patience = self.opt.secant_patience or max(1, budget.limit // 3)
+        stalled = in_newton & (~f_finite | st.solve_failed | (st.n_worse >= patience))
         # Stalled samples go on with (free) Broyden steps until every sample in this phase
         # has stalled: a path step's products are batched calls of f, and would take
         # evaluations from the samples that Broyden is still solving.
@@ -742,12 +758,14 @@ class PathTracker:
     # ---------------------------------------------------------------- main loop
     def run(self, max_evals: int, tol: float, stop_mode: str,
             indexing: list[int] | None = None, newton_start: Tensor | None = None,
-            used: int = 0, best: BestIterate | None = None) -> TrackerResult:
+            used: int = 0, best: BestIterate | None = None,
+            trajectory: list[Tensor] | None = None) -> TrackerResult:
         """Track every sample until it converges, fails, or the budget is spent.
 
         ``newton_start`` (default ``x0``) is where the Newton phase starts; the path itself
         always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up,
-        whose best iterate ``best`` is kept unless a later iterate beats it.
+        whose best iterate ``best`` is kept unless a later iterate beats it, and whose
+        recorded states ``trajectory`` (for the first entries of ``indexing``) come first.
         """
         opt, x0, n = self.opt, self.x0, self.n
         budget = _Budget(max_evals)
@@ -764,7 +782,7 @@ class PathTracker:
                                step=torch.zeros_like(inf))
         abs_trace: list[Tensor] = []
         rel_trace: list[Tensor] = []
-        trajectory: list[Tensor] = []
+        trajectory = list(trajectory or [])
         trace_nfe: list[int] = []
         lam_trace: list[Tensor] = []
 
@@ -820,8 +838,7 @@ class PathTracker:
                 y_eval, fz_safe, border, rhs, budget,
                 need_exact=active & st.stale & ~broyden, rows=active & ~broyden)
             if self._mode() == "secant":
-                delta, finite = self._broyden_step(y_eval[:, :n], fz_safe, broyden, delta, finite,
-                                                   max_evals)
+                delta, finite = self._broyden_step(z, fz, broyden, delta, finite, max_evals)
             st.solve_failed = ~finite & active
             st.exact = torch.where(active, exact, st.exact)
             st.stale = st.stale & ~exact
@@ -856,4 +873,5 @@ class PathTracker:
                              step_best=best.step, abs_trace=abs_trace, rel_trace=rel_trace,
                              status=st.status, lam=st.y[:, n].clone(), evals=budget.used,
                              trajectory=trajectory, trace_nfe=trace_nfe, lam_trace=lam_trace,
-                             restarts=st.restarts)
+                             restarts=st.restarts, krylov_solves=self.krylov_solves,
+                             krylov_products=self.krylov_products)

@@ -79,7 +79,7 @@ class LowRankJacobian:
     def _write(self, cols_u: Tensor, cols_v: Tensor, valid: Tensor) -> None:
         """Write column j of ``cols_u``/``cols_v`` ``(B, n, k)`` into the next cyclic slot of
         every sample with ``valid[:, j]`` (a prefix per sample), and update G = Vᵀ U."""
-        bsz, _, k = cols_u.shape
+        k = cols_u.shape[2]
         if k > self.rank:        # keep the newest columns only
             cols_u, cols_v, valid = cols_u[..., -self.rank:], cols_v[..., -self.rank:], \
                 valid[:, -self.rank:]
@@ -228,7 +228,7 @@ class InverseBroyden:
         >>> f = lambda z: z @ A.T + b                    # expansive: iteration diverges
         >>> model, z = InverseBroyden(1, 2, memory=10, dtype=A.dtype, device=A.device), b * 0
         >>> for _ in range(6):
-        ...     fz = f(z); model.observe(z, fz); z = z + model.step(fz - z)
+        ...     model.observe(z, f(z)); z = z + model.step()
         >>> torch.allclose(z, f(z), atol=1e-5)
         True
     """
@@ -242,38 +242,54 @@ class InverseBroyden:
         self._written = 0              # an upper bound on any sample's pairs (no host sync)
         self._z: Tensor | None = None
         self._fz: Tensor | None = None
+        self._step: Tensor | None = None   # W (f(z) − z) at the recorded point
+
+    def _used(self) -> tuple[Tensor, Tensor]:
+        """The columns that may hold pairs (no sample has written beyond them yet)."""
+        k = min(self._written, self.C.shape[2] - 1)
+        return self.C[..., :k], self.D[..., :k]
 
     def apply(self, r: Tensor) -> Tensor:
         """W r = r + C (Dᵀ r)."""
-        return r + torch.bmm(self.C, torch.bmm(self.D.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
+        C, D = self._used()
+        return r + torch.bmm(C, torch.bmm(D.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
 
     def apply_t(self, r: Tensor) -> Tensor:
         """Wᵀ r = r + D (Cᵀ r)."""
-        return r + torch.bmm(self.D, torch.bmm(self.C.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
+        C, D = self._used()
+        return r + torch.bmm(D, torch.bmm(C.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
 
-    def step(self, residual: Tensor) -> Tensor:
-        """Broyden's step δ = W (f(z) − z) for ``residual`` = f(z) − z."""
-        return self.apply(residual)
+    def step(self) -> Tensor:
+        """Broyden's step δ = W (f(z) − z) at the last recorded point (computed by
+        :meth:`observe`, so a step costs no further product with the factors)."""
+        return self._step
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record an evaluation and apply the good update to samples that moved since the
-        last one (a zero or non-finite step, or a vanishing denominator, skips it)."""
-        if self._z is not None:
-            s, y = z - self._z, fz - self._fz
-            w_dg = self.apply(y - s)
-            denom = (s * w_dg).sum(dim=1)
-            ok = (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom) \
-                & ((s * s).sum(dim=1) > 0)
-            safe = torch.where(ok, denom, torch.ones_like(denom))[:, None]
-            c = torch.where(ok[:, None], -(s + w_dg) / safe, torch.zeros_like(s))
-            d = torch.where(ok[:, None], self.apply_t(s), torch.zeros_like(s))
-            self._write(c, d, ok)
+        last one (a zero or non-finite step, or a vanishing denominator, skips it).
+
+        One product with W and one with Wᵀ per call: with g = f(z) − z and the stored
+        W g_prev, W Δg = W g − W g_prev, and after the update W₊ g = W g + c (dᵀ g).
+        """
+        g = fz - z
+        w_g = self.apply(g)
         finite = torch.isfinite(fz).all(dim=1)
         if self._z is None:
-            self._z, self._fz = z.clone(), fz.clone()
-        else:
-            self._z = torch.where(finite[:, None], z, self._z)
-            self._fz = torch.where(finite[:, None], fz, self._fz)
+            self._z, self._fz, self._step = z.clone(), fz.clone(), w_g
+            return
+        s = z - self._z
+        w_dg = w_g - self._step
+        denom = (s * w_dg).sum(dim=1)
+        ok = (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom) \
+            & ((s * s).sum(dim=1) > 0) & finite
+        safe = torch.where(ok, denom, torch.ones_like(denom))[:, None]
+        c = torch.where(ok[:, None], -(s + w_dg) / safe, torch.zeros_like(s))
+        d = torch.where(ok[:, None], self.apply_t(s), torch.zeros_like(s))
+        self._write(c, d, ok)
+        w_g = w_g + c * (d * g).sum(dim=1, keepdim=True)
+        self._z = torch.where(finite[:, None], z, self._z)
+        self._fz = torch.where(finite[:, None], fz, self._fz)
+        self._step = torch.where(finite[:, None], w_g, self._step)
 
     def _write(self, c: Tensor, d: Tensor, ok: Tensor) -> None:
         """Store (c, d) in each ok sample's next slot, in place. The buffers end in one

@@ -13,7 +13,9 @@ solvers. ``info`` is a :class:`torchdeq.solver.stat.SolverStat` with TorchDEQ's 
 (the homotopy parameter each sample reached), ``converged``, ``nfe``, ``trace_nfe``
 (the evaluation count at each column of the traces), ``lam_trace`` ``(B, N)`` (λ of
 each sample's iterate at each column: 1 during the warm-up and Newton phases) and
-``restarts`` (the paths each sample restarted from a perturbed start, ``homo_restarts``).
+``restarts`` (the paths each sample restarted from a perturbed start, ``homo_restarts``),
+``krylov_solves`` and ``krylov_products`` (GMRES solves of the batch and the
+Jacobian-vector products they made, ints).
 """
 from __future__ import annotations
 
@@ -38,18 +40,30 @@ class HomotopyConvergenceError(RuntimeError):
         self.info = info
 
 
-def _flatten_func(func: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Tensor], Tensor]:
-    """Wrap ``func`` on states shaped like ``x0`` into a function on flat ``(B, n)`` batches.
+_HALF = (torch.float16, torch.bfloat16)
 
-    The first call checks that ``func`` returns a tensor of the state's shape, dtype and
-    device, and raises an error that names the mismatch otherwise.
+
+def _flatten_func(func: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Tensor], Tensor]:
+    """Wrap ``func`` on states shaped like ``x0`` into a function on flat ``(B, n)`` batches
+    in the working dtype (float32 for half-precision states, else the state's dtype).
+
+    Under ``torch.autocast`` (or with a float16/bfloat16 state) ``func`` still runs in the
+    caller's precision and autocast context, and its output is cast to the working dtype:
+    the solver's own linear algebra always runs in float32 or wider, outside autocast.
+    Otherwise the first call checks that ``func`` returns a tensor of the state's shape,
+    dtype and device, and raises an error that names the mismatch.
     """
-    shape = x0.shape
+    shape, device_type = x0.shape, x0.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    autocast_dtype = torch.get_autocast_dtype(device_type)
+    mixed = autocast or x0.dtype in _HALF
+    work_dtype = _work_dtype(x0)
     checked = False
 
     def flat(z: Tensor) -> Tensor:
         nonlocal checked
-        out = func(z.view(shape))
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
+            out = func(z.to(x0.dtype).view(shape))
         if not checked:
             if not torch.is_tensor(out):
                 raise TypeError(f"func must return a tensor, got {type(out).__name__}.")
@@ -57,15 +71,22 @@ def _flatten_func(func: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Ten
                 raise ValueError(
                     f"func returned shape {tuple(out.shape)} for a state of shape {tuple(shape)}; "
                     "a fixed-point map must return a tensor of the state's shape.")
-            if out.dtype != x0.dtype or out.device != x0.device:
+            if out.device != x0.device or (out.dtype != x0.dtype and not (
+                    mixed and out.is_floating_point())):
                 raise TypeError(
                     f"func returned {out.dtype} on {out.device} for a state of {x0.dtype} on "
                     f"{x0.device}; cast the initial state (x0.to(...)) or the function's "
                     "output so they match.")
             checked = True
-        return out.reshape(z.shape)
+        return out.reshape(z.shape).to(work_dtype)
 
+    # Finite-difference products step by sqrt of the precision f is evaluated in.
+    flat.precision_eps = torch.finfo(autocast_dtype if autocast else x0.dtype).eps
     return flat
+
+
+def _work_dtype(x0: Tensor) -> torch.dtype:
+    return torch.float32 if x0.dtype in _HALF else x0.dtype
 
 
 def _check_x0(x0: Tensor, stop_mode: str, max_iter: int, tol: float) -> None:
@@ -97,6 +118,8 @@ def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     info["trace_nfe"] = torch.tensor(result.trace_nfe, dtype=torch.long)
     info["lam_trace"] = torch.stack(result.lam_trace, dim=1)
     info["restarts"] = result.restarts
+    info["krylov_solves"] = result.krylov_solves
+    info["krylov_products"] = result.krylov_products
     return info
 
 
@@ -121,29 +144,33 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
     if bsz == 0 or x0.numel() == 0:
         return _empty(x0, indexing)
     flat_f = _flatten_func(func, x0)
-    x_flat = x0.detach().reshape(bsz, -1)
+    x_flat = x0.detach().reshape(bsz, -1).to(_work_dtype(x0))
     tracker_opts = TrackerOptions(**{k[len("homo_"):]: v for k, v in opts.items()
                                      if k not in ("homo_strict", "homo_type", "homo_warmup")},
                                   homotopy=opts["homo_type"], track=track)
     if not track:
         tracker_opts.newton_iters = int(max_iter)
-        if "homo_linear_solver" not in options:     # Newton–Krylov: Krylov by default
+        if tracker_opts.linear_solver == "auto":    # Newton–Krylov, whatever the entry point
             tracker_opts.linear_solver = "gmres"
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
         warm = warm_up(flat_f, x_flat, min(opts["homo_warmup"], int(max_iter) // 2),
-                       tol, stop_mode) if track else None
+                       tol, stop_mode, indexing=list(indexing or [])) if track else None
         result = PathTracker(flat_f, x_flat, tracker_opts).run(
             int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None,
             newton_start=warm.newton_start if warm else None, used=warm.evals if warm else 0,
-            best=warm.best if warm else None)
+            best=warm.best if warm else None, trajectory=warm.trajectory if warm else None)
     if warm is not None:
         result.abs_trace[:0] = warm.abs_trace
         result.rel_trace[:0] = warm.rel_trace
         result.trace_nfe[:0] = warm.trace_nfe
         result.lam_trace[:0] = [torch.ones_like(t) for t in warm.abs_trace]
+    # The status describes the returned (best) iterate: a sample whose best residual met
+    # the tolerance converged, whatever phase it was in when the budget ran out.
+    best_stop = result.abs_best if stop_mode == "abs" else result.rel_best
+    result.status = torch.where(best_stop <= tol, int(Status.CONVERGED), result.status)
     info = _stat(result, stop_mode, bsz)
-    z_star = result.z_best.view(x0.shape)
-    trajectory = [z.view(x0.shape) for z in result.trajectory]
+    z_star = result.z_best.view(x0.shape).to(x0.dtype)
+    trajectory = [z.view(x0.shape).to(x0.dtype) for z in result.trajectory]
     if opts["homo_strict"] and not bool(info["converged"].all()):
         failed = (~info["converged"]).nonzero().flatten().tolist()
         names = [Status(int(info["status"][i])).name for i in failed[:10]]
@@ -169,11 +196,14 @@ def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int 
 
     (or the Newton homotopy, ``homo_type='newton'``) followed by a predictor–corrector
     tracker with pseudo-arclength and per-sample step control, and ends with a Newton
-    endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). Linear solves with
-    [I - λJ_f, ∂H/∂λ] are matrix-free GMRES on Jacobian-vector products, or, for states of
-    at most ``homo_krylov_dim`` entries, LU on a dense Jacobian (n products in one vmapped
-    call) kept current by Broyden updates between refreshes. A sample whose path step
-    underflows, or whose path jumps below λ = 0, restarts from a perturbed start.
+    endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). For states of more than
+    ``homo_krylov_dim`` entries the phase at λ = 1 is Broyden's method and linear solves
+    with [I - λJ_f, ∂H/∂λ] go through a low-rank secant model of J_f (Woodbury), with GMRES
+    preconditioned by it where an exact solve is needed
+    (:mod:`torchdeq_homotopy.secant`); for smaller states, LU on a dense Jacobian (n
+    products in one vmapped call) kept current by Broyden updates between refreshes. A
+    sample whose path step underflows, or whose path jumps below λ = 0, restarts from a
+    perturbed start.
 
     Args:
         func: the map f; called with one tensor shaped like ``x0``.

@@ -27,15 +27,27 @@ class Warmup:
     abs_trace: list[Tensor]   # residuals of the iterates evaluated, in order
     rel_trace: list[Tensor]
     trace_nfe: list[int]      # evaluations spent at each of them
+    trajectory: list[Tensor]  # best iterate at each requested evaluation count reached
 
 
 class _Counted:
-    def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
+    """f, counting its calls; after each call the best iterate is updated and, at the
+    requested 1-based call counts ``indexing``, recorded in ``trajectory``."""
+
+    def __init__(self, f: Callable[[Tensor], Tensor], best: BestIterate, stop_mode: str,
+                 indexing: list[int]) -> None:
         self.f, self.calls = f, 0
+        self.best, self.stop_mode, self.indexing = best, stop_mode, indexing
+        self.trajectory: list[Tensor] = []
 
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
-        return self.f(z)
+        fz = self.f(z)
+        self.best.update(z, *residuals(z, fz), self.stop_mode, self.calls)
+        while (len(self.trajectory) < len(self.indexing)
+               and self.indexing[len(self.trajectory)] <= self.calls):
+            self.trajectory.append(self.best.z.clone())
+        return fz
 
 
 def _record(traces: tuple[list[Tensor], list[Tensor], list[int]], abs_res: Tensor,
@@ -76,7 +88,8 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
 
 
 def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
-            stop_mode: str, rate: float = 0.7) -> Warmup | None:
+            stop_mode: str, rate: float = 0.7, indexing: list[int] | None = None
+            ) -> Warmup | None:
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
     acceleration (TorchDEQ's) from the best iterate, within ``budget`` calls of f.
     Anderson is skipped where the first fixed-point step grew most residuals: on such
@@ -92,15 +105,16 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
     """
     if budget <= 0:
         return None
-    counted = _Counted(f)
     inf = torch.full((x0.shape[0],), float("inf"), dtype=x0.dtype, device=x0.device)
     best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                        step=torch.zeros_like(inf))
+    counted = _Counted(f, best, stop_mode, sorted(indexing or []))
     traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
     first, expanding = _fixed_point_while_contracting(counted, x0, budget, tol, stop_mode,
                                                       best, rate, traces)
     stop = best.abs_res if stop_mode == "abs" else best.rel_res
-    if not expanding and bool((stop > tol).any()) and budget - counted.calls > 1:
+    # TorchDEQ's Anderson calls f max(2, max_iter) times; one more call follows.
+    if not expanding and bool((stop > tol).any()) and budget - counted.calls >= 3:
         z, _, _ = anderson_solver(counted, best.z, max_iter=budget - counted.calls - 1,
                                   tol=tol, stop_mode=stop_mode)
         # Anderson's reported residuals need not be those of the iterate it returns:
@@ -112,4 +126,4 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
     helped = best.abs_res <= 0.1 * first
     return Warmup(newton_start=torch.where(helped[:, None], best.z, x0), best=best,
                   evals=counted.calls, abs_trace=traces[0], rel_trace=traces[1],
-                  trace_nfe=traces[2])
+                  trace_nfe=traces[2], trajectory=counted.trajectory)

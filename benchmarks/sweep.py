@@ -1,0 +1,184 @@
+"""Size sweep: every solver on tanh and conv + GroupNorm cells from 32 to 16,384 entries.
+
+    python benchmarks/sweep.py [--seeds 200] [--tols 1e-5] [--budget 2000] [--quick]
+
+Cells (batch 8, float32, start z = 0, stop mode 'rel'):
+  tanh(W z + x), W Gaussian scaled to ‖W‖₂ = gain, x ~ bias · N(0, 1), width n;
+  conv + GroupNorm (the reference classifier's cell) with both convolutions scaled by a gain.
+A sample is solved when its recomputed ||f(z) - z|| / ||f(z)|| is at most the tolerance.
+The seeds given here were not used to choose any default (those were chosen on seeds
+100-101). Writes benchmarks/results/sweep.{json,md} and sweep_profiles.png (Dolan–Moré
+performance profile of wall time and Moré–Wild data profile of evaluations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torchdeq.solver import get_solver
+
+import torchdeq_homotopy  # noqa: F401  (registers the solvers)
+from torchdeq_homotopy.models import Cell
+
+SOLVERS = ["fixed_point_iter", "anderson", "broyden", "newton_krylov", "homotopy"]
+
+
+def tanh_cell(n: int, gain: float, bias: float, seed: int, bsz: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g)
+    W = W / torch.linalg.matrix_norm(W, 2) * gain
+    x = bias * torch.randn(bsz, n, generator=g)
+    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(bsz, n)
+
+
+def conv_cell(width: int, side: int, gain: float, seed: int, bsz: int = 8):
+    torch.manual_seed(seed)
+    cell = Cell(width, dropout=0.0).eval()
+    with torch.no_grad():
+        cell.conv1.weight.mul_(gain)
+        cell.conv2.weight.mul_(gain)
+    x = torch.randn(bsz, width, side, side)
+    return (lambda z: cell(z, x)), torch.zeros(bsz, width, side, side)
+
+
+def cells(quick: bool) -> list[tuple[str, int, dict]]:
+    """(family, entries per sample, parameters) for every cell of the sweep."""
+    out = []
+    widths = (32, 128, 512) if quick else (32, 128, 512, 2048)
+    for n in widths:
+        gains = (1.5, 3.0, 6.0) if n == 2048 else (1.5, 3.0, 4.5, 6.0, 8.0)
+        for gain in gains:
+            for bias in (0.1, 1.0):
+                out.append(("tanh", n, dict(n=n, gain=gain, bias=bias)))
+    for width, side in ((16, 8), (32, 16)) if quick else ((16, 8), (32, 16), (64, 16)):
+        for gain in (1.0, 4.0, 8.0):
+            out.append(("conv", width * side * side, dict(width=width, side=side, gain=gain)))
+    return out
+
+
+@torch.no_grad()
+def relative_residual(f, z: torch.Tensor) -> torch.Tensor:
+    fz = f(z)
+    return (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
+
+
+def run_cell(family: str, params: dict, seed: int, tol: float, budget: int) -> list[dict]:
+    rows = []
+    for solver in SOLVERS:
+        f, x0 = (tanh_cell(seed=seed, **params) if family == "tanh"
+                 else conv_cell(seed=seed, **params))
+        start = time.perf_counter()
+        with torch.no_grad():
+            z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
+        wall = time.perf_counter() - start
+        rel = relative_residual(f, z)
+        solved = float(((rel <= tol) & torch.isfinite(rel)).float().mean())
+        nfe = float(info["nfe"][0]) if "nfe" in info else float(info["nstep"].max())
+        solves = info.get("krylov_solves", 0)
+        per_solve = info["krylov_products"] / solves if solves else None
+        rows.append(dict(family=family, **params, seed=seed, tol=tol, solver=solver,
+                         solved=solved, nfe=nfe, wall_s=wall, products_per_solve=per_solve))
+        print(f"{family} {params} seed {seed} tol {tol:g} {solver:<17} solved {solved:.3f} "
+              f"nfe {nfe:6.0f} wall {wall:7.2f}s"
+              + (f" products/solve {per_solve:.1f}" if per_solve else ""), flush=True)
+    return rows
+
+
+def label(r: dict) -> str:
+    if r["family"] == "tanh":
+        return f"tanh n={r['n']} ‖W‖={r['gain']:g} bias={r['bias']:g}"
+    return f"conv {r['width']}×{r['side']}×{r['side']} gain {r['gain']:g}"
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys((label(r), r["tol"], r["seed"]) for r in rows))
+    lines = ["| cell | tol | " + " | ".join(SOLVERS) + " | homotopy products / Krylov solve |",
+             "|---|---|" + "---|" * len(SOLVERS) + "---|"]
+    for cell, tol, seed in keys:
+        group = {r["solver"]: r for r in rows
+                 if (label(r), r["tol"], r["seed"]) == (cell, tol, seed)}
+        cells_ = [f"{group[s]['solved']:.2f} / {group[s]['nfe']:.0f} / {group[s]['wall_s']:.1f}s"
+                  for s in SOLVERS]
+        pps = group["homotopy"]["products_per_solve"]
+        lines.append(f"| {cell} (seed {seed}) | {tol:g} | " + " | ".join(cells_)
+                     + f" | {'—' if pps is None else f'{pps:.1f}'} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    problems = sorted({(label(r), r["tol"], r["seed"]) for r in rows})
+    lines = ["| solver | mean solved | cells ≥ 99 % solved | cells < 50 % solved |",
+             "|---|---|---|---|"]
+    for solver in SOLVERS:
+        mine = [r for r in rows if r["solver"] == solver]
+        lines.append(f"| {solver} | {sum(r['solved'] for r in mine) / len(mine):.3f} | "
+                     f"{sum(r['solved'] >= 0.99 for r in mine)} of {len(problems)} | "
+                     f"{sum(r['solved'] < 0.5 for r in mine)} |")
+    return "\n".join(lines)
+
+
+def profiles(rows: list[dict], out: Path, budget: int) -> None:
+    """Dolan–Moré: share of cells a solver solves (≥ 99 %) within τ × the best wall time.
+    Moré–Wild: share of cells solved (≥ 99 %) within a given number of evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = sorted({(label(r), r["tol"], r["seed"]) for r in rows})
+    inf = float("inf")
+    wall = {s: [] for s in SOLVERS}
+    evals = {s: [] for s in SOLVERS}
+    for p in problems:
+        group = {r["solver"]: r for r in rows if (label(r), r["tol"], r["seed"]) == p}
+        for s in SOLVERS:
+            ok = group[s]["solved"] >= 0.99
+            wall[s].append(group[s]["wall_s"] if ok else inf)
+            evals[s].append(group[s]["nfe"] if ok else inf)
+    best = [min(wall[s][i] for s in SOLVERS) for i in range(len(problems))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    taus = [1.0 + 0.05 * k for k in range(0, 400)]
+    for s in SOLVERS:
+        ratios = [w / b if b < inf else inf for w, b in zip(wall[s], best, strict=True)]
+        ax1.plot(taus, [sum(r <= t for r in ratios) / len(problems) for t in taus], label=s)
+        grid = list(range(0, budget + 1, 10))
+        ax2.plot(grid, [sum(e <= g for e in evals[s]) / len(problems) for g in grid], label=s)
+    ax1.set(xscale="log", xlabel="τ (wall time / best solver's)",
+            ylabel="share of cells solved (≥ 99 % of samples)",
+            title="Performance profile (wall time)")
+    ax2.set(xlabel="evaluations (f calls + JVPs)", ylabel="share of cells solved",
+            title="Data profile (evaluations)")
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"Size sweep, {len(problems)} cells, budget {budget}, float32, 2 CPU cores")
+    fig.tight_layout()
+    fig.savefig(out / "sweep_profiles.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="200")
+    parser.add_argument("--tols", default="1e-5")
+    parser.add_argument("--budget", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true", help="widths up to 512, two conv sizes")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for tol in map(float, args.tols.split(",")):
+        for seed in map(int, args.seeds.split(",")):
+            for family, _, params in cells(args.quick):
+                rows.extend(run_cell(family, params, seed, tol, args.budget))
+                (out / "sweep.json").write_text(json.dumps(rows))
+    text = summary(rows) + "\n\n" + table(rows)
+    (out / "sweep.md").write_text(text + "\n")
+    profiles(rows, out, args.budget)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

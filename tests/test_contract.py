@@ -1,0 +1,103 @@
+"""TorchDEQ's solver contract where the plugin's solvers could depart from it: trajectory
+states, status against the returned iterate, the budget, and one algorithm per solver."""
+import argparse
+import itertools
+
+import pytest
+import torch
+import torchdeq
+from torchdeq.solver import get_solver
+from torchdeq.utils import add_deq_args
+
+import torchdeq_homotopy as th
+from torchdeq_homotopy import Status
+
+
+def contraction(rate=0.9, n=6, bsz=2):
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = rate * Q                                              # ||A|| = rate, rotating
+    b = torch.randn(bsz, n, generator=g, dtype=torch.float64)
+    return lambda z: z @ A.T + b
+
+
+def test_trajectory_holds_the_best_iterate_at_each_requested_count():
+    f = contraction()
+    x0 = torch.zeros(2, 6, dtype=torch.float64)
+    indexing = [1, 2, 5, 10, 20]
+    _, traj, _ = th.homotopy_solver(f, x0, max_iter=60, tol=1e-12, indexing=indexing)
+    assert len(traj) == len(indexing)
+    res = [float((f(z) - z).norm(dim=1).max()) for z in traj]
+    assert all(b < a for a, b in itertools.pairwise(res)), res   # distinct, improving
+    assert res[-1] < 1e-2 * res[0]
+
+
+@pytest.mark.parametrize("shape, max_iter", [((3, 2), 6), ((1, 4), 8)])
+def test_status_describes_the_returned_iterate(shape, max_iter):
+    f = lambda z: 0.5 * z + 1                                  # noqa: E731
+    x0 = torch.zeros(shape, dtype=torch.float64)
+    tol = 0.3 * float((f(x0) - x0).norm(dim=1).max())
+    z, _, info = th.homotopy_solver(f, x0, max_iter=max_iter, tol=tol)
+    residual = (f(z) - z).norm(dim=1)
+    converged = info["status"] == Status.CONVERGED
+    assert torch.equal(converged, residual <= tol * (1 + 1e-9))  # and the converse
+    assert converged.all()
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 4, 5, 7, 12])
+@pytest.mark.parametrize("rate", [0.95, 3.0])
+def test_budget_is_never_exceeded_by_the_warm_up(max_iter, rate):
+    calls = 0
+    inner = contraction(rate)
+
+    def f(z):        # a vmapped call (a dense Jacobian) is 6 products in one call
+        nonlocal calls
+        calls += 6 if torch._C._functorch.is_batchedtensor(z) else 1
+        return inner(z)
+
+    _, _, info = th.homotopy_solver(f, torch.zeros(2, 6, dtype=torch.float64),
+                                    max_iter=max_iter, tol=1e-14)
+    assert calls <= max_iter and info["nfe"][0] == calls
+
+
+def test_newton_krylov_is_one_algorithm_whatever_the_entry_point():
+    parser = argparse.ArgumentParser()
+    add_deq_args(parser)
+    th.add_homotopy_args(parser)
+    args = parser.parse_args(["--f_solver", "newton_krylov", "--f_max_iter", "60",
+                              "--f_tol", "1e-9"])
+    f = contraction(2.0)
+    x0 = torch.zeros(2, 6, dtype=torch.float64)
+    deq = torchdeq.get_deq(args)
+    z_cli, _, info_cli = deq.f_solver(f, x0, max_iter=60, tol=1e-9)
+    z_direct, _, info_direct = get_solver("newton_krylov")(f, x0, max_iter=60, tol=1e-9)
+    assert torch.equal(z_cli, z_direct)
+    assert info_cli["krylov_solves"] == info_direct["krylov_solves"] > 0
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "secant", "gmres"])
+def test_autocast_and_half_precision_states_are_solved_in_float32(linear_solver):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(24, 24, generator=g)
+    W = W / torch.linalg.matrix_norm(W, 2) * 3.0
+    x = 0.3 * torch.randn(4, 24, generator=g)
+    f = lambda z: torch.tanh(z @ W.T.to(z.dtype) + x.to(z.dtype))     # noqa: E731
+
+    def relative(z):
+        fz = f(z.float())
+        return (fz - z.float()).norm(dim=1) / fz.norm(dim=1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, _, info = th.homotopy_solver(f, torch.zeros(4, 24), max_iter=600, tol=0.1,
+                                        stop_mode="rel", homo_linear_solver=linear_solver)
+    assert z.dtype == torch.float32
+    z16, _, info16 = th.homotopy_solver(f, torch.zeros(4, 24, dtype=torch.bfloat16),
+                                        max_iter=600, tol=0.1, stop_mode="rel",
+                                        homo_linear_solver=linear_solver)
+    assert z16.dtype == torch.bfloat16
+    for state, stat in ((z, info), (z16, info16)):
+        converged = stat["status"] == Status.CONVERGED
+        assert torch.equal(converged, stat["rel_lowest"] <= 0.1)
+        assert (relative(state)[converged] < 0.12).all()      # rounding of the answer
+    if linear_solver != "gmres":       # under autocast; GMRES (and bf16 states) may stall
+        assert (info["status"] == Status.CONVERGED).all()

@@ -1,0 +1,169 @@
+"""The secant linear solver: its low-rank model, Broyden phase and path, against independent
+truth (dense Broyden, TorchDEQ's broyden, torch.linalg.solve, known equilibria)."""
+import torch
+from torchdeq.solver import get_solver
+
+import torchdeq_homotopy as th
+from torchdeq_homotopy import Status
+from torchdeq_homotopy.secant import InverseBroyden, LowRankJacobian
+
+F64 = torch.float64
+
+
+def tanh_cell(bsz, n, gain, seed=0, bias=0.1, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g, dtype=dtype)
+    W = W / torch.linalg.matrix_norm(W, 2) * gain
+    x = bias * torch.randn(bsz, n, generator=g, dtype=dtype)
+    return lambda z: torch.tanh(z @ W.T + x)
+
+
+def dense_broyden(f, z, steps):
+    """Broyden's good method on z = f(z) with a dense model of J_f from B = 0."""
+    bsz, n = z.shape
+    B = torch.zeros(bsz, n, n, dtype=z.dtype)
+    eye = torch.eye(n, dtype=z.dtype)
+    iterates, prev = [], None
+    for _ in range(steps):
+        fz = f(z)
+        if prev is not None:
+            s, y = z - prev[0], fz - prev[1]
+            miss = y - (B @ s.unsqueeze(-1)).squeeze(-1)
+            B = B + miss.unsqueeze(-1) * s.unsqueeze(1) / (s * s).sum(1)[:, None, None]
+        prev = (z, fz)
+        z = z + torch.linalg.solve(eye - B, fz - z)
+        iterates.append(z)
+    return iterates
+
+
+def test_low_rank_model_reproduces_dense_broyden_iterates():
+    f = tanh_cell(3, 9, 2.5, seed=1)
+    z0 = torch.zeros(3, 9, dtype=F64)
+    reference = dense_broyden(f, z0, 8)
+    model = LowRankJacobian(3, 9, rank=16, dtype=F64, device="cpu")
+    e_lam = torch.zeros(3, 10, dtype=F64)
+    e_lam[:, -1] = 1
+    z = z0
+    for expected in reference:
+        fz = f(z)
+        model.observe(z, fz)
+        rhs = torch.cat([fz - z, torch.zeros(3, 1, dtype=F64)], dim=1)
+        step, ok = model.solve_bordered(torch.ones(3, dtype=F64), torch.zeros_like(z), e_lam, rhs)
+        assert ok.all() and (step[:, -1] == 0).all()
+        z = z + step[:, :-1]
+        torch.testing.assert_close(z, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_inverse_broyden_reproduces_dense_broyden_and_torchdeq():
+    f = tanh_cell(4, 12, 3.0, seed=2)
+    z0 = torch.zeros(4, 12, dtype=F64)
+    reference = dense_broyden(f, z0, 10)
+    model = InverseBroyden(4, 12, memory=50, dtype=F64, device="cpu")
+    z = z0
+    for expected in reference:
+        model.observe(z, f(z))
+        z = z + model.step()
+        torch.testing.assert_close(z, expected, rtol=1e-9, atol=1e-10)
+    z_torchdeq, _, _ = get_solver("broyden")(f, z0, max_iter=10, tol=1e-30, return_final=True)
+    torch.testing.assert_close(z, z_torchdeq, rtol=1e-9, atol=1e-10)
+
+
+def test_bordered_woodbury_solve_matches_dense_solve():
+    torch.manual_seed(0)
+    bsz, n, m = 5, 11, 6
+    model = LowRankJacobian(bsz, n, rank=m, dtype=F64, device="cpu")
+    S, Y = torch.randn(bsz, n, m, dtype=F64), torch.randn(bsz, n, m, dtype=F64)
+    model.absorb(S, Y)
+    B = model.U @ model.V.transpose(1, 2)
+    torch.testing.assert_close(B @ S, Y)                   # B agrees with J on span(S)
+    torch.testing.assert_close(model.gram, model.V.transpose(1, 2) @ model.U)
+    lam, h = torch.rand(bsz, dtype=F64), torch.randn(bsz, n, dtype=F64)
+    border, rhs = torch.randn(bsz, n + 1, dtype=F64), torch.randn(bsz, n + 1, dtype=F64)
+    M = torch.zeros(bsz, n + 1, n + 1, dtype=F64)
+    M[:, :n, :n] = torch.eye(n, dtype=F64) - lam[:, None, None] * B
+    M[:, :n, n] = h
+    M[:, n] = border
+    x, ok = model.solve_bordered(lam, h, border, rhs)
+    assert ok.all()
+    torch.testing.assert_close(x, torch.linalg.solve(M, rhs))
+
+
+def test_model_memory_is_cyclic_per_sample():
+    model = LowRankJacobian(2, 4, rank=3, dtype=F64, device="cpu")
+    S = torch.randn(2, 4, 2, dtype=F64)
+    S[1, :, 1] = 0                                          # sample 1: one valid product
+    model.absorb(S, torch.randn(2, 4, 2, dtype=F64))
+    assert model.next_slot.tolist() == [2, 1]
+    model.absorb(torch.randn(2, 4, 2, dtype=F64), torch.randn(2, 4, 2, dtype=F64))
+    assert model.next_slot.tolist() == [1, 0]               # sample 0 wrapped around
+    torch.testing.assert_close(model.gram, model.V.transpose(1, 2) @ model.U)
+
+
+def test_secant_solver_is_the_default_above_the_dense_size_and_solves_expansive_cells():
+    f = tanh_cell(6, 96, 3.0, seed=4, dtype=torch.float32)
+    x0 = torch.zeros(6, 96)
+    z_fp, _, _ = get_solver("fixed_point_iter")(f, x0, max_iter=300, tol=1e-5,
+                                                stop_mode="rel")
+    assert ((f(z_fp) - z_fp).norm(dim=1) > 1e-3).any()
+    z, _, info = th.homotopy_solver(f, x0, max_iter=1000, tol=1e-5, stop_mode="rel")
+    rel = (f(z) - z).norm(dim=1) / f(z).norm(dim=1)
+    assert (rel <= 1e-5).all() and (info["status"] == Status.CONVERGED).all()
+    assert info["krylov_solves"] == 0                       # Broyden alone, no products
+
+
+def fold_problem(n=512, seed=0):
+    """f(z) = Q tanh(a ⊙ Qᵀz + b) with Q orthogonal, so that ∂f/∂z is dense. In the rotated
+    coordinate w_0 the fixed-point homotopy from w_0 = 2 is the scalar path
+    w = λ tanh(2w - 1) + (1 - λ) 2, which turns back at λ = 0.824 (w = 0.87) and again at
+    λ = 0.710 (w = 0.20) before it reaches w = -0.995 at λ = 1. The other coordinates are
+    contractive (a = 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    a = torch.full((n,), 0.5, dtype=F64)
+    b = 0.3 * torch.randn(n, generator=g, dtype=F64)
+    a[0], b[0] = 2.0, -1.0
+    w0 = 0.5 * torch.randn(n, generator=g, dtype=F64)
+    w0[0] = 2.0
+
+    def f(z):
+        return torch.tanh(z @ Q * a + b) @ Q.T
+
+    return f, (w0 @ Q.T)[None], Q
+
+
+def test_path_through_turning_points_at_n_512():
+    f, z0, Q = fold_problem()
+    z, _, info = th.homotopy_solver(f, z0, max_iter=3000, tol=1e-8, homo_newton_iters=0,
+                                    homo_linear_solver="secant", homo_jvp="forward")
+    assert ((f(z) - z).norm(dim=1) <= 1e-8).all()
+    assert info["status"].tolist() == [Status.CONVERGED]
+    lam = info["lam_trace"][0]
+    peak = int(lam[lam < 0.95].argmax())
+    assert lam[peak] > 0.8 and lam[peak:].min() < 0.75      # went past the fold and back
+    w = z @ Q
+    # the equilibrium on the start's own branch, not the nearer one a λ-monotone method finds
+    torch.testing.assert_close(w[0, 0], torch.tensor(-0.99505, dtype=F64), atol=1e-4, rtol=0)
+
+
+def test_secant_budget_counts_every_call_and_product():
+    calls = 0
+    inner = tanh_cell(4, 64, 6.0, seed=7, dtype=torch.float32)
+
+    def f(z):
+        nonlocal calls
+        calls += 1
+        return inner(z)
+
+    _, _, info = th.homotopy_solver(f, torch.zeros(4, 64), max_iter=400, tol=1e-12,
+                                    homo_linear_solver="secant", homo_secant_patience=20)
+    assert calls <= 400 and info["nfe"][0] == calls
+    assert info["krylov_products"] <= calls
+
+
+def test_secant_solver_keeps_best_iterate_and_reports_failures():
+    f = tanh_cell(4, 64, 6.0, seed=8, dtype=torch.float32)
+    z, _, info = th.homotopy_solver(f, torch.zeros(4, 64), max_iter=30, tol=1e-9,
+                                    homo_linear_solver="secant")
+    residual = (f(z) - z).norm(dim=1)
+    torch.testing.assert_close(info["abs_lowest"], residual, rtol=1e-4, atol=1e-6)
+    assert not info["converged"].any() and (info["status"] == Status.MAX_EVALS).all()
