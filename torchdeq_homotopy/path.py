@@ -71,6 +71,8 @@ Tensor = torch.Tensor
 
 # Corrector steps after which an accepted path step refreshes the dense Jacobian.
 _SLOW_CORRECTOR = 3
+# Dense refreshes (n products each) the budget must afford for 'auto' to choose dense solves.
+_DENSE_REFRESHES = 10
 # Exact-Jacobian Newton steps in a row that may end above the lowest residual met so far
 # before a sample counts as stalled. Newton on expansive cells often climbs before it
 # converges (up to hundreds of times its best residual, then quadratic convergence); the
@@ -300,6 +302,7 @@ class PathTracker:
         self.jac = SecantJacobian(f, options.jvp)
         self.model: LowRankJacobian | None = None      # the 'secant' linear solver's model
         self.broyden: InverseBroyden | None = None     # its Broyden phase at λ = 1
+        self.max_evals = 0            # the budget of the current run
         self.krylov_solves = 0        # GMRES solves run, and the products they made
         self.krylov_products = 0
         # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
@@ -360,11 +363,15 @@ class PathTracker:
     def _mode(self) -> str:
         """The linear solver in use: ``'dense'``, ``'secant'`` or ``'gmres'``.
 
-        ``'auto'`` is dense when n <= ``homo_krylov_dim`` (one refresh then costs no more
-        products than one GMRES solve may, in one vectorised call), else secant."""
+        ``'auto'`` weighs what a dense Jacobian costs against the budget: dense when
+        n <= ``homo_krylov_dim`` (one refresh then costs no more products than one GMRES
+        solve may, in one vectorised call) and the budget pays for at least
+        ``_DENSE_REFRESHES`` refreshes of n products each; else secant, whose Broyden steps
+        cost one evaluation each."""
         choice = self.opt.linear_solver
         if choice == "auto":
-            return "dense" if self.n <= self.opt.krylov_dim else "secant"
+            affordable = self.max_evals >= _DENSE_REFRESHES * self.n
+            return "dense" if self.n <= self.opt.krylov_dim and affordable else "secant"
         return choice
 
     def _dense(self) -> bool:
@@ -381,10 +388,14 @@ class PathTracker:
         when it is None) run GMRES on the exact operator, right-preconditioned by that
         solve; every product (u, J_f u) GMRES makes is absorbed into the model afterwards.
         The main loop's solves (``need_exact`` given) first record (z, f(z)) for Broyden's
-        update of the model.
+        update of the model; iterations in which every sample takes Broyden steps at λ = 1
+        (``rows`` empty) leave the model untouched.
         """
         n = self.n
         bsz = z.shape[0]
+        if rows is not None and not _maybe_any(rows):   # only Broyden steps this iteration
+            zeros = torch.zeros_like(rows)
+            return torch.zeros_like(rhs), zeros, zeros
         if self.model is None:
             self.model = LowRankJacobian(bsz, n, self.opt.secant_rank, z.dtype, z.device)
         if need_exact is not None:
@@ -768,6 +779,7 @@ class PathTracker:
         recorded states ``trajectory`` (for the first entries of ``indexing``) come first.
         """
         opt, x0, n = self.opt, self.x0, self.n
+        self.max_evals = max_evals
         budget = _Budget(max_evals)
         budget.used = used
         indexing = sorted(indexing or [])
