@@ -101,3 +101,55 @@ def test_autocast_and_half_precision_states_are_solved_in_float32(linear_solver)
         assert (relative(state)[converged] < 0.12).all()      # rounding of the answer
     if linear_solver != "gmres":       # under autocast; GMRES (and bf16 states) may stall
         assert (info["status"] == Status.CONVERGED).all()
+
+
+def test_unknown_integrator_fails_at_construction():
+    with pytest.raises(th.ConfigError, match="Did you mean 'bosh3'"):
+        torchdeq.get_deq(core="homoode", homo_method="bosh33")
+
+
+def test_nan_mid_path_is_reported_and_the_best_finite_iterate_kept():
+    """f turns NaN once the path has moved far from z0: the sample ends NONFINITE or
+    unconverged, never CONVERGED, and the returned state is its best finite iterate."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, 2) * 4.0
+    x = 0.1 * torch.randn(3, 8, generator=g, dtype=torch.float64)
+
+    def f(z):
+        out = torch.tanh(z @ W.T + x)
+        poisoned = (z.norm(dim=-1, keepdim=True) > 0.3) & (torch.arange(3)[:, None] == 0)
+        return torch.where(poisoned, torch.nan, out)
+
+    z, _, info = th.homotopy_solver(f, torch.zeros(3, 8, dtype=torch.float64), max_iter=800,
+                                    tol=1e-8, homo_warmup=0, homo_newton_iters=0)
+    assert info["status"][0] != Status.CONVERGED
+    assert torch.isfinite(z).all()
+    residual = (f(z) - z).norm(dim=1)
+    assert torch.isfinite(residual[0])
+    torch.testing.assert_close(info["abs_lowest"], residual)
+    assert (info["status"][1:] == Status.CONVERGED).all()
+
+
+@pytest.mark.parametrize("b_solver", ["homotopy", "newton_krylov"])
+def test_ift_backward_with_plugin_solvers_in_float32_at_torchdeq_defaults(b_solver):
+    """The IFT system (I - J_fᵀ) g = v on an expansive cell, where fixed-point iteration
+    diverges: the gradient must match the dense solve of that system."""
+    g = torch.Generator().manual_seed(5)
+    n = 10
+    W = torch.randn(n, n, generator=g)
+    W = (W / torch.linalg.matrix_norm(W, 2) * 2.5).requires_grad_()
+    x = 0.2 * torch.randn(2, n, generator=g)
+    deq = torchdeq.get_deq(f_solver="homotopy", b_solver=b_solver, ift=True, f_max_iter=2000,
+                           f_tol=1e-6)
+    z_out, _ = deq(lambda z: torch.tanh(z @ W.T + x), torch.zeros(2, n))
+    z = z_out[-1]
+    z.sum().backward()
+    # Independent truth: dL/dW = Σ_b u_b (sech² ⊙ ...) from the dense adjoint solve.
+    with torch.no_grad():
+        zs = z.detach()
+        d = 1 - torch.tanh(zs @ W.T + x) ** 2                # (B, n)
+        J = d[:, :, None] * W[None]                           # J_f per sample
+        u = torch.linalg.solve(torch.eye(n) - J.transpose(1, 2), torch.ones(2, n))
+        expected = ((u * d)[:, :, None] * zs[:, None, :]).sum(0)
+    torch.testing.assert_close(W.grad, expected, rtol=2e-3, atol=2e-4)

@@ -43,6 +43,18 @@ from .path import Status
 Tensor = torch.Tensor
 
 
+def _check_method(name: str) -> None:
+    """Fail at construction, not at the first forward, on an unknown integrator name."""
+    import importlib
+
+    methods = sorted(importlib.import_module("torchdiffeq._impl.odeint").SOLVERS)
+    if name not in methods:
+        from .config import ConfigError, _suggest
+
+        raise ConfigError(f"homo_method={name!r} is not a torchdiffeq method."
+                          f"{_suggest(name, methods)} Choose one of {methods}.")
+
+
 class HomoODECore(DEQBase):
     """TorchDEQ core that integrates ``func`` as the HomoODE field over λ ∈ [0, 1].
 
@@ -55,6 +67,14 @@ class HomoODECore(DEQBase):
     ``info`` holds ``nstep`` (evaluations of ``func`` in the solve), ``abs_lowest`` and
     ``rel_lowest`` (the endpoint's ||func(z) - z|| and its relative form: how far z(1) is
     from an equilibrium of the same cell), ``status`` per sample, and ``init_loss``.
+
+    ``status`` is the integrator's outcome, not a statement about equilibrium: CONVERGED
+    means the adaptive integration reached λ = 1 within its tolerances (the endpoint z(1)
+    is the layer's output whatever its residual, which training does not drive to zero);
+    STEP_UNDERFLOW or MAX_EVALS mean torchdiffeq's step failed and the endpoint came from
+    the fixed-step RK4 fallback (for the whole batch); NONFINITE marks samples whose
+    endpoint is not finite. TorchDEQ keys that configure solvers (``f_solver``,
+    ``f_max_iter``, ``ift``, ``n_states``, ...) are not read by this core.
 
     Example:
         >>> import torchdeq_homotopy
@@ -69,6 +89,7 @@ class HomoODECore(DEQBase):
     def __init__(self, args: Any = None, **kwargs: Any) -> None:
         super().__init__(args, **kwargs)
         self.options = resolve(self.args.config, CORE_KEYS)
+        _check_method(self.options["homo_method"])
         self.register_buffer("init_point", torch.zeros(0))
         self.register_buffer("init_grad", torch.zeros(0))
         self.register_buffer("init_count", torch.zeros((), dtype=torch.long))
