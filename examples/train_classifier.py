@@ -69,9 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def deq_config(args: argparse.Namespace, model: str) -> dict:
     """The DEQ keys of ``args`` for this model: TorchDEQ's and the plugin's."""
-    keys = {"f_solver", "b_solver", "f_max_iter", "b_max_iter", "f_tol", "b_tol",
-            "f_stop_mode", "b_stop_mode", "ift", "n_states", "grad", "eval_f_max_iter",
-            "eval_factor"} | set(th.config.ALL_KEYS)
+    solver_keys = {"f_solver", "b_solver", "f_max_iter", "b_max_iter", "f_tol", "b_tol",
+                   "f_stop_mode", "b_stop_mode", "ift", "n_states", "grad", "eval_f_max_iter",
+                   "eval_factor"} | set(th.config.SOLVER_KEYS)
+    keys = set(th.config.CORE_KEYS) if model == "homoode" else solver_keys
     config = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     config["core"] = "homoode" if model == "homoode" else args.core
     return config

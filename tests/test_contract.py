@@ -153,3 +153,20 @@ def test_ift_backward_with_plugin_solvers_in_float32_at_torchdeq_defaults(b_solv
         u = torch.linalg.solve(torch.eye(n) - J.transpose(1, 2), torch.ones(2, n))
         expected = ((u * d)[:, :, None] * zs[:, None, :]).sum(0)
     torch.testing.assert_close(W.grad, expected, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("key, value", [("f_max_iter", 10), ("f_solver", "anderson"),
+                                        ("ift", True), ("n_states", 2),
+                                        ("jac_loss_weight", 0.5), ("homo_strict", True)])
+def test_homoode_refuses_keys_it_would_ignore(key, value):
+    with pytest.raises(th.ConfigError, match=f"does not read \\['{key}'\\]"):
+        torchdeq.get_deq(core="homoode", **{key: value})
+
+
+def test_homoode_accepts_a_namespace_with_every_default_bound():
+    parser = argparse.ArgumentParser()
+    add_deq_args(parser)
+    th.add_homotopy_args(parser)
+    args = parser.parse_args(["--core", "homoode", "--homo_method", "bosh3"])
+    deq = torchdeq.get_deq(args)
+    assert deq.options["homo_method"] == "bosh3"

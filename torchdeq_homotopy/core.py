@@ -55,6 +55,43 @@ def _check_method(name: str) -> None:
                           f"{_suggest(name, methods)} Choose one of {methods}.")
 
 
+def _torchdeq_defaults() -> dict[str, Any]:
+    """TorchDEQ's own defaults of its keys, read from its ``add_deq_args``."""
+    import argparse
+
+    from torchdeq.utils import add_deq_args
+
+    parser = argparse.ArgumentParser()
+    add_deq_args(parser)
+    return vars(parser.parse_args([]))
+
+
+# TorchDEQ keys that configure solvers and gradients: the HomoODE core reads none of them.
+_SOLVER_ONLY = ("f_solver", "b_solver", "f_max_iter", "b_max_iter", "f_tol", "b_tol",
+                "f_stop_mode", "b_stop_mode", "eval_factor", "eval_f_max_iter", "ift",
+                "hook_ift", "n_states", "indexing", "gamma", "grad", "tau", "sup_gap",
+                "sup_loc", "jac_loss_weight", "jac_loss_freq", "jac_incremental")
+
+
+def _reject_unread_keys(config: dict[str, Any]) -> None:
+    """Refuse keys this core would silently ignore: TorchDEQ's solver and gradient keys,
+    and the plugin's solver keys, when set to anything but their defaults (an argparse
+    Namespace carries every default, and those are accepted)."""
+    from .config import SOLVER_KEYS, ConfigError
+
+    defaults = _torchdeq_defaults()
+    same = {"grad": (1, [1]), "indexing": (None, []), "sup_loc": (None, [])}
+    unread = [k for k in _SOLVER_ONLY if k in config and config[k] != defaults.get(k)
+              and config[k] not in same.get(k, ())]
+    unread += [k for k in SOLVER_KEYS if k in config and config[k] != SOLVER_KEYS[k].default]
+    if unread:
+        raise ConfigError(
+            f"core='homoode' does not read {sorted(unread)}: it integrates the HomoODE with "
+            "homo_method at homo_rtol/homo_atol (cap its steps with homo_options="
+            "{'max_num_steps': N}) and backpropagates through the integrator or its adjoint "
+            "(homo_adjoint). Drop these keys, or use core='sliced' with f_solver=... .")
+
+
 class HomoODECore(DEQBase):
     """TorchDEQ core that integrates ``func`` as the HomoODE field over λ ∈ [0, 1].
 
@@ -90,6 +127,7 @@ class HomoODECore(DEQBase):
         super().__init__(args, **kwargs)
         self.options = resolve(self.args.config, CORE_KEYS)
         _check_method(self.options["homo_method"])
+        _reject_unread_keys(self.args.config)
         self.register_buffer("init_point", torch.zeros(0))
         self.register_buffer("init_grad", torch.zeros(0))
         self.register_buffer("init_count", torch.zeros((), dtype=torch.long))

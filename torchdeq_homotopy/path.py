@@ -270,10 +270,13 @@ class BestIterate:
     abs_res: Tensor
     rel_res: Tensor
     step: Tensor
+    fz: Tensor | None = None    # f at z, where the caller passes it to update
 
     def update(self, z: Tensor, abs_res: Tensor, rel_res: Tensor, stop_mode: str,
-               used: int) -> None:
+               used: int, fz: Tensor | None = None) -> None:
         better = (abs_res < self.abs_res) if stop_mode == "abs" else (rel_res < self.rel_res)
+        if fz is not None:
+            self.fz = _where(better, fz, self.fz if self.fz is not None else fz)
         self.z = _where(better, z, self.z)
         self.abs_res = torch.where(better, abs_res, self.abs_res)
         self.rel_res = torch.where(better, rel_res, self.rel_res)
@@ -770,13 +773,15 @@ class PathTracker:
     def run(self, max_evals: int, tol: float, stop_mode: str,
             indexing: list[int] | None = None, newton_start: Tensor | None = None,
             used: int = 0, best: BestIterate | None = None,
-            trajectory: list[Tensor] | None = None) -> TrackerResult:
+            trajectory: list[Tensor] | None = None,
+            newton_start_fz: Tensor | None = None) -> TrackerResult:
         """Track every sample until it converges, fails, or the budget is spent.
 
         ``newton_start`` (default ``x0``) is where the Newton phase starts; the path itself
         always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up,
         whose best iterate ``best`` is kept unless a later iterate beats it, and whose
-        recorded states ``trajectory`` (for the first entries of ``indexing``) come first.
+        recorded states ``trajectory`` (for the first entries of ``indexing``) come first;
+        ``newton_start_fz``, f at ``newton_start`` if already known, saves its evaluation.
         """
         opt, x0, n = self.opt, self.x0, self.n
         self.max_evals = max_evals
@@ -798,9 +803,11 @@ class PathTracker:
         trace_nfe: list[int] = []
         lam_trace: list[Tensor] = []
 
-        while budget.spend():
+        # f at the Newton start, when the warm-up already evaluated it, costs nothing here.
+        known_fz = newton_start_fz if newton_first and newton_start is not None else None
+        while known_fz is not None or budget.spend():
             z, lam = st.y[:, :n], st.y[:, n]
-            fz = self.f(z)
+            fz, known_fz = (self.f(z), None) if known_fz is None else (known_fz, None)
             abs_res, rel_res = residuals(z, fz)
             f_finite = abs_res < float("inf")
             abs_trace.append(abs_res)

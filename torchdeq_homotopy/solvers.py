@@ -158,7 +158,8 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
         result = PathTracker(flat_f, x_flat, tracker_opts).run(
             int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None,
             newton_start=warm.newton_start if warm else None, used=warm.evals if warm else 0,
-            best=warm.best if warm else None, trajectory=warm.trajectory if warm else None)
+            best=warm.best if warm else None, trajectory=warm.trajectory if warm else None,
+            newton_start_fz=warm.newton_start_fz if warm else None)
     if warm is not None:
         result.abs_trace[:0] = warm.abs_trace
         result.rel_trace[:0] = warm.rel_trace

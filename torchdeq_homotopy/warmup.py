@@ -22,6 +22,7 @@ class Warmup:
     """What the warm-up leaves: where Newton starts, the best iterate, evaluations spent."""
 
     newton_start: Tensor
+    newton_start_fz: Tensor   # f at newton_start (already evaluated)
     best: BestIterate
     evals: int
     abs_trace: list[Tensor]   # residuals of the iterates evaluated, in order
@@ -43,7 +44,9 @@ class _Counted:
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
         fz = self.f(z)
-        self.best.update(z, *residuals(z, fz), self.stop_mode, self.calls)
+        if self.calls == 1:
+            self.first = (z, fz)
+        self.best.update(z, *residuals(z, fz), self.stop_mode, self.calls, fz=fz)
         while (len(self.trajectory) < len(self.indexing)
                and self.indexing[len(self.trajectory)] <= self.calls):
             self.trajectory.append(self.best.z.clone())
@@ -124,6 +127,8 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
         _record(traces, abs_res, rel_res, counted.calls)
         best.update(z, abs_res, rel_res, stop_mode, counted.calls)
     helped = best.abs_res <= 0.1 * first
-    return Warmup(newton_start=torch.where(helped[:, None], best.z, x0), best=best,
+    x0_evaluated, f_x0 = counted.first
+    return Warmup(newton_start=torch.where(helped[:, None], best.z, x0_evaluated),
+                  newton_start_fz=torch.where(helped[:, None], best.fz, f_x0), best=best,
                   evals=counted.calls, abs_trace=traces[0], rel_trace=traces[1],
                   trace_nfe=traces[2], trajectory=counted.trajectory)
