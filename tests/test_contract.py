@@ -170,3 +170,23 @@ def test_homoode_accepts_a_namespace_with_every_default_bound():
     args = parser.parse_args(["--core", "homoode", "--homo_method", "bosh3"])
     deq = torchdeq.get_deq(args)
     assert deq.options["homo_method"] == "bosh3"
+
+
+def test_contract_on_a_cell_where_the_path_runs():
+    """Pure path tracking (no warm-up, no Newton phase) on an expansive cell: shapes, the
+    trajectory, the best iterate and the status all as on benign cells."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, 2) * 4.0
+    x = 0.1 * torch.randn(5, 12, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T + x)                     # noqa: E731
+    x0 = torch.zeros(5, 12, dtype=torch.float64)
+    z, traj, info = th.homotopy_solver(f, x0, max_iter=3000, tol=1e-8, indexing=[5, 200],
+                                       homo_warmup=0, homo_newton_iters=0)
+    assert len(traj) == 2 and all(t.shape == x0.shape for t in traj)
+    assert (info["lam_trace"] < 1).any()                       # the path did run
+    residual = (f(z) - z).norm(dim=1)
+    torch.testing.assert_close(info["abs_lowest"], residual)
+    assert (info["status"] == Status.CONVERGED).all() and (residual <= 1e-8).all()
+    assert info["abs_trace"].shape == info["rel_trace"].shape == info["lam_trace"].shape
+    assert info["abs_trace"].shape[1] == len(info["trace_nfe"])

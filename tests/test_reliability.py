@@ -301,6 +301,10 @@ def test_contract_holds_for_random_problems(bsz, feature_shape, dtype, gain, see
     converged = info["status"] == Status.CONVERGED
     assert torch.equal(converged, info["converged"])
     assert (stop[converged] <= tol * (1 + 1e-3)).all()              # never a false claim
+    best = info["abs_lowest"] if stop_mode == "abs" else info["rel_lowest"]
+    assert torch.equal(converged, best <= tol)                       # and never a missed one
+    if solver == "homotopy" and gain <= 0.9:                         # a contraction: solvable
+        assert converged.all()
     assert set(info["status"].tolist()) <= {int(s) for s in Status if s != Status.RUNNING}
     assert info["abs_trace"].shape[0] == bsz and info["nfe"].le(400).all()
 
