@@ -163,20 +163,26 @@ def main() -> None:
     parser.add_argument("--tols", default="1e-5")
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="widths up to 512, two conv sizes")
+    parser.add_argument("--only-2048", action="store_true",
+                        help="the 2048-wide tanh cells at ‖W‖₂ 1.5 and 3 only (sweep_2048.*)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    name = "sweep_2048" if args.only_2048 else "sweep"
+    chosen = ([("tanh", 2048, dict(n=2048, gain=g, bias=b)) for g in (1.5, 3.0)
+               for b in (0.1, 1.0)] if args.only_2048 else cells(args.quick))
     for tol in map(float, args.tols.split(",")):
         for seed in map(int, args.seeds.split(",")):
-            for family, _, params in cells(args.quick):
+            for family, _, params in chosen:
                 rows.extend(run_cell(family, params, seed, tol, args.budget))
-                (out / "sweep.json").write_text(json.dumps(rows))
+                (out / f"{name}.json").write_text(json.dumps(rows))
     text = summary(rows) + "\n\n" + table(rows)
-    (out / "sweep.md").write_text(text + "\n")
-    profiles(rows, out, args.budget)
+    (out / f"{name}.md").write_text(text + "\n")
+    if not args.only_2048:
+        profiles(rows, out, args.budget)
     print(text)
 
 
