@@ -19,7 +19,7 @@ from torchdeq.solver import register_solver
 from .config import ConfigError, add_homotopy_args
 from .core import HomoODECore
 from .factory import get_deq
-from .path import Status
+from .outcome import Status
 from .registry import register_torchdeq_cores, restore_torchdeq_cores
 from .solvers import HomotopyConvergenceError, homotopy_solver, newton_krylov_solver
 

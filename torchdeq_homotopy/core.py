@@ -38,7 +38,7 @@ from torchdeq.utils.layer_utils import deq_decorator
 
 from .adjoint import closure_inputs, integrate
 from .config import CORE_KEYS, resolve, validate
-from .path import Status
+from .outcome import Status
 
 Tensor = torch.Tensor
 

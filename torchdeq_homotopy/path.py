@@ -65,6 +65,7 @@ import torch
 
 from .homotopies import HOMOTOPIES, NewtonHomotopy
 from .linalg import Linearization, SecantJacobian, batch_dot, dense_jacobian, gmres
+from .outcome import BestIterate, Budget, Status, _where, residuals
 from .secant import InverseBroyden, LowRankJacobian
 
 Tensor = torch.Tensor
@@ -78,20 +79,6 @@ _DENSE_REFRESHES = 10
 # converges (up to hundreds of times its best residual, then quadratic convergence); the
 # earlier rule, a 10 % fall at every exact step, sent such samples onto the path.
 _PATIENCE = 3
-
-
-class Status(enum.IntEnum):
-    """Per-sample outcome, reported as ``info['status']``."""
-
-    RUNNING = 0
-    CONVERGED = 1
-    MAX_EVALS = 2
-    """The evaluation budget ran out before the residual reached the tolerance."""
-    NONFINITE = 3
-    """f returned NaN or Inf where no recovery was possible."""
-    STEP_UNDERFLOW = 4
-    """Path tracking needed a step below ``homo_step_min`` (or jumped to a branch with
-    λ < 0), on its first path and on every restart."""
 
 
 class Phase(enum.IntEnum):
@@ -147,41 +134,6 @@ class TrackerResult:
     restarts: Tensor | None = None
     krylov_solves: int = 0
     krylov_products: int = 0
-
-
-class _Budget:
-    """Counts evaluations: every call of f and every Jacobian-vector product is one."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used = limit, 0
-
-    def spend(self, count: int = 1) -> bool:
-        if self.used + count > self.limit:
-            return False
-        self.used += count
-        return True
-
-    @property
-    def left(self) -> int:
-        return self.limit - self.used
-
-
-def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
-    """TorchDEQ's errors: abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9), non-finite → inf."""
-    inf = float("inf")      # nan_to_num would otherwise turn inf into the largest float
-    abs_res = (fz - z).norm(dim=1).nan_to_num(nan=inf, posinf=inf)
-    # abs = inf gives rel = inf or inf/inf = NaN, hence inf as well
-    rel_res = (abs_res / (fz.norm(dim=1) + 1e-9)).nan_to_num(nan=inf, posinf=inf)
-    return abs_res, rel_res
-
-
-def _where(mask: Tensor, a: Tensor | float, b: Tensor) -> Tensor:
-    """Per-sample select: rows of ``a`` where ``mask`` (B,), else rows of ``b``.
-
-    Unlike TorchDEQ's ``batch_masked_mixing`` (mask · a + ~mask · b) it does not spread a
-    NaN of the unselected side into the result.
-    """
-    return torch.where(mask.view(-1, *([1] * (b.dim() - 1))), a, b)
 
 
 def _maybe_any(mask: Tensor) -> bool:
@@ -262,27 +214,6 @@ class _State:
         self.dnorm_prev = self.dnorm_prev.masked_fill(mask, float("inf"))
 
 
-@dataclass
-class BestIterate:
-    """Best iterate per sample by the fixed-point residual of ``stop_mode``."""
-
-    z: Tensor
-    abs_res: Tensor
-    rel_res: Tensor
-    step: Tensor
-    fz: Tensor | None = None    # f at z, where the caller passes it to update
-
-    def update(self, z: Tensor, abs_res: Tensor, rel_res: Tensor, stop_mode: str,
-               used: int, fz: Tensor | None = None) -> None:
-        better = (abs_res < self.abs_res) if stop_mode == "abs" else (rel_res < self.rel_res)
-        if fz is not None:
-            self.fz = _where(better, fz, self.fz if self.fz is not None else fz)
-        self.z = _where(better, z, self.z)
-        self.abs_res = torch.where(better, abs_res, self.abs_res)
-        self.rel_res = torch.where(better, rel_res, self.rel_res)
-        self.step = self.step.masked_fill(better, float(used))
-
-
 class PathTracker:
     """Solve z = f(z) for a flat batch by Newton first, then homotopy path tracking.
 
@@ -316,7 +247,7 @@ class PathTracker:
         self._gen: torch.Generator | None = None
 
     # ---------------------------------------------------------------- linear algebra
-    def _solve(self, y: Tensor, fz: Tensor, border: Tensor, rhs: Tensor, budget: _Budget,
+    def _solve(self, y: Tensor, fz: Tensor, border: Tensor, rhs: Tensor, budget: Budget,
                need_exact: Tensor | None = None,
                rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Solve the bordered system  [H_z  H_λ; borderᵀ] δ = rhs  at y = (z, λ).
@@ -381,7 +312,7 @@ class PathTracker:
         return self._mode() == "dense"
 
     def _solve_secant(self, z: Tensor, lam: Tensor, fz: Tensor, border: Tensor, rhs: Tensor,
-                      budget: _Budget, need_exact: Tensor | None,
+                      budget: Budget, need_exact: Tensor | None,
                       rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Bordered solves through the low-rank secant model B ≈ J_f
         (:class:`~torchdeq_homotopy.secant.LowRankJacobian`).
@@ -446,7 +377,7 @@ class PathTracker:
         finite = torch.where(exact, exact_finite, finite)
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
 
-    def _dense_jacobian(self, z: Tensor, fz: Tensor, budget: _Budget,
+    def _dense_jacobian(self, z: Tensor, fz: Tensor, budget: Budget,
                         need_exact: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """J_f at z: fresh (n products) or the secant-updated cache; None if the budget
         cannot pay for a needed refresh."""
@@ -496,13 +427,13 @@ class PathTracker:
         h = torch.where((t_lam > 0) & (lam_a < 1) & (st.step > to_end), to_end, st.step)
         return st.anchor + h[:, None] * st.tangent
 
-    def _predict(self, st: _State, mask: Tensor, budget: _Budget) -> Tensor:
+    def _predict(self, st: _State, mask: Tensor, budget: Budget) -> Tensor:
         linear = self._predict_linear(st)
         if self.opt.predictor == "tangent":
             return linear
         return self._predict_ode(st, linear, mask, budget)
 
-    def _predict_ode(self, st: _State, linear: Tensor, mask: Tensor, budget: _Budget) -> Tensor:
+    def _predict_ode(self, st: _State, linear: Tensor, mask: Tensor, budget: Budget) -> Tensor:
         """Integrate the arclength Davidenko ODE  dy/ds = t(y),  s ∈ [0, h],  with odeint.
 
         t(y) solves [H_z H_λ; t_aᵀ] w = [0; 1], t = w / ||w|| (oriented like the anchor's
@@ -528,7 +459,7 @@ class PathTracker:
         return odeint(velocity, st.anchor, grid, method=self.opt.ode_method)[-1]
 
     # ---------------------------------------------------------------- decisions
-    def _build_homotopy(self, budget: _Budget) -> bool:
+    def _build_homotopy(self, budget: Budget) -> bool:
         if self.fz0 is None:
             if not budget.spend():
                 return False
@@ -547,7 +478,7 @@ class PathTracker:
         st.stale = st.stale | (newtonish & ~st.exact & slow)
 
     def _leave_newton(self, st: _State, f_finite: Tensor, abs_res: Tensor,
-                      budget: _Budget) -> Tensor:
+                      budget: Budget) -> Tensor:
         """NEWTON samples that stall restart on the path from (z0, 0); returns the samples
         that are idle this iteration (waiting or restarting)."""
         opt = self.opt
@@ -598,7 +529,7 @@ class PathTracker:
         return _where(rows, step, delta), torch.where(rows, ok, finite)
 
     def _leave_broyden(self, st: _State, in_newton: Tensor, f_finite: Tensor,
-                       abs_res: Tensor, budget: _Budget) -> Tensor:
+                       abs_res: Tensor, budget: Budget) -> Tensor:
         """With the secant model the NEWTON phase is Broyden's method (see
         :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
         find no residual below its lowest, or when f or the step is not finite; once every
@@ -639,7 +570,7 @@ class PathTracker:
             return
         self._set_tangent(st, mask, _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
 
-    def _restart(self, st: _State, budget: _Budget) -> Tensor:
+    def _restart(self, st: _State, budget: Budget) -> Tensor:
         """Samples whose path step underflowed, or whose path went below λ = 0 (a jump to
         another branch), start a new path from a perturbed start
 
@@ -740,7 +671,7 @@ class PathTracker:
         return retry
 
     def _set_tangent(self, st: _State, got: Tensor, t: Tensor,
-                     budget: _Budget | None = None, exact: Tensor | None = None) -> None:
+                     budget: Budget | None = None, exact: Tensor | None = None) -> None:
         """Take ``t`` as the anchor's tangent and predict the next point. The first tangent
         sets the step scale. A tangent turning sharply (t · t_prev < ``max_turn``) means the
         step may have jumped to another branch: go back to the previous anchor with a
@@ -785,7 +716,7 @@ class PathTracker:
         """
         opt, x0, n = self.opt, self.x0, self.n
         self.max_evals = max_evals
-        budget = _Budget(max_evals)
+        budget = Budget(max_evals)
         budget.used = used
         indexing = sorted(indexing or [])
         newton_first = opt.newton_iters > 0 or not opt.track

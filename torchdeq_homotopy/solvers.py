@@ -26,7 +26,8 @@ import torch
 from torchdeq.solver.stat import SolverStat
 
 from .config import SOLVER_KEYS, resolve
-from .path import PathTracker, Status, TrackerOptions, TrackerResult
+from .outcome import Status
+from .path import PathTracker, TrackerOptions, TrackerResult
 from .warmup import warm_up
 
 Tensor = torch.Tensor

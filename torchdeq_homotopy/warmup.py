@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torchdeq.solver.anderson import anderson_solver
 
-from .path import BestIterate, residuals
+from .outcome import BestIterate, residuals
 
 Tensor = torch.Tensor
 

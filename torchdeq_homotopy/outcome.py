@@ -1,0 +1,103 @@
+"""Per-sample outcomes shared by every module: the status enum, residuals, the best
+iterate, and the evaluation budget.
+
+Everything here is independent of how a solve proceeds; the path tracker, the warm-up,
+the solvers and the HomoODE core all import it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class Status(enum.IntEnum):
+    """Per-sample outcome, reported as ``info['status']``."""
+
+    RUNNING = 0
+    CONVERGED = 1
+    MAX_EVALS = 2
+    """The evaluation budget ran out before the residual reached the tolerance."""
+    NONFINITE = 3
+    """f returned NaN or Inf where no recovery was possible."""
+    STEP_UNDERFLOW = 4
+    """Path tracking needed a step below ``homo_step_min`` (or jumped to a branch with
+    λ < 0), on its first path and on every restart."""
+
+
+class Budget:
+    """Counts evaluations: every call of f and every Jacobian-vector product is one.
+
+    Example:
+        >>> budget = Budget(3)
+        >>> budget.spend(2), budget.spend(2), budget.left
+        (True, False, 1)
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def spend(self, count: int = 1) -> bool:
+        if self.used + count > self.limit:
+            return False
+        self.used += count
+        return True
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.used
+
+
+def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+    """TorchDEQ's errors: abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9), non-finite → inf.
+
+    Example:
+        >>> residuals(torch.zeros(2, 2), torch.tensor([[3.0, 4.0], [float('nan'), 0.0]]))
+        (tensor([5., inf]), tensor([1., inf]))
+    """
+    inf = float("inf")      # nan_to_num would otherwise turn inf into the largest float
+    abs_res = (fz - z).norm(dim=1).nan_to_num(nan=inf, posinf=inf)
+    # abs = inf gives rel = inf or inf/inf = NaN, hence inf as well
+    rel_res = (abs_res / (fz.norm(dim=1) + 1e-9)).nan_to_num(nan=inf, posinf=inf)
+    return abs_res, rel_res
+
+
+def _where(mask: Tensor, a: Tensor | float, b: Tensor) -> Tensor:
+    """Per-sample select: rows of ``a`` where ``mask`` (B,), else rows of ``b``.
+
+    Unlike TorchDEQ's ``batch_masked_mixing`` (mask · a + ~mask · b) it does not spread a
+    NaN of the unselected side into the result.
+    """
+    return torch.where(mask.view(-1, *([1] * (b.dim() - 1))), a, b)
+
+
+@dataclass
+class BestIterate:
+    """Best iterate per sample by the fixed-point residual of ``stop_mode``.
+
+    Example:
+        >>> inf = torch.full((2,), float('inf'))
+        >>> best = BestIterate(torch.zeros(2, 1), inf, inf, torch.zeros(2))
+        >>> best.update(torch.ones(2, 1), torch.tensor([1.0, 2.0]), inf, 'abs', used=3)
+        >>> best.abs_res.tolist(), best.step.tolist()
+        ([1.0, 2.0], [3.0, 3.0])
+    """
+
+    z: Tensor
+    abs_res: Tensor
+    rel_res: Tensor
+    step: Tensor
+    fz: Tensor | None = None    # f at z, where the caller passes it to update
+
+    def update(self, z: Tensor, abs_res: Tensor, rel_res: Tensor, stop_mode: str,
+               used: int, fz: Tensor | None = None) -> None:
+        better = (abs_res < self.abs_res) if stop_mode == "abs" else (rel_res < self.rel_res)
+        if fz is not None:
+            self.fz = _where(better, fz, self.fz if self.fz is not None else fz)
+        self.z = _where(better, z, self.z)
+        self.abs_res = torch.where(better, abs_res, self.abs_res)
+        self.rel_res = torch.where(better, rel_res, self.rel_res)
+        self.step = self.step.masked_fill(better, float(used))
