@@ -46,7 +46,8 @@ class _Counted:
         fz = self.f(z)
         if self.calls == 1:
             self.first = (z, fz)
-        self.best.update(z, *residuals(z, fz), self.stop_mode, self.calls, fz=fz)
+        self.last_res = residuals(z, fz)        # (abs, rel) of this call
+        self.best.update(z, *self.last_res, self.stop_mode, self.calls, fz=fz)
         while (len(self.trajectory) < len(self.indexing)
                and self.indexing[len(self.trajectory)] <= self.calls):
             self.trajectory.append(self.best.z.clone())
@@ -61,7 +62,7 @@ def _record(traces: tuple[list[Tensor], list[Tensor], list[int]], abs_res: Tenso
 
 
 def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: float,
-                                   stop_mode: str, best: BestIterate, rate: float,
+                                   stop_mode: str, rate: float,
                                    traces: tuple[list[Tensor], list[Tensor], list[int]]
                                    ) -> tuple[Tensor, bool]:
     """z_{k+1} = f(z_k) while every unconverged sample's residual shrinks by ``rate`` per
@@ -70,15 +71,14 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
     Returns the residual ||f(x0) - x0|| of the start, and whether the map expands there:
     the first step grew the residual, r_1 > r_0, for at least half the unconverged samples.
     """
-    z, fz = x0, f(x0)
-    first, _ = residuals(z, fz)
+    fz = f(x0)
+    first, _ = f.last_res
     previous = None
     expanding = False
     abs_first = first
     while True:
-        abs_res, rel_res = residuals(z, fz)
+        abs_res, rel_res = f.last_res           # of the last call, f(z) with z = f(previous z)
         _record(traces, abs_res, rel_res, f.calls)
-        best.update(z, abs_res, rel_res, stop_mode, f.calls)
         stop = abs_res if stop_mode == "abs" else rel_res
         open_ = stop > tol
         slow = previous is not None and bool((open_ & ~(stop <= rate * previous)).any())
@@ -87,7 +87,7 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
         if not bool(open_.any()) or slow or f.calls >= budget:
             return first, expanding
         previous = stop
-        z, fz = fz, f(fz)
+        fz = f(fz)
 
 
 def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
@@ -114,7 +114,7 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
     counted = _Counted(f, best, stop_mode, sorted(indexing or []))
     traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
     first, expanding = _fixed_point_while_contracting(counted, x0, budget, tol, stop_mode,
-                                                      best, rate, traces)
+                                                      rate, traces)
     stop = best.abs_res if stop_mode == "abs" else best.rel_res
     # TorchDEQ's Anderson calls f max(2, max_iter) times; one more call follows.
     if not expanding and bool((stop > tol).any()) and budget - counted.calls >= 3:
@@ -123,9 +123,8 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
         # Anderson's reported residuals need not be those of the iterate it returns:
         # evaluate that iterate once more, so the kept iterate and its residual agree.
         z = torch.where(torch.isfinite(z).all(dim=1, keepdim=True), z, best.z)
-        abs_res, rel_res = residuals(z, counted(z))
-        _record(traces, abs_res, rel_res, counted.calls)
-        best.update(z, abs_res, rel_res, stop_mode, counted.calls)
+        counted(z)                              # updates the best iterate
+        _record(traces, *counted.last_res, counted.calls)
     helped = best.abs_res <= 0.1 * first
     x0_evaluated, f_x0 = counted.first
     return Warmup(newton_start=torch.where(helped[:, None], best.z, x0_evaluated),
