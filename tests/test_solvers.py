@@ -293,10 +293,18 @@ def test_readme_configuration_table_matches_defaults():
                                      and float(shown) == key.default), name
 
 
-def test_warm_up_iterates_while_contracting_then_hands_to_anderson():
+def test_warm_up_iterates_while_contracting_then_hands_to_anderson(monkeypatch):
+    from torchdeq_homotopy import warmup
     from torchdeq_homotopy.warmup import warm_up
 
-    calls = []
+    calls, anderson_runs = [], []
+
+    def spy(*args, **kwargs):
+        anderson_runs.append(1)
+        return anderson_solver(*args, **kwargs)
+
+    from torchdeq.solver.anderson import anderson_solver
+    monkeypatch.setattr(warmup, "anderson_solver", spy)
 
     def counted(f):
         def g(z):
@@ -307,13 +315,15 @@ def test_warm_up_iterates_while_contracting_then_hands_to_anderson():
     f, z_true = linear_problem(4, 6, 0.3)                  # contracts by 0.3 per step
     warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
     assert len(calls) == warm.evals <= 20                   # fixed-point iteration alone
+    assert anderson_runs == []
     torch.testing.assert_close(warm.best.z, z_true, rtol=0, atol=1e-7)
     assert torch.equal(warm.newton_start, warm.best.z)      # it helped: Newton starts there
     calls.clear()
     f, _ = linear_problem(4, 6, 0.95)                       # contracts, but too slowly
     warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
     assert warm.evals == len(calls) <= 30
-    assert len(warm.abs_trace) < warm.evals                 # Anderson ran after a few steps
+    assert anderson_runs == [1]                             # after a few steps, Anderson
+    assert len(warm.abs_trace) == warm.evals                # one trace column per call
     residual = (f(warm.best.z) - warm.best.z).norm(dim=1)
     torch.testing.assert_close(warm.best.abs_res, residual)  # kept iterate matches its residual
     calls.clear()
@@ -322,6 +332,7 @@ def test_warm_up_iterates_while_contracting_then_hands_to_anderson():
     assert ((f(z1) - z1).norm(dim=1) > z1.norm(dim=1)).float().mean() >= 0.5
     warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
     assert warm.evals == len(calls) == 2                    # no Anderson on an expanding map
+    assert anderson_runs == [1]
 
 
 @pytest.mark.parametrize("mode", ["forward", "finite_difference", "auto"])
@@ -390,3 +401,32 @@ def test_paths_restart_from_a_perturbed_start_after_underflow():
     assert (residual[ok] <= 1e-4).all()
     assert (info["status"][~ok] != Status.CONVERGED).all()
     assert int((info["status"] == Status.STEP_UNDERFLOW).sum()) < int(failed0.sum())
+
+
+def test_anderson_hands_over_when_stalled_or_behind_with_budget_to_spare():
+    from torchdeq_homotopy.warmup import ProgressRule
+    geometric = [torch.tensor([0.5 ** k]) for k in range(12)]     # halves every call
+    rule = ProgressRule(guaranteed=4, budget=40, tol=1e-6, reserve=10, window=5)
+    assert not rule.hand_over(geometric[:3])                       # guaranteed calls
+    assert not rule.hand_over(geometric)       # needs 20 - 12 = 8 more, 28 left
+    stalled = geometric[:8] + [geometric[7]] * 5
+    assert rule.hand_over(stalled)                                 # no new best in 5 calls
+    slow = [torch.tensor([0.99 ** k]) for k in range(12)]          # needs ~1,370 calls
+    assert rule.hand_over(slow)                                    # 28 left >= reserve
+    tight = ProgressRule(guaranteed=4, budget=20, tol=1e-6, reserve=10, window=5)
+    assert not tight.hand_over(slow)              # 8 left < reserve: keep what works
+    done = geometric[:11] + [torch.tensor([1e-7])]
+    assert rule.hand_over(done)                                    # all converged
+
+
+def test_small_budget_keeps_anderson_on_a_slowly_contracting_map():
+    """At TorchDEQ's training budgets, a benign map solved by Anderson within the budget is
+    solved by the homotopy solver with no more evaluations (no handover mid-way)."""
+    f, _ = linear_problem(4, 64, 0.9)
+    x0 = torch.zeros(4, 64, dtype=torch.float64)
+    _, _, info_a = get_solver("anderson")(f, x0, max_iter=60, tol=1e-4)
+    assert 20 < int(info_a["nstep"].max()) <= 40     # Anderson needs more than half of 40
+    z, _, info = th.homotopy_solver(f, x0, max_iter=40, tol=1e-4, homo_linear_solver="gmres")
+    assert bool(info["converged"].all())
+    assert float(info["nfe"][0]) <= int(info_a["nstep"].max()) + 2
+    assert (f(z) - z).norm(dim=1).max() <= 1e-4

@@ -7,7 +7,7 @@ the solvers and the HomoODE core all import it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,3 +101,24 @@ class BestIterate:
         self.abs_res = torch.where(better, abs_res, self.abs_res)
         self.rel_res = torch.where(better, rel_res, self.rel_res)
         self.step = self.step.masked_fill(better, float(used))
+
+
+@dataclass
+class TrackerResult:
+    """What a solve returns: best iterates and per-sample statistics (flat ``(B, n)``)."""
+
+    z_best: Tensor
+    abs_best: Tensor
+    rel_best: Tensor
+    step_best: Tensor
+    abs_trace: list[Tensor]
+    rel_trace: list[Tensor]
+    status: Tensor
+    lam: Tensor
+    evals: int
+    trajectory: list[Tensor] = field(default_factory=list)
+    trace_nfe: list[int] = field(default_factory=list)
+    lam_trace: list[Tensor] = field(default_factory=list)
+    restarts: Tensor | None = None
+    krylov_solves: int = 0
+    krylov_products: int = 0

@@ -59,13 +59,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .homotopies import HOMOTOPIES, NewtonHomotopy
 from .linalg import Linearization, SecantJacobian, batch_dot, dense_jacobian, gmres
-from .outcome import BestIterate, Budget, Status, _where, residuals
+from .outcome import BestIterate, Budget, Status, TrackerResult, _where, residuals
 from .secant import InverseBroyden, LowRankJacobian
 
 Tensor = torch.Tensor
@@ -113,27 +113,6 @@ class TrackerOptions:
     secant_patience: int | None = None
     broyden_memory: int | None = None
     restarts: int = 2
-
-
-@dataclass
-class TrackerResult:
-    """What a solve returns: best iterates and per-sample statistics (flat ``(B, n)``)."""
-
-    z_best: Tensor
-    abs_best: Tensor
-    rel_best: Tensor
-    step_best: Tensor
-    abs_trace: list[Tensor]
-    rel_trace: list[Tensor]
-    status: Tensor
-    lam: Tensor
-    evals: int
-    trajectory: list[Tensor] = field(default_factory=list)
-    trace_nfe: list[int] = field(default_factory=list)
-    lam_trace: list[Tensor] = field(default_factory=list)
-    restarts: Tensor | None = None
-    krylov_solves: int = 0
-    krylov_products: int = 0
 
 
 def _maybe_any(mask: Tensor) -> bool:
@@ -746,8 +725,9 @@ class PathTracker:
             trace_nfe.append(budget.used)
             lam_trace.append(lam.clone())
             best.update(z, abs_res, rel_res, stop_mode, budget.used)
-            stop_res = abs_res if stop_mode == "abs" else rel_res
-            converged = (st.phase != Phase.DONE) & (stop_res <= tol)
+            # A sample is done once its best iterate (the warm-up's included) meets tol.
+            best_res = best.abs_res if stop_mode == "abs" else best.rel_res
+            converged = (st.phase != Phase.DONE) & (best_res <= tol)
             st.finish(converged, Status.CONVERGED)
             st.y[:, n] = lam.masked_fill(converged, 1.0)
             while len(trajectory) < len(indexing) and indexing[len(trajectory)] <= budget.used:

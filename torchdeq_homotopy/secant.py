@@ -297,7 +297,9 @@ class InverseBroyden:
         and every product may run over the whole buffer."""
         capacity = self.C.shape[2] - 1
         if self._written >= capacity and capacity < self.memory:
-            grow = min(max(32, capacity), self.memory - capacity)
+            # double the capacity (from 4 columns): amortised O(1) copies per pair, and a
+            # short Broyden phase on a large batch allocates only what it uses
+            grow = min(max(4, capacity), self.memory - capacity)
             pad = c.new_zeros(*c.shape, grow + 1)
             self.C = torch.cat([self.C[..., :capacity], pad], dim=2)
             self.D = torch.cat([self.D[..., :capacity], pad], dim=2)

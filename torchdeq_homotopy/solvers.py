@@ -146,26 +146,9 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
         return _empty(x0, indexing)
     flat_f = _flatten_func(func, x0)
     x_flat = x0.detach().reshape(bsz, -1).to(_work_dtype(x0))
-    tracker_opts = TrackerOptions(**{k[len("homo_"):]: v for k, v in opts.items()
-                                     if k not in ("homo_strict", "homo_type", "homo_warmup")},
-                                  homotopy=opts["homo_type"], track=track)
-    if not track:
-        tracker_opts.newton_iters = int(max_iter)
-        if tracker_opts.linear_solver == "auto":    # Newton–Krylov, whatever the entry point
-            tracker_opts.linear_solver = "gmres"
     with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
-        warm = warm_up(flat_f, x_flat, min(opts["homo_warmup"], int(max_iter) // 2),
-                       tol, stop_mode, indexing=list(indexing or [])) if track else None
-        result = PathTracker(flat_f, x_flat, tracker_opts).run(
-            int(max_iter), float(tol), stop_mode, list(indexing) if indexing else None,
-            newton_start=warm.newton_start if warm else None, used=warm.evals if warm else 0,
-            best=warm.best if warm else None, trajectory=warm.trajectory if warm else None,
-            newton_start_fz=warm.newton_start_fz if warm else None)
-    if warm is not None:
-        result.abs_trace[:0] = warm.abs_trace
-        result.rel_trace[:0] = warm.rel_trace
-        result.trace_nfe[:0] = warm.trace_nfe
-        result.lam_trace[:0] = [torch.ones_like(t) for t in warm.abs_trace]
+        result = _solve(flat_f, x_flat, int(max_iter), float(tol), stop_mode,
+                        list(indexing or []), opts, track)
     # The status describes the returned (best) iterate: a sample whose best residual met
     # the tolerance converged, whatever phase it was in when the budget ran out.
     best_stop = result.abs_best if stop_mode == "abs" else result.rel_best
@@ -181,6 +164,34 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
             f"with status {names}); raise max_iter or loosen tol, or set homo_strict=False to "
             "read the per-sample status in info['status'].", info)
     return z_star, trajectory, info
+
+
+def _solve(f: Callable[[Tensor], Tensor], x: Tensor, max_iter: int, tol: float,
+           stop_mode: str, indexing: list[int], opts: dict[str, Any],
+           track: bool) -> TrackerResult:
+    """The warm-up (homotopy only), then the tracker for what it left unsolved."""
+    tracker_opts = TrackerOptions(**{k[len("homo_"):]: v for k, v in opts.items()
+                                     if k not in ("homo_strict", "homo_type", "homo_warmup")},
+                                  homotopy=opts["homo_type"], track=track)
+    if not track:
+        tracker_opts.newton_iters = max_iter
+        if tracker_opts.linear_solver == "auto":    # Newton–Krylov, whatever the entry point
+            tracker_opts.linear_solver = "gmres"
+        return PathTracker(f, x, tracker_opts).run(max_iter, tol, stop_mode, indexing or None)
+    warm = warm_up(f, x, max_iter, tol, stop_mode, indexing=indexing,
+                   guaranteed=min(opts["homo_warmup"], max_iter // 2),
+                   reserve=opts["homo_warmup"])
+    if warm.solved(tol, stop_mode) or warm.evals >= max_iter:
+        return warm.result(indexing)
+    result = PathTracker(f, x, tracker_opts).run(
+        max_iter, tol, stop_mode, indexing or None, newton_start=warm.newton_start,
+        used=warm.evals, best=warm.best, trajectory=warm.trajectory,
+        newton_start_fz=warm.newton_start_fz)
+    result.abs_trace[:0] = warm.abs_trace
+    result.rel_trace[:0] = warm.rel_trace
+    result.trace_nfe[:0] = warm.trace_nfe
+    result.lam_trace[:0] = [torch.ones_like(t) for t in warm.abs_trace]
+    return result
 
 
 def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50,

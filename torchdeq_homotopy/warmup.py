@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torchdeq.solver.anderson import anderson_solver
 
-from .outcome import BestIterate, residuals
+from .outcome import BestIterate, Status, TrackerResult, residuals
 
 Tensor = torch.Tensor
 
@@ -30,16 +30,93 @@ class Warmup:
     trace_nfe: list[int]      # evaluations spent at each of them
     trajectory: list[Tensor]  # best iterate at each requested evaluation count reached
 
+    def solved(self, tol: float, stop_mode: str) -> bool:
+        """Whether every sample's best iterate meets the tolerance (one host sync)."""
+        best = self.best.abs_res if stop_mode == "abs" else self.best.rel_res
+        return bool((best <= tol).all())
+
+    def result(self, indexing: list[int]) -> TrackerResult:
+        """The solve's result when the warm-up left nothing for the tracker: every sample
+        MAX_EVALS (the solver marks those whose best meets the tolerance CONVERGED) at λ = 1."""
+        best, ones = self.best, torch.ones_like(self.best.abs_res)
+        trajectory = self.trajectory + [best.z.clone()] * (len(indexing) - len(self.trajectory))
+        return TrackerResult(
+            z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res, step_best=best.step,
+            abs_trace=list(self.abs_trace), rel_trace=list(self.rel_trace),
+            status=torch.full_like(best.step, int(Status.MAX_EVALS), dtype=torch.long),
+            lam=ones, evals=self.evals, trajectory=trajectory, trace_nfe=list(self.trace_nfe),
+            lam_trace=[ones for _ in self.abs_trace],
+            restarts=torch.zeros_like(best.step, dtype=torch.long))
+
+
+PROGRESS_WINDOW = 5
+"""Calls over which the warm-up measures Anderson's rate of progress."""
+
+
+class _Handover(Exception):
+    """Raised from inside Anderson's loop when its progress no longer pays."""
+
+
+@dataclass
+class ProgressRule:
+    """When Anderson hands the unconverged samples over to the next phase.
+
+    Anderson always gets ``guaranteed`` calls of f. After call c, with r_c an open
+    sample's best residual (above ``tol``) and its geometric rate over the last ``window``
+    calls
+
+        ρ = (r_c / r_{c−w})^{1/w},     calls needed = log(tol / r_c) / log ρ  (∞ if ρ ≥ 1),
+
+    it hands over when some open sample has stalled (ρ ≥ 1: no new best in the window), or
+    is not projected to converge within the calls left while at least ``reserve`` calls
+    remain for the next phase. Otherwise it continues: a benign cell keeps the accelerator
+    that is solving it, as TorchDEQ's Anderson would with the whole budget, and at small
+    budgets the next phase is not started with too few evaluations to catch up.
+
+    Example:
+        >>> rule = ProgressRule(guaranteed=2, budget=10, tol=1e-3, window=2)
+        >>> history = [torch.tensor([1.0]), torch.tensor([0.1]), torch.tensor([0.01])]
+        >>> rule.hand_over(history)     # rate 0.1 per call: one more call suffices
+        False
+        >>> rule.hand_over(history + [torch.tensor([0.01])] * 2)   # stalled
+        True
+    """
+
+    guaranteed: int
+    budget: int
+    tol: float
+    reserve: int = 0
+    window: int = PROGRESS_WINDOW
+
+    def hand_over(self, best_history: list[Tensor]) -> bool:
+        """``best_history[c - 1]``: the best residual per sample after call c (one host
+        sync per call, as TorchDEQ's Anderson's own stopping test)."""
+        calls = len(best_history)
+        now = best_history[-1]
+        open_ = now > self.tol
+        if calls < max(self.guaranteed, self.window + 1):
+            return not bool(open_.any())
+        rate = (now / best_history[-1 - self.window]).pow(1.0 / self.window)
+        needed = torch.log(self.tol / now) / torch.log(rate)      # rate < 1 here
+        stalled = open_ & ~(rate < 1)
+        behind = open_ & (rate < 1) & ~(needed <= self.budget - calls)
+        worth = self.budget - calls >= self.reserve
+        return bool((~open_.any()) | stalled.any() | (behind.any() & worth))
+
 
 class _Counted:
     """f, counting its calls; after each call the best iterate is updated and, at the
-    requested 1-based call counts ``indexing``, recorded in ``trajectory``."""
+    requested 1-based call counts ``indexing``, recorded in ``trajectory``. With a
+    ``rule`` set, a call after which the rule hands over raises :class:`_Handover`."""
 
     def __init__(self, f: Callable[[Tensor], Tensor], best: BestIterate, stop_mode: str,
                  indexing: list[int]) -> None:
         self.f, self.calls = f, 0
         self.best, self.stop_mode, self.indexing = best, stop_mode, indexing
         self.trajectory: list[Tensor] = []
+        self.best_history: list[Tensor] = []
+        self.traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
+        self.rule: ProgressRule | None = None
 
     def __call__(self, z: Tensor) -> Tensor:
         self.calls += 1
@@ -47,24 +124,21 @@ class _Counted:
         if self.calls == 1:
             self.first = (z, fz)
         self.last_res = residuals(z, fz)        # (abs, rel) of this call
+        for trace, value in zip(self.traces, (*self.last_res, self.calls), strict=True):
+            trace.append(value)
         self.best.update(z, *self.last_res, self.stop_mode, self.calls, fz=fz)
+        self.best_history.append(self.best.abs_res if self.stop_mode == "abs"
+                                 else self.best.rel_res)
         while (len(self.trajectory) < len(self.indexing)
                and self.indexing[len(self.trajectory)] <= self.calls):
             self.trajectory.append(self.best.z.clone())
+        if self.rule is not None and self.rule.hand_over(self.best_history):
+            raise _Handover
         return fz
 
 
-def _record(traces: tuple[list[Tensor], list[Tensor], list[int]], abs_res: Tensor,
-            rel_res: Tensor, calls: int) -> None:
-    traces[0].append(abs_res)
-    traces[1].append(rel_res)
-    traces[2].append(calls)
-
-
 def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: float,
-                                   stop_mode: str, rate: float,
-                                   traces: tuple[list[Tensor], list[Tensor], list[int]]
-                                   ) -> tuple[Tensor, bool]:
+                                   stop_mode: str, rate: float) -> tuple[Tensor, bool]:
     """z_{k+1} = f(z_k) while every unconverged sample's residual shrinks by ``rate`` per
     step, r_{k+1} <= rate · r_k (one host sync per step, as TorchDEQ's own iteration).
 
@@ -78,7 +152,6 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
     abs_first = first
     while True:
         abs_res, rel_res = f.last_res           # of the last call, f(z) with z = f(previous z)
-        _record(traces, abs_res, rel_res, f.calls)
         stop = abs_res if stop_mode == "abs" else rel_res
         open_ = stop > tol
         slow = previous is not None and bool((open_ & ~(stop <= rate * previous)).any())
@@ -91,12 +164,15 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
 
 
 def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
-            stop_mode: str, rate: float = 0.7, indexing: list[int] | None = None
-            ) -> Warmup | None:
+            stop_mode: str, rate: float = 0.7, indexing: list[int] | None = None,
+            guaranteed: int | None = None, reserve: int = 0) -> Warmup | None:
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
     acceleration (TorchDEQ's) from the best iterate, within ``budget`` calls of f.
     Anderson is skipped where the first fixed-point step grew most residuals: on such
     expansive maps it rarely converges (BENCHMARKS.md), and Newton does better.
+    After ``guaranteed`` calls (default: all of ``budget``) Anderson hands over to the
+    next phase once an open sample is no longer projected to converge within the budget
+    at its current rate (:class:`ProgressRule`).
 
     Newton later starts from the best iterate where the warm-up cut the residual tenfold;
     elsewhere (expansive or divergent maps) from x0, the better Newton start there.
@@ -112,22 +188,25 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
     best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                        step=torch.zeros_like(inf))
     counted = _Counted(f, best, stop_mode, sorted(indexing or []))
-    traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
     first, expanding = _fixed_point_while_contracting(counted, x0, budget, tol, stop_mode,
-                                                      rate, traces)
+                                                      rate)
     stop = best.abs_res if stop_mode == "abs" else best.rel_res
-    # TorchDEQ's Anderson calls f max(2, max_iter) times; one more call follows.
-    if not expanding and bool((stop > tol).any()) and budget - counted.calls >= 3:
-        z, _, _ = anderson_solver(counted, best.z, max_iter=budget - counted.calls - 1,
-                                  tol=tol, stop_mode=stop_mode)
-        # Anderson's reported residuals need not be those of the iterate it returns:
-        # evaluate that iterate once more, so the kept iterate and its residual agree.
-        z = torch.where(torch.isfinite(z).all(dim=1, keepdim=True), z, best.z)
-        counted(z)                              # updates the best iterate
-        _record(traces, *counted.last_res, counted.calls)
+    # TorchDEQ's Anderson calls f max(2, max_iter) times. Every call is recorded by
+    # ``counted`` (the best iterate is the best verified one), so Anderson's own return
+    # value, whose residual it never evaluated, is not needed.
+    if not expanding and bool((stop > tol).any()) and budget - counted.calls >= 2:
+        counted.rule = ProgressRule(guaranteed if guaranteed is not None else budget,
+                                    budget, tol, reserve)
+        try:
+            anderson_solver(counted, best.z, max_iter=budget - counted.calls, tol=tol,
+                            stop_mode=stop_mode)
+        except _Handover:
+            pass
+        counted.rule = None
     helped = best.abs_res <= 0.1 * first
     x0_evaluated, f_x0 = counted.first
     return Warmup(newton_start=torch.where(helped[:, None], best.z, x0_evaluated),
                   newton_start_fz=torch.where(helped[:, None], best.fz, f_x0), best=best,
-                  evals=counted.calls, abs_trace=traces[0], rel_trace=traces[1],
-                  trace_nfe=traces[2], trajectory=counted.trajectory)
+                  evals=counted.calls, abs_trace=counted.traces[0],
+                  rel_trace=counted.traces[1], trace_nfe=counted.traces[2],
+                  trajectory=counted.trajectory)
