@@ -7,7 +7,9 @@ the same cell before a 1 % perturbation of its weights, as in training):
   * ``inr``: an INR-style cell, z ← tanh(W z + U φ(p)), 256 wide, ‖W‖₂ = 0.9, Fourier
     features φ of 9,216 pixel coordinates (the full batch);
   * ``conv``: the reference classifier's cell, conv + GroupNorm, 64 × 14 × 14, batch 64;
-  * ``mlp``: tanh(W z + x), 128 wide, ‖W‖₂ = 0.9, batch 256.
+  * ``mlp``: tanh(W z + x), 128 wide, ‖W‖₂ = 0.9, batch 256;
+  * ``slow``: tanh(W z + x), 256 wide, ‖W‖₂ = 2.5, x ~ N(0, 1), batch 256: fixed-point
+    iteration contracts slowly there, and Anderson or Broyden is needed within 40 calls.
 Every solver runs at ``max_iter`` 40 and ``tol`` 1e-3 in both stop modes. Reported per
 solver: solved fraction, evaluations (``nstep`` for TorchDEQ's, ``nfe`` for the plugin's),
 mean residual, and median wall time over ``--repeats`` (solvers interleaved, so the machine's
@@ -74,7 +76,17 @@ def mlp_cell(seed: int, perturb: float = 0.0):
     return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(256, 128)
 
 
-CELLS = {"inr": inr_cell, "conv": conv_cell, "mlp": mlp_cell}
+def slow_cell(seed: int, perturb: float = 0.0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(256, 256, generator=g)
+    x = torch.randn(256, 256, generator=g)
+    if perturb:
+        W = W + perturb * torch.randn(256, 256, generator=g)
+    W = _spectral(W, 2.5)
+    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(256, 256)
+
+
+CELLS = {"inr": inr_cell, "conv": conv_cell, "mlp": mlp_cell, "slow": slow_cell}
 
 
 @torch.no_grad()

@@ -403,19 +403,21 @@ def test_paths_restart_from_a_perturbed_start_after_underflow():
     assert int((info["status"] == Status.STEP_UNDERFLOW).sum()) < int(failed0.sum())
 
 
-def test_anderson_hands_over_when_stalled_or_behind_with_budget_to_spare():
+def test_anderson_hands_over_when_stalled_or_too_slow_for_a_large_budget():
     from torchdeq_homotopy.warmup import ProgressRule
     geometric = [torch.tensor([0.5 ** k]) for k in range(12)]     # halves every call
-    rule = ProgressRule(guaranteed=4, budget=40, tol=1e-6, reserve=10, window=5)
+    rule = ProgressRule(guaranteed=4, budget=100, tol=1e-6, reserve=10, window=5)
     assert not rule.hand_over(geometric[:3])                       # guaranteed calls
-    assert not rule.hand_over(geometric)       # needs 20 - 12 = 8 more, 28 left
+    assert not rule.hand_over(geometric)       # needs 20 - 11 = 9 more <= 10 (the reserve)
     stalled = geometric[:8] + [geometric[7]] * 5
     assert rule.hand_over(stalled)                                 # no new best in 5 calls
     slow = [torch.tensor([0.99 ** k]) for k in range(12)]          # needs ~1,370 calls
-    assert rule.hand_over(slow)                                    # 28 left >= reserve
+    assert rule.hand_over(slow)                                    # 88 left: Broyden's
     tight = ProgressRule(guaranteed=4, budget=20, tol=1e-6, reserve=10, window=5)
-    assert not tight.hand_over(slow)              # 8 left < reserve: keep what works
-    done = geometric[:11] + [torch.tensor([1e-7])]
+    assert not tight.hand_over(slow)          # 8 left < 2 x reserve: keep what progresses
+    assert tight.hand_over([torch.tensor([0.99 ** k]) for k in range(8)] + [torch.tensor(
+        [0.99 ** 7])] * 5)                                         # unless it stalls
+    done = [*geometric[:11], torch.tensor([1e-7])]
     assert rule.hand_over(done)                                    # all converged
 
 

@@ -50,7 +50,40 @@ class Warmup:
 
 
 PROGRESS_WINDOW = 5
-"""Calls over which the warm-up measures Anderson's rate of progress."""
+"""Calls over which the warm-up measures a method's rate of progress."""
+
+
+def horizon(calls_left: int, reserve: int) -> float:
+    """Calls within which a slowly converging warm-up method must be projected to
+    converge to keep the budget: ``reserve``, so that a slow method never holds a large
+    budget that Broyden's method or the path would use better; but unbounded (it keeps
+    the budget while it makes progress at all) once fewer than 2 · ``reserve`` calls are
+    left, too few for the next phase to catch up."""
+    return float("inf") if calls_left < 2 * reserve else float(reserve)
+
+
+def on_time(history: list[Tensor], tol: float, within: float,
+            window: int = PROGRESS_WINDOW) -> Tensor:
+    """Per sample, whether the residual's geometric rate over the last
+    w = min(``window``, steps known) steps,
+
+        ρ = (r_k / r_{k−w})^{1/w},     calls needed = log(tol / r_k) / log ρ,
+
+    reaches ``tol`` within ``within`` calls (ρ < 1 suffices while fewer than ``window``
+    steps are known: one step says too little to project).
+
+    Example:
+        >>> halving = [torch.tensor([0.5 ** k]) for k in range(6)]
+        >>> on_time(halving, 1e-3, 5).item(), on_time(halving, 1e-3, 4).item()
+        (True, False)
+    """
+    known = min(window, len(history) - 1)
+    now = history[-1]
+    rate = (now / history[-1 - known]).pow(1.0 / known)
+    if known < window:
+        return rate < 1
+    needed = torch.log(tol / now) / torch.log(rate)
+    return (now <= tol) | ((rate < 1) & (needed <= within))
 
 
 class _Handover(Exception):
@@ -61,20 +94,14 @@ class _Handover(Exception):
 class ProgressRule:
     """When Anderson hands the unconverged samples over to the next phase.
 
-    Anderson always gets ``guaranteed`` calls of f. After call c, with r_c an open
-    sample's best residual (above ``tol``) and its geometric rate over the last ``window``
-    calls
-
-        ρ = (r_c / r_{c−w})^{1/w},     calls needed = log(tol / r_c) / log ρ  (∞ if ρ ≥ 1),
-
-    it hands over when some open sample has stalled (ρ ≥ 1: no new best in the window), or
-    is not projected to converge within the calls left while at least ``reserve`` calls
-    remain for the next phase. Otherwise it continues: a benign cell keeps the accelerator
-    that is solving it, as TorchDEQ's Anderson would with the whole budget, and at small
-    budgets the next phase is not started with too few evaluations to catch up.
+    Anderson always gets ``guaranteed`` calls of f. After that it continues while every
+    open sample's best residual is projected to reach ``tol`` (:func:`on_time`) within the
+    :func:`horizon` of the calls left: a benign cell keeps the accelerator that is solving
+    it, as TorchDEQ's Anderson would with the whole budget; a stalled or slow one hands
+    over to Broyden's method and the path.
 
     Example:
-        >>> rule = ProgressRule(guaranteed=2, budget=10, tol=1e-3, window=2)
+        >>> rule = ProgressRule(guaranteed=2, budget=100, tol=1e-3, reserve=5, window=2)
         >>> history = [torch.tensor([1.0]), torch.tensor([0.1]), torch.tensor([0.01])]
         >>> rule.hand_over(history)     # rate 0.1 per call: one more call suffices
         False
@@ -92,16 +119,13 @@ class ProgressRule:
         """``best_history[c - 1]``: the best residual per sample after call c (one host
         sync per call, as TorchDEQ's Anderson's own stopping test)."""
         calls = len(best_history)
-        now = best_history[-1]
-        open_ = now > self.tol
+        open_ = best_history[-1] > self.tol
         if calls < max(self.guaranteed, self.window + 1):
             return not bool(open_.any())
-        rate = (now / best_history[-1 - self.window]).pow(1.0 / self.window)
-        needed = torch.log(self.tol / now) / torch.log(rate)      # rate < 1 here
-        stalled = open_ & ~(rate < 1)
-        behind = open_ & (rate < 1) & ~(needed <= self.budget - calls)
-        worth = self.budget - calls >= self.reserve
-        return bool((~open_.any()) | stalled.any() | (behind.any() & worth))
+        within = horizon(self.budget - calls, self.reserve)
+        recent = best_history[-1 - self.window:]
+        late = open_ & ~on_time(recent, self.tol, within, self.window)
+        return bool(late.any() | ~open_.any())
 
 
 class _Counted:
@@ -117,8 +141,13 @@ class _Counted:
         self.best_history: list[Tensor] = []
         self.traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
         self.rule: ProgressRule | None = None
+        self.cached: tuple[Tensor, Tensor] | None = None   # (z, f(z)) to serve once, free
 
     def __call__(self, z: Tensor) -> Tensor:
+        if self.cached is not None and z.data_ptr() == self.cached[0].data_ptr():
+            fz, self.cached = self.cached[1], None     # Anderson's first call, at its start
+            return fz
+        self.cached = None
         self.calls += 1
         fz = self.f(z)
         if self.calls == 1:
@@ -138,28 +167,36 @@ class _Counted:
 
 
 def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: float,
-                                   stop_mode: str, rate: float) -> tuple[Tensor, bool]:
-    """z_{k+1} = f(z_k) while every unconverged sample's residual shrinks by ``rate`` per
-    step, r_{k+1} <= rate · r_k (one host sync per step, as TorchDEQ's own iteration).
+                                   stop_mode: str, rate: float, reserve: int
+                                   ) -> tuple[Tensor, bool]:
+    """z_{k+1} = f(z_k) while it pays, judged per step on each unconverged sample's
+    residual r (one host sync per step, as TorchDEQ's own iteration): it goes on while
+    every open sample contracts fast, r_k <= rate · r_{k−1}, or at a rate that reaches the
+    tolerance within the calls left and their :func:`horizon` (:func:`on_time`).
 
     Returns the residual ||f(x0) - x0|| of the start, and whether the map expands there:
     the first step grew the residual, r_1 > r_0, for at least half the unconverged samples.
     """
     fz = f(x0)
     first, _ = f.last_res
-    previous = None
+    history: list[Tensor] = []                  # the stop-mode residual of each iterate
     expanding = False
-    abs_first = first
     while True:
         abs_res, rel_res = f.last_res           # of the last call, f(z) with z = f(previous z)
         stop = abs_res if stop_mode == "abs" else rel_res
+        history.append(stop)
         open_ = stop > tol
-        slow = previous is not None and bool((open_ & ~(stop <= rate * previous)).any())
+        if len(history) > 1:
+            fast = stop <= rate * history[-2]
+            # the accelerator that follows beats slow iteration: no unbounded horizon
+            within = min(budget - f.calls, horizon(budget - f.calls, reserve))
+            slow = bool((open_ & ~fast & ~on_time(history, tol, within)).any())
+        else:
+            slow = False
         if slow and f.calls == 2:     # judged on ||f(z) - z||, whatever the stop mode
-            expanding = 2 * int((open_ & (abs_res > abs_first)).sum()) >= int(open_.sum())
+            expanding = 2 * int((open_ & (abs_res > first)).sum()) >= int(open_.sum())
         if not bool(open_.any()) or slow or f.calls >= budget:
             return first, expanding
-        previous = stop
         fz = f(fz)
 
 
@@ -189,16 +226,18 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
                        step=torch.zeros_like(inf))
     counted = _Counted(f, best, stop_mode, sorted(indexing or []))
     first, expanding = _fixed_point_while_contracting(counted, x0, budget, tol, stop_mode,
-                                                      rate)
+                                                      rate, reserve)
     stop = best.abs_res if stop_mode == "abs" else best.rel_res
-    # TorchDEQ's Anderson calls f max(2, max_iter) times. Every call is recorded by
+    # TorchDEQ's Anderson calls f max(2, max_iter) times, the first at its start, whose f
+    # is known (served free by ``counted``). Every call is recorded by
     # ``counted`` (the best iterate is the best verified one), so Anderson's own return
     # value, whose residual it never evaluated, is not needed.
-    if not expanding and bool((stop > tol).any()) and budget - counted.calls >= 2:
+    if not expanding and bool((stop > tol).any()) and budget - counted.calls >= 1:
         counted.rule = ProgressRule(guaranteed if guaranteed is not None else budget,
                                     budget, tol, reserve)
+        counted.cached = (best.z, best.fz)     # Anderson starts by evaluating its start
         try:
-            anderson_solver(counted, best.z, max_iter=budget - counted.calls, tol=tol,
+            anderson_solver(counted, best.z, max_iter=budget - counted.calls + 1, tol=tol,
                             stop_mode=stop_mode)
         except _Handover:
             pass
