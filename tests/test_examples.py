@@ -12,17 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def test_main_job_trains_every_model_and_writes_results(tmp_path):
+def test_main_job_trains_every_model_and_writes_results(tmp_path, capsys):
     import train_classifier
 
     results = train_classifier.main([
         "--epochs", "1", "--train-size", "256", "--test-size", "128", "--width", "8",
         "--out", str(tmp_path)])
-    assert [r["model"] for r in results] == ["homoode", "deq", "node", "anode"]
+    assert [r["model"] for r in results] == ["homoode", "deq", "deq-homotopy", "node", "anode"]
+    assert [r["label"] for r in results][1:3] == ["deq (anderson)", "deq (homotopy)"]
+    printed = capsys.readouterr().out
+    assert "deq (homotopy) epoch 1/1: train loss" in printed       # a log line per epoch
+    assert f"results: {tmp_path.resolve()}/<model>/results.json" in printed
     for r in results:
         saved = json.loads((tmp_path / r["model"] / "results.json").read_text())
         assert 0.0 <= saved["test_acc"] <= 1.0 and saved["nfe_forward"] > 0
-        assert saved["params"] > 0 and saved["images_per_s"] > 0
+        assert saved["params"] > 0 and saved["images_per_s"] > 0 and saved["peak_memory_mb"] > 0
         assert (tmp_path / r["model"] / "checkpoint.pt").exists()
     assert (tmp_path / "training_curves.png").exists()
     # --resume continues from the checkpoint: the finished epoch is not trained again.
@@ -79,3 +83,21 @@ def test_every_readme_python_block_runs():
     for block in blocks:
         torch.manual_seed(0)
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_saved_tensor_memory_counts_each_storage_once():
+    import train_classifier
+
+    a = torch.randn(100, requires_grad=True)
+    b = torch.randn(100, requires_grad=True)
+    saved = train_classifier.SavedTensors()
+    with saved:
+        (a * b).sum()                        # mul saves a and b: 2 x 400 bytes
+    assert saved.peak == 800
+    with saved:
+        (a * a).sum()                        # the same storage twice: 400 bytes
+    assert saved.peak == 800                 # the largest step is kept
+    fresh = train_classifier.SavedTensors()
+    with fresh:
+        (a * a).sum()
+    assert fresh.peak == 400
