@@ -46,6 +46,18 @@ class Budget:
         self.used += count
         return True
 
+    def spend_leaving_one(self) -> bool:
+        """Spend one evaluation only if another remains after it: a linear solve's
+        products must leave the evaluation of the iterate they produce, or the step is
+        lost (the best iterate is only ever updated by an evaluated one).
+
+        Example:
+            >>> budget = Budget(2)
+            >>> budget.spend_leaving_one(), budget.spend_leaving_one(), budget.left
+            (True, False, 1)
+        """
+        return self.left > 1 and self.spend()
+
     @property
     def left(self) -> int:
         return self.limit - self.used

@@ -265,7 +265,7 @@ class PathTracker:
 
         calls = budget.used
         sol, _ = gmres(matvec, rhs, rtol=self.opt.krylov_rtol, max_iter=self.opt.krylov_dim,
-                       on_matvec=budget.spend)
+                       on_matvec=budget.spend_leaving_one)
         self.krylov_solves += 1
         self.krylov_products += budget.used - calls
         self.jvp_mode = lin.mode
@@ -342,7 +342,8 @@ class PathTracker:
 
         exact_sol, _ = gmres(matvec, torch.where(exact[:, None], rhs, torch.zeros_like(rhs)),
                               rtol=self.opt.krylov_rtol, max_iter=self.opt.krylov_dim,
-                              on_matvec=budget.spend, precond=precond, required=required)
+                              on_matvec=budget.spend_leaving_one, precond=precond,
+                              required=required)
         self.jvp_mode = lin.mode
         self.krylov_solves += 1
         self.krylov_products += len(products)
