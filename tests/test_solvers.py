@@ -432,3 +432,16 @@ def test_small_budget_keeps_anderson_on_a_slowly_contracting_map():
     assert bool(info["converged"].all())
     assert float(info["nfe"][0]) <= int(info_a["nstep"].max()) + 2
     assert (f(z) - z).norm(dim=1).max() <= 1e-4
+
+
+def test_a_budget_cut_krylov_solve_still_takes_and_evaluates_its_step():
+    """With fewer evaluations than the Krylov dimension, Newton–Krylov's one GMRES solve
+    is cut short; its partial solution must still be taken and evaluated (the budget keeps
+    one evaluation for it), not lost with the best iterate left at the start."""
+    f, z_true = linear_problem(4, 64, 0.9)
+    x0 = torch.zeros(4, 64, dtype=torch.float64)
+    start = (f(x0) - x0).norm(dim=1)
+    z, _, info = th.newton_krylov_solver(f, x0, max_iter=20, tol=1e-12)
+    assert float(info["nfe"][0]) <= 20
+    assert bool(((f(z) - z).norm(dim=1) < 0.5 * start).all())
+    assert (z - z_true).norm() < (x0 - z_true).norm()
