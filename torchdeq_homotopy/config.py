@@ -91,9 +91,11 @@ SOLVER_KEYS: dict[str, Key] = {
             "((f(z+εv)-f(z))/ε, one f call), 'forward' (torch.func.jvp, exact) or 'auto' "
             "(forward, falling back to finite differences if the callable does not support it)",
             choices=("finite_difference", "forward", "auto")),
-        Key("homo_warmup", 30, "evaluations of the warm-up tried first: fixed-point iteration "
-            "while it contracts, then TorchDEQ's Anderson acceleration unless the first step "
-            "grew most residuals (at most half the budget; 0: no warm-up)",
+        Key("homo_warmup", 30, "evaluations the warm-up always gets (at most half the "
+            "budget): fixed-point iteration while it contracts, then TorchDEQ's Anderson "
+            "acceleration unless the first step grew most residuals; beyond them each goes "
+            "on only while it is projected to converge within this many more evaluations "
+            "(within the budget, once fewer than twice this many are left); 0: no warm-up",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_newton_iters", 6, "Newton steps at λ = 1 tried first (with dense solves, "
             "those taken with an exact Jacobian; secant steps between are free); a sample "

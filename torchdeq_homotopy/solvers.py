@@ -177,13 +177,15 @@ def _solve(f: Callable[[Tensor], Tensor], x: Tensor, max_iter: int, tol: float,
         tracker_opts.newton_iters = max_iter
         if tracker_opts.linear_solver == "auto":    # Newton–Krylov, whatever the entry point
             tracker_opts.linear_solver = "gmres"
-        return PathTracker(f, x, tracker_opts).run(max_iter, tol, stop_mode, indexing or None)
+    tracker = PathTracker(f, x, tracker_opts)
+    if not track or opts["homo_warmup"] == 0:
+        return tracker.run(max_iter, tol, stop_mode, indexing or None)
     warm = warm_up(f, x, max_iter, tol, stop_mode, indexing=indexing,
                    guaranteed=min(opts["homo_warmup"], max_iter // 2),
                    reserve=opts["homo_warmup"])
     if warm.solved(tol, stop_mode) or warm.evals >= max_iter:
         return warm.result(indexing)
-    result = PathTracker(f, x, tracker_opts).run(
+    result = tracker.run(
         max_iter, tol, stop_mode, indexing or None, newton_start=warm.newton_start,
         used=warm.evals, best=warm.best, trajectory=warm.trajectory,
         newton_start_fz=warm.newton_start_fz)
