@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torchdeq import reset_deq
 
-from torchdeq_homotopy.data import load_fashion_mnist
-from torchdeq_homotopy.models import ImplicitClassifier
+from homotopy_zoo.data import load_fashion_mnist
+from homotopy_zoo.models import ImplicitClassifier
 
 STARTS = {
     "zeros (plain odeint)": dict(homo_init="zeros"),

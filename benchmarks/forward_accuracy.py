@@ -15,16 +15,13 @@ trained with it). Writes benchmarks/results/forward_accuracy[_learned].md.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import train_classifier
-
-from torchdeq_homotopy.data import load_image_data
+from homotopy_zoo import training as train_classifier
+from homotopy_zoo.data import load_image_data
 
 SETTINGS = {
     "zero start, rtol = atol = 1e-3 (plain odeint)": ["--homo_init", "zeros"],

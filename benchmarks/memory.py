@@ -35,7 +35,7 @@ def measure(name: str, batch: int, image: int) -> dict:
     import torch.nn.functional as F
     from torchdeq import reset_deq
 
-    from torchdeq_homotopy.models import ImplicitClassifier, ODEClassifier
+    from homotopy_zoo.models import ImplicitClassifier, ODEClassifier
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

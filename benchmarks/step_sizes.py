@@ -25,7 +25,7 @@ from forward_accuracy import trained_model
 from torch.utils.data import DataLoader, Subset
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-from torchdeq_homotopy.data import load_image_data
+from homotopy_zoo.data import load_image_data
 
 
 def load(checkpoint: str, init: str, extra: list[str]) -> torch.nn.Module:

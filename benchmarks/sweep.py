@@ -21,7 +21,7 @@ import torch
 from torchdeq.solver import get_solver
 
 import torchdeq_homotopy  # noqa: F401  (registers the solvers)
-from torchdeq_homotopy.models import Cell
+from homotopy_zoo.models import Cell
 
 SOLVERS = ["fixed_point_iter", "anderson", "broyden", "newton_krylov", "homotopy"]
 

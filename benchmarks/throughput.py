@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,11 +24,9 @@ from torch.utils.data import DataLoader, Subset
 from torchdeq import reset_deq
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
-import train_classifier  # noqa: E402
-
-from torchdeq_homotopy.data import load_image_data  # noqa: E402
+from homotopy_zoo import training as train_classifier  # noqa: E402
+from homotopy_zoo.data import load_image_data  # noqa: E402
 
 SETTINGS = {
     "learned": {"homo_init": "learned"},

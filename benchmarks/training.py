@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 import torch  # noqa: E402
-import train_classifier  # noqa: E402
+
+from homotopy_zoo import training as train_classifier  # noqa: E402
 
 ROWS = {
     "HomoODE, learned z0, direct": ["--model", "homoode"],

@@ -190,3 +190,17 @@ def test_contract_on_a_cell_where_the_path_runs():
     assert (info["status"] == Status.CONVERGED).all() and (residual <= 1e-8).all()
     assert info["abs_trace"].shape == info["rel_trace"].shape == info["lam_trace"].shape
     assert info["abs_trace"].shape[1] == len(info["trace_nfe"])
+
+
+def test_importing_the_library_loads_no_example_dependency():
+    """The library is the library: example-only packages stay out of ``sys.modules``."""
+    import subprocess
+    import sys
+
+    check = ("import sys, torchdeq_homotopy; "
+             "print(sorted(m for m in ('homotopy_zoo', 'sklearn', 'torchvision', "
+             "'matplotlib', 'hypothesis') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import torch
 from torchdeq import get_deq, reset_deq
 
 import torchdeq_homotopy as th
-from torchdeq_homotopy.models import Cell, ImplicitClassifier, ODEClassifier
+from homotopy_zoo.models import Cell, ImplicitClassifier, ODEClassifier
 
 F64 = torch.float64
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 def test_main_job_trains_every_model_and_writes_results(tmp_path, capsys):
-    import train_classifier
+    from homotopy_zoo import training as train_classifier
 
     results = train_classifier.main([
         "--epochs", "1", "--train-size", "256", "--test-size", "128", "--width", "8",
@@ -39,7 +38,7 @@ def test_main_job_trains_every_model_and_writes_results(tmp_path, capsys):
 def test_missing_torchvision_dataset_names_the_fix(tmp_path, monkeypatch):
     import torchvision
 
-    from torchdeq_homotopy.data import load_image_data
+    from homotopy_zoo.data import load_image_data
 
     def offline(*args, **kwargs):
         raise RuntimeError("network unreachable")
@@ -86,7 +85,7 @@ def test_every_readme_python_block_runs():
 
 
 def test_saved_tensor_memory_counts_each_storage_once():
-    import train_classifier
+    from homotopy_zoo import training as train_classifier
 
     a = torch.randn(100, requires_grad=True)
     b = torch.randn(100, requires_grad=True)

@@ -14,9 +14,9 @@ from torchdeq import reset_deq
 from torchdeq.solver import get_solver
 
 import torchdeq_homotopy as th
+from homotopy_zoo.models import ImplicitClassifier
 from torchdeq_homotopy import Status
 from torchdeq_homotopy.linalg import gmres
-from torchdeq_homotopy.models import ImplicitClassifier
 
 # ----------------------------------------------------------------------------- config
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torchdeq.dropout import VariationalDropout2d
 
-from .adjoint import closure_inputs, integrate
-from .factory import get_deq
+from torchdeq_homotopy import get_deq
+from torchdeq_homotopy.adjoint import closure_inputs, integrate
 
 Tensor = torch.Tensor
 
