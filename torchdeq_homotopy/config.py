@@ -155,8 +155,8 @@ CORE_KEYS: dict[str, Key] = {
     k.name: k
     for k in [
         Key("homo_method", "dopri5", "torchdiffeq method integrating the HomoODE over λ ∈ [0, 1] "
-            "('bosh3' with homo_options first_step=0.005 is as exact on the reference "
-            "classifier with 41 percent fewer evaluations)", kind=str),
+            "('bosh3' with homo_options first_step=0.005 needs fewer evaluations on "
+            "GroupNorm cells started at zero; see BENCHMARKS.md)", kind=str),
         Key("homo_rtol", 1e-3, "relative tolerance of the HomoODE integrator",
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_atol", 1e-3, "absolute tolerance of the HomoODE integrator",

@@ -23,7 +23,7 @@ Integration cost: with a GroupNorm inside ``func`` the field's sensitivity ||J_f
 as 1/||z||, and an adaptive step h keeps h·||J_f|| roughly constant, so most steps from
 z0 = 0 are spent near λ = 0. On the reference classifier ``homo_method='bosh3'`` with
 ``homo_options={'first_step': 0.005}`` integrates the zero start as exactly as dopri5 with
-about 41 % fewer evaluations (BENCHMARKS.md, ``benchmarks/step_sizes.py``).
+fewer evaluations (``benchmarks/step_sizes.py``).
 """
 from __future__ import annotations
 

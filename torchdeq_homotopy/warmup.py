@@ -206,7 +206,7 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
     acceleration (TorchDEQ's) from the best iterate, within ``budget`` calls of f.
     Anderson is skipped where the first fixed-point step grew most residuals: on such
-    expansive maps it rarely converges (BENCHMARKS.md), and Newton does better.
+    expansive maps it rarely converges, and Broyden's method or Newton does better.
     After ``guaranteed`` calls (default: all of ``budget``) Anderson hands over to the
     next phase once an open sample is no longer projected to converge within the budget
     at its current rate (:class:`ProgressRule`).

@@ -1,0 +1,136 @@
+"""The path tracker's per-sample state: phases, options and the state record.
+
+Points of the path are y = (z, λ), shape ``(B, n + 1)``; every other field is one value per
+sample, so the tracker never loops over samples.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .outcome import Status, _where
+
+Tensor = torch.Tensor
+
+# Corrector steps after which an accepted path step refreshes the dense Jacobian.
+_SLOW_CORRECTOR = 3
+# Dense refreshes (n products each) the budget must afford for 'auto' to choose dense solves.
+_DENSE_REFRESHES = 10
+# Exact-Jacobian Newton steps in a row that may end above the lowest residual met so far
+# before a sample counts as stalled. Newton on expansive cells often climbs before it
+# converges (up to hundreds of times its best residual, then quadratic convergence).
+_PATIENCE = 3
+
+
+class Phase(enum.IntEnum):
+    NEWTON = 0
+    TANGENT = 1
+    CORRECT = 2
+    ENDGAME = 3
+    DONE = 4
+
+
+@dataclass
+class TrackerOptions:
+    """Numerical options of the tracker (the ``homo_*`` solver keys without prefix)."""
+
+    homotopy: str = "fixed_point"
+    predictor: str = "tangent"
+    ode_method: str = "rk4"
+    jvp: str = "finite_difference"
+    newton_iters: int = 6
+    track: bool = True
+    step_init: float = 0.1
+    step_min: float = 1e-4
+    step_max: float = 16.0
+    corrector_iters: int = 4
+    corrector_tol: float = 1e-3
+    contraction: float = 0.5
+    max_turn: float = 0.5
+    krylov_dim: int = 40
+    krylov_rtol: float = 1e-2
+    linear_solver: str = "auto"
+    secant_rank: int = 32
+    secant_patience: int | None = None
+    broyden_memory: int | None = None
+    restarts: int = 2
+
+
+def _maybe_any(mask: Tensor) -> bool:
+    """False only when ``mask`` is known to be empty: checked on CPU, where the host check
+    costs less than the masked updates it skips; assumed True on accelerators, where it
+    would be a device sync."""
+    return mask.device.type != "cpu" or bool(mask.any())
+
+
+def _unit(y: Tensor) -> Tensor:
+    return y / y.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+@dataclass
+class _State:
+    """Per-sample state of the tracker. Points of the path are y = (z, λ), shape (B, n+1)."""
+
+    y: Tensor             # current point: where f is evaluated next
+    anchor: Tensor        # last accepted point of the path
+    tangent: Tensor       # unit tangent at the anchor (e_λ before the first tangent)
+    anchor_prev: Tensor   # the accepted point before the anchor, and its tangent, to
+    tangent_prev: Tensor  # step back to when the path turns too sharply
+    pred: Tensor          # predicted point of the current step
+    phase: Tensor         # Phase per sample
+    status: Tensor        # Status per sample
+    step: Tensor          # arclength step h
+    step_unit: Tensor     # h of the first path step; h_min and h_max are relative to it
+    k_corr: Tensor        # corrector iterations of the current step
+    dnorm: Tensor         # ||δ|| of the last corrector step
+    dnorm_prev: Tensor    # ||δ|| of the one before
+    n_newton: Tensor      # Newton steps taken in phase NEWTON
+    res_prev: Tensor      # residual before the last Newton step
+    newton_best: Tensor   # lowest residual met in phase NEWTON
+    n_worse: Tensor       # exact Newton steps in a row that ended above newton_best
+    solve_failed: Tensor  # the last linear solve gave non-finite values
+    exact: Tensor         # the last linear solve used an exact Jacobian
+    stale: Tensor         # the next solve needs an exact Jacobian (dense mode)
+    retried: Tensor       # the current path step was already retried with an exact one
+    derailed: Tensor      # the step underflowed or λ went below 0: restart or give up
+    restarts: Tensor      # paths restarted from a perturbed start point
+
+    @classmethod
+    def start(cls, x0: Tensor, newton_first: bool) -> _State:
+        bsz = x0.shape[0]
+        lam = torch.ones(bsz, 1, dtype=x0.dtype, device=x0.device)
+        y0 = torch.cat([x0, lam if newton_first else 0 * lam], dim=1)
+        e_lam = torch.zeros_like(y0)
+        e_lam[:, -1] = 1
+        inf = torch.full((bsz,), float("inf"), dtype=x0.dtype, device=x0.device)
+        zeros_i = torch.zeros(bsz, dtype=torch.long, device=x0.device)
+        return cls(
+            y=y0, anchor=torch.cat([x0, 0 * lam], dim=1), tangent=e_lam, pred=y0.clone(),
+            anchor_prev=torch.cat([x0, 0 * lam], dim=1), tangent_prev=e_lam.clone(),
+            phase=torch.full_like(zeros_i, int(Phase.NEWTON if newton_first else Phase.TANGENT)),
+            status=torch.full_like(zeros_i, int(Status.RUNNING)),
+            step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf), k_corr=zeros_i.clone(),
+            dnorm=inf.clone(), dnorm_prev=inf.clone(), n_newton=zeros_i.clone(),
+            res_prev=inf.clone(), newton_best=inf.clone(), n_worse=zeros_i.clone(),
+            solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool),
+            exact=torch.ones_like(zeros_i, dtype=torch.bool),
+            stale=torch.ones_like(zeros_i, dtype=torch.bool),
+            retried=torch.zeros_like(zeros_i, dtype=torch.bool),
+            derailed=torch.zeros_like(zeros_i, dtype=torch.bool), restarts=zeros_i.clone())
+
+    def finish(self, mask: Tensor, status: Status) -> None:
+        self.status = self.status.masked_fill(mask, int(status))
+        self.phase = self.phase.masked_fill(mask, int(Phase.DONE))
+
+    def begin_step(self, mask: Tensor, pred: Tensor) -> None:
+        """Start the corrector of a path step at the predicted point ``pred``."""
+        if not _maybe_any(mask):
+            return
+        self.pred = _where(mask, pred, self.pred)
+        self.y = _where(mask, pred, self.y)
+        self.phase = self.phase.masked_fill(mask, int(Phase.CORRECT))
+        self.k_corr = self.k_corr.masked_fill(mask, 0)
+        self.dnorm = self.dnorm.masked_fill(mask, float("inf"))
+        self.dnorm_prev = self.dnorm_prev.masked_fill(mask, float("inf"))
