@@ -225,3 +225,36 @@ def test_zero_start_is_the_published_plain_odeint():
     torch.testing.assert_close(logits, logits_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref)
+
+
+def test_learned_start_is_the_papers_init_layer_on_its_schedule():
+    """z0 equals GroupNorm(32) of a 1×1 convolution on a field of ones (torch's own modules
+    with the same weights), and training follows the paper's loop: SGD on that forward's
+    SmoothL1 loss at the first forward and every ``homo_init_every``-th after it."""
+    torch.manual_seed(0)
+    every, lr, channels = 3, 0.1, 64
+    deq = get_deq(core="homoode", homo_init_every=every, homo_init_lr=lr,
+                  homo_method="rk4", homo_options={"step_size": 0.5})
+    x = torch.randn(2, channels, 3, 3)
+    func = lambda z: torch.tanh(z + x)                          # noqa: E731
+    deq.eval()
+    deq(func, torch.zeros_like(x))                              # materialise z0
+    layer = torch.nn.Sequential(torch.nn.Conv2d(1, channels, 1, bias=False),
+                                torch.nn.GroupNorm(min(32, channels), channels))
+    with torch.no_grad():
+        layer[0].weight.copy_(deq.init_weight.view(channels, 1, 1, 1))
+    ones = torch.ones(1, 1, 3, 3)
+    reference = layer(ones)[0, :, 0, 0]
+    torch.testing.assert_close(deq.init_point, reference.detach(), rtol=1e-5, atol=1e-5)
+    assert bool((deq.init_point.abs() > 0.5).all())            # unit scale from the start
+    optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
+    deq.train()
+    for step in range(7):
+        z_end = deq(func, torch.zeros_like(x))[0][-1].detach()
+        optimizer.zero_grad()
+        if step % every == 0:
+            loss = torch.nn.functional.smooth_l1_loss(layer(ones).expand_as(z_end), z_end)
+            loss.backward()
+            optimizer.step()
+        torch.testing.assert_close(deq.init_point, layer(ones)[0, :, 0, 0].detach(),
+                                   rtol=1e-4, atol=1e-5)

@@ -166,13 +166,16 @@ CORE_KEYS: dict[str, Key] = {
         Key("homo_field", "direct", "vector field: 'direct' dz/dλ = func(z) (the paper's), "
             "'residual' func(z) - z, 'fixed_point' func(z) - z0",
             choices=("direct", "residual", "fixed_point")),
-        Key("homo_init", "learned", "initial point: 'learned' (shared, trained toward the "
-            "endpoints), 'zeros', or 'given' (the z_init passed to the core)",
+        Key("homo_init", "learned", "initial point: 'learned' (the paper's InitLayer: "
+            "GroupNorm(min(32, C)) of a 1×1 convolution on a field of ones, trained toward "
+            "the endpoints by the core), 'zeros', or 'given' (the z_init passed to the core)",
             choices=("learned", "zeros", "given")),
-        Key("homo_init_lr", 0.02, "SGD learning rate of the learned initial point",
+        Key("homo_init_lr", 0.02, "SGD learning rate of the learned initial point (the "
+            "paper's)",
             kind=float, check=_positive, check_doc="> 0"),
-        Key("homo_init_every", 20, "step the initial point's optimiser every this many "
-            "training forward passes", kind=int, check=_positive, check_doc="> 0"),
+        Key("homo_init_every", 20, "the initial point takes one SGD step, with that forward's "
+            "gradient, on the first and every this-many-th training forward (the paper's)",
+            kind=int, check=_positive, check_doc="> 0"),
         Key("homo_adjoint", False, "adjoint backward (memory independent of the number of "
             "integrator steps) instead of backpropagation through the integrator; on smooth "
             "cells its gradients equal backpropagation's to the integrator tolerance, on ReLU "

@@ -12,12 +12,27 @@ Davidenko ODE of the fixed-point homotopy by a learned field and integrate it ov
 starting from z(0) = z0: the shared learnable initial point (``homo_init='learned'``),
 zeros, or the ``z_init`` given to the core.
 
-The learned initial point is one tensor shared by all inputs, per channel (dim 1) and
-constant over the other dims. In training mode it moves toward the detached endpoints by
-the paper's schedule: each forward accumulates the gradient of
-SmoothL1(z0, z(1).detach()), and every ``homo_init_every`` forwards
-z0 ← z0 - ``homo_init_lr`` · (accumulated gradient). Cross-entropy never reaches it (the
-ODE starts from z0 detached). It lives in ``state_dict`` as the buffer ``init_point``.
+The learned initial point is the published code's ``InitLayer``: GroupNorm of a 1×1
+convolution applied to a field of ones. On a constant field that is one value per channel
+(dim 1), shared by all inputs and constant over the other dims:
+
+    z0_k = γ_k (w_k − μ_g) / sqrt(σ²_g + 1e-5) + β_k,
+
+with w the convolution's weights (drawn, as PyTorch draws a 1×1 convolution with one input
+channel, from U(−1, 1)), μ_g and σ²_g the mean and variance of w over the group g of
+channel k (min(32, C) groups, as the paper's ``norm``), and the affine γ = 1, β = 0 at
+first. With two or more channels per group z0 is of unit scale from the first step; with
+one channel per group (C ≤ 32) it starts at β = 0. In training mode it follows the paper's
+schedule: every ``homo_init_every``-th forward (the first included) takes one SGD step of
+rate ``homo_init_lr`` on (w, γ, β) with the gradient of that forward's
+SmoothL1(z0, z(1).detach()) (not accumulated over the forwards between). Cross-entropy
+never reaches it (the ODE starts from z0 detached).
+
+Who updates it: the core, as BatchNorm updates its running statistics. The paper trains it
+with its own optimiser on its own loss, apart from the model's; a user's optimiser (Adam,
+weight decay, a schedule) would train something else. Its state is in ``state_dict`` as
+the buffers ``init_weight``, ``init_gamma``, ``init_beta`` and ``init_count``;
+``init_point`` is the current z0, and ``info['init_loss']`` its loss.
 
 Integration cost: with a GroupNorm inside ``func`` the field's sensitivity ||J_f|| falls
 as 1/||z||, and an adaptive step h keeps h·||J_f|| roughly constant, so most steps from
@@ -64,6 +79,30 @@ def _torchdeq_defaults() -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     add_deq_args(parser)
     return vars(parser.parse_args([]))
+
+
+_INIT_BUFFERS = ("init_weight", "init_gamma", "init_beta")
+
+
+def _init_layer(weight: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """The paper's InitLayer on a field of ones, per channel: GroupNorm(min(32, C)) of the
+    1×1 convolution's weights w, z0 = γ (w − μ_g) / sqrt(σ²_g + 1e-5) + β.
+
+    Example:
+        >>> w = torch.tensor([0.5, -0.3] * 32)              # 64 channels: 32 groups of 2
+        >>> _init_layer(w, torch.ones(64), torch.zeros(64))[:4].round(decimals=3).tolist()
+        [1.0, -1.0, 1.0, -1.0]
+        >>> _init_layer(w[:4], torch.ones(4), torch.zeros(4)).tolist()   # one per group
+        [0.0, 0.0, 0.0, 0.0]
+    """
+    channels = weight.shape[0]
+    groups = min(32, channels)
+    while channels % groups:
+        groups -= 1
+    grouped = weight.view(groups, channels // groups)
+    mean = grouped.mean(dim=1, keepdim=True)
+    var = (grouped - mean).pow(2).mean(dim=1, keepdim=True)       # biased, as GroupNorm's
+    return gamma * ((grouped - mean) / torch.sqrt(var + 1e-5)).view(channels) + beta
 
 
 # TorchDEQ keys that configure solvers and gradients: the HomoODE core reads none of them.
@@ -128,17 +167,24 @@ class HomoODECore(DEQBase):
         self.options = resolve(self.args.config, CORE_KEYS)
         _check_method(self.options["homo_method"])
         _reject_unread_keys(self.args.config)
-        self.register_buffer("init_point", torch.zeros(0))
-        self.register_buffer("init_grad", torch.zeros(0))
+        for name in _INIT_BUFFERS:
+            self.register_buffer(name, torch.zeros(0))
         self.register_buffer("init_count", torch.zeros((), dtype=torch.long))
 
     # ---------------------------------------------------------------- initial point
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("init_point", "init_grad"):
+        for name in _INIT_BUFFERS:           # sized at the first forward: adopt saved sizes
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def init_point(self) -> Tensor:
+        """The learned z0 per channel, ``(C,)`` (empty before the first forward)."""
+        if self.init_weight.numel() == 0:
+            return self.init_weight.clone()
+        return _init_layer(self.init_weight, self.init_gamma, self.init_beta).detach()
 
     def _broadcast(self, point: Tensor, like: Tensor) -> Tensor:
         return point.view(1, -1, *([1] * (like.dim() - 2))).expand_as(like)
@@ -150,29 +196,34 @@ class HomoODECore(DEQBase):
         if mode == "zeros" or z_init.dim() < 2:
             return torch.zeros_like(z_init)
         channels = z_init.shape[1]
-        if self.init_point.numel() == 0:
-            self.init_point = z_init.new_zeros(channels)
-            self.init_grad = z_init.new_zeros(channels)
-        if self.init_point.shape != (channels,):
+        if self.init_weight.numel() == 0:
+            # nn.Conv2d(1, C, 1)'s default init: kaiming_uniform(a=√5), bound 1/sqrt(1) = 1
+            self.init_weight = torch.empty(channels, device=z_init.device).uniform_(-1, 1)
+            self.init_gamma = torch.ones(channels, device=z_init.device)
+            self.init_beta = torch.zeros(channels, device=z_init.device)
+        if self.init_weight.shape != (channels,):
             raise ValueError(
-                f"the learned initial point has {self.init_point.numel()} channels but the "
+                f"the learned initial point has {self.init_weight.numel()} channels but the "
                 f"state has {channels} (shape {tuple(z_init.shape)}); use one core per state "
                 "shape, or homo_init='zeros'.")
         point = self.init_point.to(dtype=z_init.dtype, device=z_init.device)
-        return self._broadcast(point, z_init).detach().clone()
+        return self._broadcast(point, z_init).clone()
 
     @torch.no_grad()
     def _train_init_point(self, z_end: Tensor) -> Tensor:
-        """Accumulate ∇ SmoothL1(z0, z(1)) and step z0 every ``homo_init_every`` calls."""
-        point = self.init_point.to(z_end.dtype).detach().requires_grad_()
+        """SmoothL1(z0, z(1).detach()); on every ``homo_init_every``-th call (the first
+        included) one SGD step on (w, γ, β) with this call's gradient."""
+        leaves = [t.detach().to(z_end.dtype).requires_grad_()
+                  for t in (self.init_weight, self.init_gamma, self.init_beta)]
         with torch.enable_grad():
+            point = _init_layer(*leaves)
             loss = F.smooth_l1_loss(self._broadcast(point, z_end), z_end.detach())
-            (grad,) = torch.autograd.grad(loss, point)
-        self.init_grad += grad.to(self.init_grad.dtype)
-        self.init_count += 1
+            grads = torch.autograd.grad(loss, leaves)
         if int(self.init_count) % self.options["homo_init_every"] == 0:
-            self.init_point -= self.options["homo_init_lr"] * self.init_grad
-            self.init_grad.zero_()
+            for name, grad in zip(_INIT_BUFFERS, grads, strict=True):
+                getattr(self, name).sub_(self.options["homo_init_lr"] * grad.to(
+                    getattr(self, name).dtype))
+        self.init_count += 1
         return loss.detach()
 
     # ---------------------------------------------------------------- solve

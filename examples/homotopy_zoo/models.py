@@ -2,7 +2,7 @@
 
 The layouts follow the HomoODE paper's CIFAR-10 configuration (width 64, state
 64 × H/2 × W/2): stem conv3×3 → BN → ReLU → conv3×3 stride 2 → BN → ReLU; cell
-F(z; x) = GN(drop(conv(ReLU(GN(conv z))) + x)); readout GN → ReLU → conv1×1 (4·width)
+F(z; x) = GN(drop(conv(ReLU(GN(conv z)) + x))); readout GN → ReLU → conv1×1 (4·width)
 → BN → ReLU → average pool → linear. At width 64, 3 input channels and 10 classes the
 HomoODE classifier has 132,938 parameters.
 
@@ -51,11 +51,18 @@ def make_readout(width: int, num_classes: int) -> nn.Sequential:
 
 
 def _groups(channels: int) -> int:
-    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    """The published code's ``norm``: GroupNorm(min(32, C)) (the largest divisor of C up
+    to 32 where 32 does not divide it)."""
+    groups = min(32, channels)
+    while channels % groups:
+        groups -= 1
+    return groups
 
 
 class Cell(nn.Module):
-    """F(z; x) = GN(drop(conv2(ReLU(GN(conv1 z))) + x)), with TorchDEQ's variational dropout.
+    """F(z; x) = GN(drop(conv2(ReLU(GN(conv1 z)) + x))), the published ``Homofunc``: the
+    input enters after the first block, before the second convolution; TorchDEQ's
+    variational dropout (rate 0.1 in the paper) follows that convolution.
 
     Example:
         >>> cell = Cell(8)
@@ -72,7 +79,7 @@ class Cell(nn.Module):
         self.norm2 = nn.GroupNorm(_groups(width), width)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
-        return self.norm2(self.drop(self.conv2(torch.relu(self.norm1(self.conv1(z)))) + x))
+        return self.norm2(self.drop(self.conv2(torch.relu(self.norm1(self.conv1(z))) + x)))
 
 
 class ImplicitClassifier(nn.Module):
