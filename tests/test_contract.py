@@ -204,3 +204,20 @@ def test_importing_the_library_loads_no_example_dependency():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_tracker_options_come_from_the_solver_keys():
+    """One options schema: every ``homo_*`` solver key the tracker reads is a field of
+    TrackerOptions with the key's default, and a misspelt field cannot be passed."""
+    import dataclasses
+
+    from torchdeq_homotopy.config import SOLVER_KEYS, resolve
+    from torchdeq_homotopy.path import TrackerOptions
+
+    from_keys = TrackerOptions.from_keys(resolve({}, SOLVER_KEYS), track=True, max_iter=100)
+    assert from_keys == TrackerOptions()
+    fields = {f.name for f in dataclasses.fields(TrackerOptions)}
+    read = {k[len("homo_"):] for k in SOLVER_KEYS} - {"strict", "type", "warmup"}
+    assert read | {"homotopy", "track"} == fields
+    newton_krylov = TrackerOptions.from_keys(resolve({}, SOLVER_KEYS), track=False, max_iter=77)
+    assert newton_krylov.newton_iters == 77 and newton_krylov.linear_solver == "gmres"

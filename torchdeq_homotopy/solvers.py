@@ -170,14 +170,7 @@ def _solve(f: Callable[[Tensor], Tensor], x: Tensor, max_iter: int, tol: float,
            stop_mode: str, indexing: list[int], opts: dict[str, Any],
            track: bool) -> TrackerResult:
     """The warm-up (homotopy only), then the tracker for what it left unsolved."""
-    tracker_opts = TrackerOptions(**{k[len("homo_"):]: v for k, v in opts.items()
-                                     if k not in ("homo_strict", "homo_type", "homo_warmup")},
-                                  homotopy=opts["homo_type"], track=track)
-    if not track:
-        tracker_opts.newton_iters = max_iter
-        if tracker_opts.linear_solver == "auto":    # Newton–Krylov, whatever the entry point
-            tracker_opts.linear_solver = "gmres"
-    tracker = PathTracker(f, x, tracker_opts)
+    tracker = PathTracker(f, x, TrackerOptions.from_keys(opts, track, max_iter))
     if not track or opts["homo_warmup"] == 0:
         return tracker.run(max_iter, tol, stop_mode, indexing or None)
     warm = warm_up(f, x, max_iter, tol, stop_mode, indexing=indexing,

@@ -6,10 +6,12 @@ sample, so the tracker never loops over samples.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .config import SOLVER_KEYS
 from .outcome import Status, _where
 
 Tensor = torch.Tensor
@@ -32,30 +34,52 @@ class Phase(enum.IntEnum):
     DONE = 4
 
 
+def _default(key: str) -> Any:
+    """A tracker option's default: the one of its ``homo_*`` key (the single source)."""
+    return field(default=SOLVER_KEYS[key].default)
+
+
 @dataclass
 class TrackerOptions:
-    """Numerical options of the tracker (the ``homo_*`` solver keys without prefix)."""
+    """Numerical options of the tracker: the ``homo_*`` solver keys without their prefix
+    (``homo_type`` is ``homotopy``), with the keys' defaults
+    (:data:`~torchdeq_homotopy.config.SOLVER_KEYS`); ``track=False`` is Newton–Krylov alone.
+    """
 
-    homotopy: str = "fixed_point"
-    predictor: str = "tangent"
-    ode_method: str = "rk4"
-    jvp: str = "finite_difference"
-    newton_iters: int = 6
+    homotopy: str = _default("homo_type")
+    predictor: str = _default("homo_predictor")
+    ode_method: str = _default("homo_ode_method")
+    jvp: str = _default("homo_jvp")
+    newton_iters: int = _default("homo_newton_iters")
     track: bool = True
-    step_init: float = 0.1
-    step_min: float = 1e-4
-    step_max: float = 16.0
-    corrector_iters: int = 4
-    corrector_tol: float = 1e-3
-    contraction: float = 0.5
-    max_turn: float = 0.5
-    krylov_dim: int = 40
-    krylov_rtol: float = 1e-2
-    linear_solver: str = "auto"
-    secant_rank: int = 32
-    secant_patience: int | None = None
-    broyden_memory: int | None = None
-    restarts: int = 2
+    step_init: float = _default("homo_step_init")
+    step_min: float = _default("homo_step_min")
+    step_max: float = _default("homo_step_max")
+    corrector_iters: int = _default("homo_corrector_iters")
+    corrector_tol: float = _default("homo_corrector_tol")
+    contraction: float = _default("homo_contraction")
+    max_turn: float = _default("homo_max_turn")
+    krylov_dim: int = _default("homo_krylov_dim")
+    krylov_rtol: float = _default("homo_krylov_rtol")
+    linear_solver: str = _default("homo_linear_solver")
+    secant_rank: int = _default("homo_secant_rank")
+    secant_patience: int | None = _default("homo_secant_patience")
+    broyden_memory: int | None = _default("homo_broyden_memory")
+    restarts: int = _default("homo_restarts")
+
+    @classmethod
+    def from_keys(cls, opts: dict[str, Any], track: bool, max_iter: int) -> TrackerOptions:
+        """From resolved ``homo_*`` solver keys. The keys the tracker does not read
+        (``homo_strict``, ``homo_warmup``) are dropped; Newton–Krylov (``track=False``) takes
+        Newton steps for the whole budget, with GMRES under ``'auto'``."""
+        taken = {k[len("homo_"):]: v for k, v in opts.items()
+                 if k not in ("homo_strict", "homo_type", "homo_warmup")}
+        options = cls(**taken, homotopy=opts["homo_type"], track=track)
+        if not track:
+            options.newton_iters = max_iter
+            if options.linear_solver == "auto":
+                options.linear_solver = "gmres"
+        return options
 
 
 def _maybe_any(mask: Tensor) -> bool:
