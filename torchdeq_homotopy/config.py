@@ -185,13 +185,18 @@ CORE_KEYS: dict[str, Key] = {
 
 ALL_KEYS: dict[str, Key] = {**SOLVER_KEYS, **CORE_KEYS}
 
-# Every key TorchDEQ itself reads (its cores, add_deq_args and norm/dropout utilities).
-TORCHDEQ_KEYS: frozenset[str] = frozenset(
-    """core f_solver b_solver no_stat f_max_iter b_max_iter f_tol b_tol f_stop_mode b_stop_mode
-    eval_factor eval_f_max_iter ift hook_ift grad tau sup_gap sup_loc n_states indexing gamma
-    norm_type norm_no_scale norm_clip norm_clip_value norm_target_norm sn_n_power_iters
-    jac_loss_weight jac_loss_freq jac_incremental sradius_mode""".split()
-)
+def _torchdeq_keys() -> frozenset[str]:
+    """Every key TorchDEQ itself reads: the options of its ``add_deq_args`` (read from
+    TorchDEQ, so the set follows its version) and ``no_stat``, a keyword of its cores that
+    argparse does not carry."""
+    from torchdeq.utils import add_deq_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_deq_args(parser)
+    return frozenset(vars(parser.parse_args([]))) | {"no_stat"}
+
+
+TORCHDEQ_KEYS: frozenset[str] = _torchdeq_keys()
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
