@@ -100,3 +100,19 @@ def test_saved_tensor_memory_counts_each_storage_once():
     with fresh:
         (a * a).sum()
     assert fresh.peak == 400
+
+
+def test_unstable_deq_example_trains_and_reports_residuals(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unstable_deq",
+                                                  ROOT / "examples" / "unstable_deq.py")
+    unstable_deq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unstable_deq)
+    rows = unstable_deq.main(["--seeds", "0", "--epochs", "1", "--solvers", "fixed_point_iter",
+                              "homotopy", "--out", str(tmp_path)])
+    assert [r["solver"] for r in rows] == ["fixed_point_iter", "homotopy"]
+    for r in rows:
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["solved_fraction"] <= 1.0
+        assert len(r["residuals"]) == 24 and all(x >= 0 for x in r["residuals"])
+    assert (tmp_path / "residuals.png").exists() and (tmp_path / "results.json").exists()
