@@ -66,24 +66,23 @@ def conv_cell(seed: int, perturb: float = 0.0):
     return (lambda z: cell(z, x)), torch.zeros(64, 64, 14, 14)
 
 
-def mlp_cell(seed: int, perturb: float = 0.0):
+def _tanh_cell(width: int, gain: float, seed: int, perturb: float):
+    """tanh(W z + x), batch 256, x ~ N(0, 1), ‖W‖₂ = gain (after the perturbation)."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(128, 128, generator=g)
-    x = torch.randn(256, 128, generator=g)
+    W = torch.randn(width, width, generator=g)
+    x = torch.randn(256, width, generator=g)
     if perturb:
-        W = W + perturb * torch.randn(128, 128, generator=g)
-    W = _spectral(W, 0.9)
-    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(256, 128)
+        W = W + perturb * torch.randn(width, width, generator=g)
+    W = _spectral(W, gain)
+    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(256, width)
+
+
+def mlp_cell(seed: int, perturb: float = 0.0):
+    return _tanh_cell(128, 0.9, seed, perturb)
 
 
 def slow_cell(seed: int, perturb: float = 0.0):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(256, 256, generator=g)
-    x = torch.randn(256, 256, generator=g)
-    if perturb:
-        W = W + perturb * torch.randn(256, 256, generator=g)
-    W = _spectral(W, 2.5)
-    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(256, 256)
+    return _tanh_cell(256, 2.5, seed, perturb)
 
 
 CELLS = {"inr": inr_cell, "conv": conv_cell, "mlp": mlp_cell, "slow": slow_cell}
