@@ -67,7 +67,7 @@ from .linalg import SecantJacobian, batch_dot
 from .outcome import BestIterate, Budget, Status, TrackerResult, _where, residuals
 from .predictor import Predictor
 from .secant import InverseBroyden, LowRankJacobian
-from .tracker_state import Phase, TrackerOptions, _maybe_any, _State, _unit
+from .tracker_state import _RETRY_FACTOR, Phase, TrackerOptions, _maybe_any, _State, _unit
 from .transitions import PhaseTransitions
 
 __all__ = ["PathTracker", "Phase", "TrackerOptions", "TrackerResult", "residuals"]
@@ -244,6 +244,6 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             self._set_tangent(st, got, _unit(w), budget, exact)
         lost = tangent & ~finite
         if _maybe_any(lost):
-            st.step = torch.where(lost, 0.5 * st.step, st.step)
+            st.step = torch.where(lost, _RETRY_FACTOR * st.step, st.step)
             st.solve_failed = st.solve_failed & ~lost
             st.begin_step(lost, self._predict_linear(st))

@@ -12,7 +12,7 @@ import torch
 
 from .linalg import batch_dot
 from .outcome import Budget, _where
-from .tracker_state import _State, _unit
+from .tracker_state import _TURN_FACTOR, _State, _unit
 
 Tensor = torch.Tensor
 
@@ -80,7 +80,7 @@ class Predictor:
         st.tangent = _where(smooth, t, st.tangent)
         st.anchor = _where(sharp, st.anchor_prev, st.anchor)
         st.tangent = _where(sharp, st.tangent_prev, st.tangent)
-        st.step = torch.where(sharp, 0.25 * st.step, st.step)
+        st.step = torch.where(sharp, _TURN_FACTOR * st.step, st.step)
         underflow = sharp & (st.step.abs() < opt.step_min * st.step_unit.abs())
         st.derailed = st.derailed | underflow
         got = got & ~underflow

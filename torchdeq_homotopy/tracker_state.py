@@ -25,6 +25,19 @@ _DENSE_REFRESHES = 10
 # converges (up to hundreds of times its best residual, then quadratic convergence).
 _PATIENCE = 3
 
+# Step control of the path (torchdiffeq names its equivalents ifactor and dfactor): after
+# an accepted step the arclength step h grows by _GROW_FAST when the corrector took at most
+# one step, by _GROW_SLOW after two, and shrinks by _SHRINK_SLOW after more.
+_GROW_FAST, _GROW_SLOW, _SHRINK_SLOW = 2.0, 1.25, 0.8
+# A rejected corrector, or a failed tangent solve, retries with h · _RETRY_FACTOR; a tangent
+# that turned too sharply steps back to the previous anchor with h · _TURN_FACTOR.
+_RETRY_FACTOR, _TURN_FACTOR = 0.5, 0.25
+# A Newton step under a secant Jacobian that leaves more than _NEWTON_PROGRESS of the
+# residual asks for the exact Jacobian.
+_NEWTON_PROGRESS = 0.5
+# A path within this distance of λ = 1 goes to the endgame.
+_END_GAP = 1e-3
+
 
 class Phase(enum.IntEnum):
     NEWTON = 0

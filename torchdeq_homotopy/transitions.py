@@ -11,7 +11,20 @@ import torch
 from .homotopies import HOMOTOPIES
 from .outcome import Budget, Status, _where
 from .secant import InverseBroyden
-from .tracker_state import _PATIENCE, _SLOW_CORRECTOR, Phase, _maybe_any, _State, _unit
+from .tracker_state import (
+    _END_GAP,
+    _GROW_FAST,
+    _GROW_SLOW,
+    _NEWTON_PROGRESS,
+    _PATIENCE,
+    _RETRY_FACTOR,
+    _SHRINK_SLOW,
+    _SLOW_CORRECTOR,
+    Phase,
+    _maybe_any,
+    _State,
+    _unit,
+)
 
 Tensor = torch.Tensor
 
@@ -35,7 +48,7 @@ class PhaseTransitions:
             (st.phase == Phase.NEWTON) & (self._mode() != "secant"))
         if not _maybe_any(newtonish):
             return
-        slow = ~(abs_res <= 0.5 * st.res_prev) | st.solve_failed
+        slow = ~(abs_res <= _NEWTON_PROGRESS * st.res_prev) | st.solve_failed
         st.stale = st.stale | (newtonish & ~st.exact & slow)
 
     def _leave_newton(self, st: _State, f_finite: Tensor, abs_res: Tensor,
@@ -196,7 +209,7 @@ class PhaseTransitions:
         st.retried = (st.retried | soft) & ~accept & ~(reject & ~soft)
         reject = reject & ~soft
         # Accepted: at λ ≈ 1 go to the endgame; otherwise grow h and take a tangent here.
-        at_end = accept & (st.y[:, -1] >= 1 - 1e-3)
+        at_end = accept & (st.y[:, -1] >= 1 - _END_GAP)
         # H(z, 0) = 0 only at z0: a path at λ < 0 has jumped to another branch.
         behind = accept & (st.y[:, -1] < -opt.step_init)
         st.derailed = st.derailed | behind
@@ -204,7 +217,8 @@ class PhaseTransitions:
         # A corrector that needed _SLOW_CORRECTOR or more steps had a poor secant
         # Jacobian: the tangent at the new anchor is taken with a fresh one.
         st.stale = st.stale | (onward & (st.k_corr >= _SLOW_CORRECTOR))
-        grow = torch.where(st.k_corr <= 1, 2.0, torch.where(st.k_corr == 2, 1.25, 0.8))
+        grow = torch.where(st.k_corr <= 1, _GROW_FAST,
+                           torch.where(st.k_corr == 2, _GROW_SLOW, _SHRINK_SLOW))
         h_max = opt.step_max * st.step_unit
         st.step = torch.where(onward, torch.minimum(st.step * grow, h_max), st.step)
         secant = _unit(st.y - st.anchor) if opt.predictor == "secant" else None
@@ -224,7 +238,7 @@ class PhaseTransitions:
         opt = self.opt
         if not _maybe_any(reject):
             return reject
-        st.step = torch.where(reject, 0.5 * st.step, st.step)
+        st.step = torch.where(reject, _RETRY_FACTOR * st.step, st.step)
         underflow = reject & (st.step.abs() < opt.step_min * st.step_unit.abs())
         st.derailed = st.derailed | underflow
         retry = reject & ~underflow

@@ -52,6 +52,10 @@ class Warmup:
 PROGRESS_WINDOW = 5
 """Calls over which the warm-up measures a method's rate of progress."""
 
+FAST_CONTRACTION = 0.7
+"""Fixed-point iteration goes on, without projecting, while each step shrinks every open
+sample's residual at least by this factor."""
+
 
 def horizon(calls_left: int, reserve: int) -> float:
     """Calls within which a slowly converging warm-up method must be projected to
@@ -201,7 +205,7 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
 
 
 def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
-            stop_mode: str, rate: float = 0.7, indexing: list[int] | None = None,
+            stop_mode: str, rate: float = FAST_CONTRACTION, indexing: list[int] | None = None,
             guaranteed: int | None = None, reserve: int = 0) -> Warmup | None:
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
     acceleration (TorchDEQ's) from the best iterate, within ``budget`` calls of f.
