@@ -407,18 +407,18 @@ def test_anderson_hands_over_when_stalled_or_too_slow_for_a_large_budget():
     from torchdeq_homotopy.warmup import ProgressRule
     geometric = [torch.tensor([0.5 ** k]) for k in range(12)]     # halves every call
     rule = ProgressRule(guaranteed=4, budget=100, tol=1e-6, reserve=10, window=5)
-    assert not rule.hand_over(geometric[:3])                       # guaranteed calls
-    assert not rule.hand_over(geometric)       # needs 20 - 11 = 9 more <= 10 (the reserve)
+    assert not rule.hand_over(3, geometric[:3])                       # guaranteed calls
+    assert not rule.hand_over(12, geometric)       # needs 20 - 11 = 9 more <= 10 (the reserve)
     stalled = geometric[:8] + [geometric[7]] * 5
-    assert rule.hand_over(stalled)                                 # no new best in 5 calls
+    assert rule.hand_over(13, stalled)                                 # no new best in 5 calls
     slow = [torch.tensor([0.99 ** k]) for k in range(12)]          # needs ~1,370 calls
-    assert rule.hand_over(slow)                                    # 88 left: Broyden's
+    assert rule.hand_over(12, slow)                                    # 88 left: Broyden's
     tight = ProgressRule(guaranteed=4, budget=20, tol=1e-6, reserve=10, window=5)
-    assert not tight.hand_over(slow)          # 8 left < 2 x reserve: keep what progresses
-    assert tight.hand_over([torch.tensor([0.99 ** k]) for k in range(8)] + [torch.tensor(
+    assert not tight.hand_over(12, slow)          # 8 left < 2 x reserve: keep what progresses
+    assert tight.hand_over(13, [torch.tensor([0.99 ** k]) for k in range(8)] + [torch.tensor(
         [0.99 ** 7])] * 5)                                         # unless it stalls
     done = [*geometric[:11], torch.tensor([1e-7])]
-    assert rule.hand_over(done)                                    # all converged
+    assert rule.hand_over(12, done)                                    # all converged
 
 
 def test_small_budget_keeps_anderson_on_a_slowly_contracting_map():

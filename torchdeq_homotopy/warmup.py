@@ -6,7 +6,8 @@ the rest it leaves a best iterate (kept by the solver) and a start for Newton.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,9 +108,9 @@ class ProgressRule:
     Example:
         >>> rule = ProgressRule(guaranteed=2, budget=100, tol=1e-3, reserve=5, window=2)
         >>> history = [torch.tensor([1.0]), torch.tensor([0.1]), torch.tensor([0.01])]
-        >>> rule.hand_over(history)     # rate 0.1 per call: one more call suffices
+        >>> rule.hand_over(3, history)     # rate 0.1 per call: one more call suffices
         False
-        >>> rule.hand_over(history + [torch.tensor([0.01])] * 2)   # stalled
+        >>> rule.hand_over(5, history + [torch.tensor([0.01])] * 2)   # stalled
         True
     """
 
@@ -119,16 +120,16 @@ class ProgressRule:
     reserve: int = 0
     window: int = PROGRESS_WINDOW
 
-    def hand_over(self, best_history: list[Tensor]) -> bool:
-        """``best_history[c - 1]``: the best residual per sample after call c (one host
-        sync per call, as TorchDEQ's Anderson's own stopping test)."""
-        calls = len(best_history)
-        open_ = best_history[-1] > self.tol
+    def hand_over(self, calls: int, recent: Sequence[Tensor]) -> bool:
+        """After ``calls`` calls of f; ``recent``: the best residual per sample after each
+        of the last calls, oldest first (at least ``window`` + 1 of them once that many
+        calls were made). One host sync per call, as TorchDEQ's Anderson's own test."""
+        open_ = recent[-1] > self.tol
         if calls < max(self.guaranteed, self.window + 1):
             return not bool(open_.any())
         within = horizon(self.budget - calls, self.reserve)
-        recent = best_history[-1 - self.window:]
-        late = open_ & ~on_time(recent, self.tol, within, self.window)
+        late = open_ & ~on_time(list(recent)[-1 - self.window:], self.tol, within,
+                                self.window)
         return bool(late.any() | ~open_.any())
 
 
@@ -142,7 +143,7 @@ class _Counted:
         self.f, self.calls = f, 0
         self.best, self.stop_mode, self.indexing = best, stop_mode, indexing
         self.trajectory: list[Tensor] = []
-        self.best_history: list[Tensor] = []
+        self.best_recent: deque[Tensor] = deque(maxlen=PROGRESS_WINDOW + 1)
         self.traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
         self.rule: ProgressRule | None = None
         self.cached: tuple[Tensor, Tensor] | None = None   # (z, f(z)) to serve once, free
@@ -160,12 +161,12 @@ class _Counted:
         for trace, value in zip(self.traces, (*self.last_res, self.calls), strict=True):
             trace.append(value)
         self.best.update(z, *self.last_res, self.stop_mode, self.calls, fz=fz)
-        self.best_history.append(self.best.abs_res if self.stop_mode == "abs"
-                                 else self.best.rel_res)
+        self.best_recent.append(self.best.abs_res if self.stop_mode == "abs"
+                                else self.best.rel_res)
         while (len(self.trajectory) < len(self.indexing)
                and self.indexing[len(self.trajectory)] <= self.calls):
             self.trajectory.append(self.best.z.clone())
-        if self.rule is not None and self.rule.hand_over(self.best_history):
+        if self.rule is not None and self.rule.hand_over(self.calls, self.best_recent):
             raise _Handover
         return fz
 
@@ -183,7 +184,7 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
     """
     fz = f(x0)
     first, _ = f.last_res
-    history: list[Tensor] = []                  # the stop-mode residual of each iterate
+    history: deque[Tensor] = deque(maxlen=PROGRESS_WINDOW + 1)   # the last iterates' residuals
     expanding = False
     while True:
         abs_res, rel_res = f.last_res           # of the last call, f(z) with z = f(previous z)
@@ -194,7 +195,7 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
             fast = stop <= rate * history[-2]
             # the accelerator that follows beats slow iteration: no unbounded horizon
             within = min(budget - f.calls, horizon(budget - f.calls, reserve))
-            slow = bool((open_ & ~fast & ~on_time(history, tol, within)).any())
+            slow = bool((open_ & ~fast & ~on_time(list(history), tol, within)).any())
         else:
             slow = False
         if slow and f.calls == 2:     # judged on ||f(z) - z||, whatever the stop mode
