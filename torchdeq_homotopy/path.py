@@ -126,12 +126,12 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         budget.used = used
         indexing = sorted(indexing or [])
         newton_first = opt.newton_iters > 0 or not opt.track
-        st = _State.start(x0 if newton_start is None or not newton_first else newton_start,
+        state = _State.start(x0 if newton_start is None or not newton_first else newton_start,
                           newton_first=newton_first)
         if not newton_first:
             self._build_homotopy(budget)
         if best is None:
-            inf = torch.full_like(st.step, float("inf"))
+            inf = torch.full_like(state.step, float("inf"))
             best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                                step=torch.zeros_like(inf))
         abs_trace: list[Tensor] = []
@@ -143,7 +143,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         # f at the Newton start, when the warm-up already evaluated it, costs nothing here.
         known_fz = newton_start_fz if newton_first and newton_start is not None else None
         while known_fz is not None or budget.spend():
-            z, lam = st.y[:, :n], st.y[:, n]
+            z, lam = state.y[:, :n], state.y[:, n]
             fz, known_fz = (self.f(z), None) if known_fz is None else (known_fz, None)
             abs_res, rel_res = residuals(z, fz)
             f_finite = abs_res < float("inf")
@@ -154,52 +154,54 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             best.update(z, abs_res, rel_res, stop_mode, budget.used)
             # A sample is done once its best iterate (the warm-up's included) meets tol.
             best_res = best.abs_res if stop_mode == "abs" else best.rel_res
-            converged = (st.phase != Phase.DONE) & (best_res <= tol)
-            st.finish(converged, Status.CONVERGED)
-            st.y[:, n] = lam.masked_fill(converged, 1.0)
+            converged = (state.phase != Phase.DONE) & (best_res <= tol)
+            state.finish(converged, Status.CONVERGED)
+            state.y[:, n] = lam.masked_fill(converged, 1.0)
             while len(trajectory) < len(indexing) and indexing[len(trajectory)] <= budget.used:
                 trajectory.append(best.z.clone())
-            if bool((st.phase == Phase.DONE).all()) or budget.left <= 0:
+            if bool((state.phase == Phase.DONE).all()) or budget.left <= 0:
                 break
 
             H = self.hom.residual(z, fz, lam)
             h_norm = H.norm(dim=1)
-            self._mark_stale(st, abs_res)
-            idle = self._leave_newton(st, f_finite, abs_res, budget)
-            idle = idle | self._judge_corrector(st, h_norm, idle)
-            st.finish((st.phase == Phase.ENDGAME) & (~(h_norm < float("inf")) | st.solve_failed),
-                      Status.NONFINITE)
+            self._mark_stale(state, abs_res)
+            idle = self._leave_newton(state, f_finite, abs_res, budget)
+            idle = idle | self._judge_corrector(state, h_norm, idle)
+            endgame_failed = (state.phase == Phase.ENDGAME) & (
+                ~(h_norm < float("inf")) | state.solve_failed)
+            state.finish(endgame_failed, Status.NONFINITE)
 
-            newton, tangent, correct, border, rhs = self._bordered_system(st, H, lam, idle)
-            y_eval = _where(f_finite, st.y, torch.cat([best.z, st.y[:, n:]], dim=1))
+            newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
+            y_eval = _where(f_finite, state.y, torch.cat([best.z, state.y[:, n:]], dim=1))
             active = newton | tangent | correct
             fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
-            broyden = (newton & (st.phase == Phase.NEWTON) if self._mode() == "secant"
+            broyden = (newton & (state.phase == Phase.NEWTON) if self._mode() == "secant"
                        else torch.zeros_like(newton))
             delta, finite, exact = self._solve(
                 y_eval, fz_safe, border, rhs, budget,
-                need_exact=active & st.stale & ~broyden, rows=active & ~broyden)
+                need_exact=active & state.stale & ~broyden, rows=active & ~broyden)
             if self._mode() == "secant":
                 delta, finite = self._broyden_step(z, fz, broyden, delta, finite, max_evals)
-            st.solve_failed = ~finite & active
-            st.exact = torch.where(active, exact, st.exact)
-            st.stale = st.stale & ~exact
+            state.solve_failed = ~finite & active
+            state.exact = torch.where(active, exact, state.exact)
+            state.stale = state.stale & ~exact
 
-            self._take_steps(st, delta, finite, exact, newton, correct, abs_res)
-            self._take_tangents(st, tangent, delta, finite, exact, budget)
-            self._restart(st, budget)
+            self._take_steps(state, delta, finite, exact, newton, correct, abs_res)
+            self._take_tangents(state, tangent, delta, finite, exact, budget)
+            self._restart(state, budget)
 
-        st.status = st.status.masked_fill(st.status == Status.RUNNING, int(Status.MAX_EVALS))
+        running = state.status == Status.RUNNING
+        state.status = state.status.masked_fill(running, int(Status.MAX_EVALS))
         while len(trajectory) < len(indexing):
             trajectory.append(best.z.clone())
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
                              step_best=best.step, abs_trace=abs_trace, rel_trace=rel_trace,
-                             status=st.status, lam=st.y[:, n].clone(), evals=budget.used,
+                             status=state.status, lam=state.y[:, n].clone(), evals=budget.used,
                              trajectory=trajectory, trace_nfe=trace_nfe, lam_trace=lam_trace,
-                             restarts=st.restarts, krylov_solves=self.krylov_solves,
+                             restarts=state.restarts, krylov_solves=self.krylov_solves,
                              krylov_products=self.krylov_products)
 
-    def _bordered_system(self, st: _State, H: Tensor, lam: Tensor, idle: Tensor
+    def _bordered_system(self, state: _State, H: Tensor, lam: Tensor, idle: Tensor
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Each active sample's border row and right-hand side of the one batched solve:
 
@@ -208,42 +210,42 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             TANGENT         [H_z H_λ; tᵀ]   w = [0; 1]
 
         Returns the masks (newton, tangent, correct), the border rows and the rhs."""
-        newton = ((st.phase == Phase.NEWTON) | (st.phase == Phase.ENDGAME)) & ~idle
-        tangent = (st.phase == Phase.TANGENT) & ~idle
-        correct = (st.phase == Phase.CORRECT) & ~idle
-        e_lam = torch.zeros_like(st.y)
+        newton = ((state.phase == Phase.NEWTON) | (state.phase == Phase.ENDGAME)) & ~idle
+        tangent = (state.phase == Phase.TANGENT) & ~idle
+        correct = (state.phase == Phase.CORRECT) & ~idle
+        e_lam = torch.zeros_like(state.y)
         e_lam[:, -1] = 1
-        border = _where(tangent | correct, st.tangent, e_lam)
+        border = _where(tangent | correct, state.tangent, e_lam)
         H_safe = torch.nan_to_num(H, nan=0.0, posinf=0.0, neginf=0.0)
         rhs_lam = (1 - lam).masked_fill(~newton, 0.0)
-        rhs_lam = torch.where(correct, -batch_dot(st.tangent, st.y - st.pred), rhs_lam)
+        rhs_lam = torch.where(correct, -batch_dot(state.tangent, state.y - state.pred), rhs_lam)
         rhs = torch.cat([_where(newton | correct, -H_safe, torch.zeros_like(H)),
                          rhs_lam[:, None]], dim=1)
         return newton, tangent, correct, border, _where(tangent, e_lam, rhs)
 
     @staticmethod
-    def _take_steps(st: _State, delta: Tensor, finite: Tensor, exact: Tensor, newton: Tensor,
+    def _take_steps(state: _State, delta: Tensor, finite: Tensor, exact: Tensor, newton: Tensor,
                     correct: Tensor, abs_res: Tensor) -> None:
         """Newton and corrector updates, y ← y + δ, and their per-sample counters (a Newton
         step counts against ``homo_newton_iters`` when its Jacobian was exact)."""
         move = (newton | correct) & finite
-        st.y = _where(move, st.y + delta, st.y)
-        st.res_prev = torch.where(newton, abs_res, st.res_prev)
-        st.n_newton = torch.where(newton & (st.phase == Phase.NEWTON) & exact,
-                                  st.n_newton + 1, st.n_newton)
-        st.dnorm_prev = torch.where(correct, st.dnorm, st.dnorm_prev)
-        st.dnorm = torch.where(correct, delta.norm(dim=1), st.dnorm)
-        st.k_corr = torch.where(correct, st.k_corr + 1, st.k_corr)
+        state.y = _where(move, state.y + delta, state.y)
+        state.res_prev = torch.where(newton, abs_res, state.res_prev)
+        state.n_newton = torch.where(newton & (state.phase == Phase.NEWTON) & exact,
+                                  state.n_newton + 1, state.n_newton)
+        state.dnorm_prev = torch.where(correct, state.dnorm, state.dnorm_prev)
+        state.dnorm = torch.where(correct, delta.norm(dim=1), state.dnorm)
+        state.corrector_steps = state.corrector_steps + correct.long()
 
-    def _take_tangents(self, st: _State, tangent: Tensor, w: Tensor, finite: Tensor,
+    def _take_tangents(self, state: _State, tangent: Tensor, w: Tensor, finite: Tensor,
                        exact: Tensor, budget: Budget) -> None:
         """t = w / ||w|| and the next prediction (:meth:`_set_tangent`); a failed tangent
         solve retries from the anchor with half the step."""
-        got = tangent & finite
-        if bool(got.any()):
-            self._set_tangent(st, got, _unit(w), budget, exact)
-        lost = tangent & ~finite
-        if _maybe_any(lost):
-            st.step = torch.where(lost, _RETRY_FACTOR * st.step, st.step)
-            st.solve_failed = st.solve_failed & ~lost
-            st.begin_step(lost, self._predict_linear(st))
+        tangent_ok = tangent & finite
+        if bool(tangent_ok.any()):
+            self._set_tangent(state, tangent_ok, _unit(w), budget, exact)
+        tangent_failed = tangent & ~finite
+        if _maybe_any(tangent_failed):
+            state.step = torch.where(tangent_failed, _RETRY_FACTOR * state.step, state.step)
+            state.solve_failed = state.solve_failed & ~tangent_failed
+            state.begin_step(tangent_failed, self._predict_linear(state))

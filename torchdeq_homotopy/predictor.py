@@ -20,20 +20,20 @@ Tensor = torch.Tensor
 class Predictor:
     """Tangents and predicted points (uses ``f``, ``n``, ``opt`` and ``_solve``)."""
 
-    def _predict_linear(self, st: _State) -> Tensor:
+    def _predict_linear(self, state: _State) -> Tensor:
         """y_p = y_a + h t, with h shortened so that λ_p does not pass 1: h <= (1 - λ_a) / t_λ."""
-        lam_a, t_lam = st.anchor[:, -1], st.tangent[:, -1]
+        lam_a, t_lam = state.anchor[:, -1], state.tangent[:, -1]
         to_end = (1 - lam_a) / t_lam
-        h = torch.where((t_lam > 0) & (lam_a < 1) & (st.step > to_end), to_end, st.step)
-        return st.anchor + h[:, None] * st.tangent
+        h = torch.where((t_lam > 0) & (lam_a < 1) & (state.step > to_end), to_end, state.step)
+        return state.anchor + h[:, None] * state.tangent
 
-    def _predict(self, st: _State, mask: Tensor, budget: Budget) -> Tensor:
-        linear = self._predict_linear(st)
+    def _predict(self, state: _State, mask: Tensor, budget: Budget) -> Tensor:
+        linear = self._predict_linear(state)
         if self.opt.predictor == "tangent":
             return linear
-        return self._predict_ode(st, linear, mask, budget)
+        return self._predict_ode(state, linear, mask, budget)
 
-    def _predict_ode(self, st: _State, linear: Tensor, mask: Tensor, budget: Budget) -> Tensor:
+    def _predict_ode(self, state: _State, linear: Tensor, mask: Tensor, budget: Budget) -> Tensor:
         """Integrate the arclength Davidenko ODE  dy/ds = t(y),  s ∈ [0, h],  with odeint.
 
         t(y) solves [H_z H_λ; t_aᵀ] w = [0; 1], t = w / ||w|| (oriented like the anchor's
@@ -42,23 +42,23 @@ class Predictor:
         """
         from torchdiffeq import odeint
 
-        h = (linear - st.anchor).norm(dim=1)
+        h = (linear - state.anchor).norm(dim=1)
         h = torch.where(mask, h, torch.zeros_like(h))
-        e_lam = torch.zeros_like(st.y)
+        e_lam = torch.zeros_like(state.y)
         e_lam[:, -1] = 1
 
         def velocity(_sigma: Tensor, y: Tensor) -> Tensor:
             if not budget.spend():
                 return torch.zeros_like(y)
             fz = torch.nan_to_num(self.f(y[:, : self.n]))
-            w, finite, _ = self._solve(y, fz, st.tangent, e_lam, budget)
+            w, finite, _ = self._solve(y, fz, state.tangent, e_lam, budget)
             return torch.where((finite & mask)[:, None], _unit(w) * h[:, None],
                                torch.zeros_like(w))
 
-        grid = torch.tensor([0.0, 1.0], device=st.y.device, dtype=st.y.dtype)
-        return odeint(velocity, st.anchor, grid, method=self.opt.ode_method)[-1]
+        grid = torch.tensor([0.0, 1.0], device=state.y.device, dtype=state.y.dtype)
+        return odeint(velocity, state.anchor, grid, method=self.opt.ode_method)[-1]
 
-    def _set_tangent(self, st: _State, got: Tensor, t: Tensor,
+    def _set_tangent(self, state: _State, tangent_ok: Tensor, t: Tensor,
                      budget: Budget | None = None, exact: Tensor | None = None) -> None:
         """Take ``t`` as the anchor's tangent and predict the next point. The first tangent
         sets the step scale. A tangent turning sharply (t · t_prev < ``max_turn``) means the
@@ -66,24 +66,24 @@ class Predictor:
         quarter of the step. A sharp turn of a tangent solved with a secant Jacobian
         (``exact`` False) is first recomputed with the exact one."""
         opt = self.opt
-        first = got & (st.step_unit == 0)
-        sharp = got & ~first & (batch_dot(t, st.tangent) < opt.max_turn)
+        first = tangent_ok & (state.step_unit == 0)
+        sharp = tangent_ok & ~first & (batch_dot(t, state.tangent) < opt.max_turn)
         if exact is not None:
             recheck = sharp & ~exact        # stays in TANGENT; the next solve is exact
-            st.stale = st.stale | recheck
-            sharp, got = sharp & ~recheck, got & ~recheck
+            state.stale = state.stale | recheck
+            sharp, tangent_ok = sharp & ~recheck, tangent_ok & ~recheck
         h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)     # raises λ by step_init
-        st.step = torch.where(first, h0, st.step)
-        st.step_unit = torch.where(first, h0, st.step_unit)
-        st.tangent_prev = _where(first, t, st.tangent_prev)
-        smooth = got & ~sharp
-        st.tangent = _where(smooth, t, st.tangent)
-        st.anchor = _where(sharp, st.anchor_prev, st.anchor)
-        st.tangent = _where(sharp, st.tangent_prev, st.tangent)
-        st.step = torch.where(sharp, _TURN_FACTOR * st.step, st.step)
-        underflow = sharp & (st.step.abs() < opt.step_min * st.step_unit.abs())
-        st.derailed = st.derailed | underflow
-        got = got & ~underflow
-        pred = (self._predict(st, got, budget) if budget is not None
-                else self._predict_linear(st))
-        st.begin_step(got, pred)
+        state.step = torch.where(first, h0, state.step)
+        state.step_unit = torch.where(first, h0, state.step_unit)
+        state.tangent_prev = _where(first, t, state.tangent_prev)
+        smooth = tangent_ok & ~sharp
+        state.tangent = _where(smooth, t, state.tangent)
+        state.anchor = _where(sharp, state.anchor_prev, state.anchor)
+        state.tangent = _where(sharp, state.tangent_prev, state.tangent)
+        state.step = torch.where(sharp, _TURN_FACTOR * state.step, state.step)
+        underflow = sharp & (state.step.abs() < opt.step_min * state.step_unit.abs())
+        state.needs_restart = state.needs_restart | underflow
+        tangent_ok = tangent_ok & ~underflow
+        pred = (self._predict(state, tangent_ok, budget) if budget is not None
+                else self._predict_linear(state))
+        state.begin_step(tangent_ok, pred)

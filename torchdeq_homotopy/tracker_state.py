@@ -120,7 +120,7 @@ class _State:
     status: Tensor        # Status per sample
     step: Tensor          # arclength step h
     step_unit: Tensor     # h of the first path step; h_min and h_max are relative to it
-    k_corr: Tensor        # corrector iterations of the current step
+    corrector_steps: Tensor        # corrector iterations of the current step
     dnorm: Tensor         # ||δ|| of the last corrector step
     dnorm_prev: Tensor    # ||δ|| of the one before
     n_newton: Tensor      # Newton steps taken in phase NEWTON
@@ -131,7 +131,7 @@ class _State:
     exact: Tensor         # the last linear solve used an exact Jacobian
     stale: Tensor         # the next solve needs an exact Jacobian (dense mode)
     retried: Tensor       # the current path step was already retried with an exact one
-    derailed: Tensor      # the step underflowed or λ went below 0: restart or give up
+    needs_restart: Tensor      # the step underflowed or λ went below 0: restart or give up
     restarts: Tensor      # paths restarted from a perturbed start point
 
     @classmethod
@@ -148,14 +148,15 @@ class _State:
             anchor_prev=torch.cat([x0, 0 * lam], dim=1), tangent_prev=e_lam.clone(),
             phase=torch.full_like(zeros_i, int(Phase.NEWTON if newton_first else Phase.TANGENT)),
             status=torch.full_like(zeros_i, int(Status.RUNNING)),
-            step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf), k_corr=zeros_i.clone(),
+            step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf),
+            corrector_steps=zeros_i.clone(),
             dnorm=inf.clone(), dnorm_prev=inf.clone(), n_newton=zeros_i.clone(),
             res_prev=inf.clone(), newton_best=inf.clone(), n_worse=zeros_i.clone(),
             solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool),
             exact=torch.ones_like(zeros_i, dtype=torch.bool),
             stale=torch.ones_like(zeros_i, dtype=torch.bool),
             retried=torch.zeros_like(zeros_i, dtype=torch.bool),
-            derailed=torch.zeros_like(zeros_i, dtype=torch.bool), restarts=zeros_i.clone())
+            needs_restart=torch.zeros_like(zeros_i, dtype=torch.bool), restarts=zeros_i.clone())
 
     def finish(self, mask: Tensor, status: Status) -> None:
         self.status = self.status.masked_fill(mask, int(status))
@@ -168,6 +169,6 @@ class _State:
         self.pred = _where(mask, pred, self.pred)
         self.y = _where(mask, pred, self.y)
         self.phase = self.phase.masked_fill(mask, int(Phase.CORRECT))
-        self.k_corr = self.k_corr.masked_fill(mask, 0)
+        self.corrector_steps = self.corrector_steps.masked_fill(mask, 0)
         self.dnorm = self.dnorm.masked_fill(mask, float("inf"))
         self.dnorm_prev = self.dnorm_prev.masked_fill(mask, float("inf"))
