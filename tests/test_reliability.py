@@ -93,7 +93,7 @@ def test_krylov_breakdown_and_singular_systems_stay_finite():
     assert torch.isfinite(x).all() and not ok.any()
 
 
-def test_turning_points_are_traversed():
+def test_turning_points_are_traversed(record_tangent_lams):
     """On expansive cells the path turns back in λ (tangents with dλ/ds < 0, where
     I - λJ is singular); the bordered solves stay regular and every sample still ends on a
     true equilibrium."""
@@ -106,14 +106,7 @@ def test_turning_points_are_traversed():
     f = lambda z: torch.tanh(z @ W.T + x)                             # noqa: E731
     tracker = PathTracker(f, torch.zeros(16, 10, dtype=torch.float64),
                           TrackerOptions(newton_iters=0))
-    tangent_lams = []
-    original = tracker._set_tangent
-
-    def spy(st, got, t, budget=None, exact=None):
-        tangent_lams.append(torch.where(got, t[:, -1], torch.nan))
-        return original(st, got, t, budget, exact)
-
-    tracker._set_tangent = spy
+    tangent_lams = record_tangent_lams(tracker)
     with torch.no_grad():
         result = tracker.run(4000, 1e-9, "abs")
     assert (result.status == Status.CONVERGED).all()

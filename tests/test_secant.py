@@ -131,7 +131,7 @@ def fold_problem(n=512, seed=0):
     return f, (w0 @ Q.T)[None], Q
 
 
-def test_path_through_turning_points_at_n_512():
+def test_path_through_turning_points_at_n_512(record_tangent_lams):
     """Pure path tracking with the secant solver: tangents with dλ/ds < 0 (the path turned
     back at a fold, where I - λJ_f is singular) and a true equilibrium at the end."""
     from torchdeq_homotopy.path import PathTracker, TrackerOptions
@@ -139,14 +139,7 @@ def test_path_through_turning_points_at_n_512():
     f, z0, Q = fold_problem()
     tracker = PathTracker(f, z0, TrackerOptions(newton_iters=0, linear_solver="secant",
                                                 jvp="forward"))
-    tangents = []
-    original = tracker._set_tangent
-
-    def spy(st, got, t, budget=None, exact=None):
-        tangents.append(torch.where(got, t[:, -1], torch.nan))
-        return original(st, got, t, budget, exact)
-
-    tracker._set_tangent = spy
+    tangents = record_tangent_lams(tracker)
     with torch.no_grad():
         result = tracker.run(3000, 1e-8, "abs")
     assert result.status.tolist() == [Status.CONVERGED]
