@@ -10,7 +10,7 @@ from the same start: test accuracy, forward evaluations per batch, the share of
 predictions that agree with the reference, and the endpoints' relative error
 ||z(1) - z_ref(1)|| / ||z_ref(1)|| over all test images. ``--start zeros`` (the default)
 integrates from z0 = 0; ``--start learned`` from the model's learned initial point (for a model
-trained with it). Writes benchmarks/results/forward_accuracy[_learned].md.
+trained with it). Writes benchmarks/results/forward_accuracy.md.
 """
 from __future__ import annotations
 
@@ -101,8 +101,7 @@ def main() -> None:
         lines.append(f"| {name} | {acc:.4f} | {nfe:.0f} | {agree:.4f} | {error:.4f} |")
         print(lines[-1], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    stem = "forward_accuracy" if args.start == "zeros" else "forward_accuracy_learned"
-    (Path(args.out) / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (Path(args.out) / "forward_accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -1,7 +1,6 @@
 """Paired, per-seed comparison of two rows of ``benchmarks/training.py`` results.
 
-    python benchmarks/paired.py benchmarks/results/training_long.json \
-        benchmarks/results/training_long_more.json --out benchmarks/results/training_paired.md
+    python benchmarks/paired.py benchmarks/results/training.json [--out FILE]
 
 Reads any number of result files, pairs the runs of the two rows (default: the learned
 and the zero start of the HomoODE core) by seed, and writes one table: per seed the test

@@ -2,6 +2,7 @@
 
     git clone https://github.com/wadx2019/homoode /path/to/homoode     # outside this project
     python benchmarks/published.py --published /path/to/homoode [--seeds 0 1 2] [--steps 100]
+    python benchmarks/published.py --published /path/to/homoode --sides ours-bosh3 --keep
 
 The published modules are imported unchanged from that checkout (its
 ``scripts/homoinit_cifar10.py``: ``HomoNet`` and ``InitLayer``, with its own torchdiffeq
@@ -11,7 +12,8 @@ Fashion-MNIST (Debian's files; the gray image repeated to the 3 channels the pub
 stem expects) for ``--steps`` steps at batch 64 with Adam 1e-3 from the same seed and the
 same batches. The published side follows its training loop: cross-entropy for the model, and
 SmoothL1(InitLayer, solution) stepped by SGD 0.02 every 20 steps. Ours is
-``ImplicitClassifier(core='homoode')`` at its defaults. Reported per run: test accuracy on
+``ImplicitClassifier(core='homoode')`` at its defaults, and with ``--sides`` also with
+``homo_method='bosh3'`` or ``homo_adjoint=True`` (``OURS``). Reported per run: test accuracy on
 the first ``--test-size`` test images, forward and backward NFE (mean over the steps),
 training images/s (after 5 steps), and the activation memory of a training step (bytes of
 the tensors saved for backward). Writes benchmarks/results/published.{json,md}.
@@ -104,13 +106,22 @@ class Published(Side):
         return self.model(images, "s", self.init)[0]
 
 
+OURS = {
+    "ours": {},
+    "ours-bosh3": {"homo_method": "bosh3"},
+    "ours-adjoint": {"homo_adjoint": True},
+}
+"""Our side's settings: the defaults; the Bogacki–Shampine integrator (3 evaluations a
+step against dopri5's 6, same tolerance); the adjoint backward pass."""
+
+
 class Ours(Side):
-    def __init__(self) -> None:
+    def __init__(self, settings: dict) -> None:
         from homotopy_zoo.models import ImplicitClassifier
         from homotopy_zoo.training import Counter
 
         self.model = ImplicitClassifier(in_channels=3, num_classes=10, width=64, dropout=0.1,
-                                        core="homoode")
+                                        core="homoode", **settings)
         self.counter = Counter(self.model.cell)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
 
@@ -137,7 +148,7 @@ def run_side(side: str, seed: int, steps: int, test_size: int, checkout: Path | 
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)
-    model = Published(checkout) if side == "published" else Ours()
+    model = Published(checkout) if side == "published" else Ours(OURS[side])
     saved = SavedTensors()
     nfe_f, nfe_b, seconds, images_seen = [], [], 0.0, 0
     for step, (images, labels) in enumerate(batches(seed, steps)):
@@ -164,21 +175,20 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['side']} | {r['seed']} | {r['test_acc']:.4f} | "
                      f"{r['nfe_forward']:.1f} | {r['nfe_backward']:.1f} | "
                      f"{r['images_per_s']:.1f} | {r['activation_mb']:.0f} |")
-    seeds = sorted({r["seed"] for r in rows})
-    pairs = [({r["side"]: r for r in rows if r["seed"] == s}) for s in seeds]
-    pairs = [p for p in pairs if len(p) == 2]
-    if pairs:
-        diff = [p["ours"]["test_acc"] - p["published"]["test_acc"] for p in pairs]
-        speed = [p["ours"]["images_per_s"] / p["published"]["images_per_s"] for p in pairs]
-        memory = [p["ours"]["activation_mb"] / p["published"]["activation_mb"] for p in pairs]
-        nfe = [p["ours"]["nfe_forward"] / p["published"]["nfe_forward"] for p in pairs]
-        lines.append("")
-        per_seed = ", ".join(f"{d:+.4f}" for d in diff)
-        lines.append(f"Paired over {len(pairs)} seeds, ours − published: accuracy "
-                     f"{statistics.mean(diff):+.4f} (per seed {per_seed}); ours / published: "
-                     f"images/s {statistics.mean(speed):.2f}×, forward NFE "
-                     f"{statistics.mean(nfe):.2f}×, activation memory "
-                     f"{statistics.mean(memory):.2f}×.")
+    published = {r["seed"]: r for r in rows if r["side"] == "published"}
+    for side in OURS:
+        pairs = [(r, published[r["seed"]]) for r in rows
+                 if r["side"] == side and r["seed"] in published]
+        if not pairs:
+            continue
+        diff = [o["test_acc"] - p["test_acc"] for o, p in pairs]
+        ratio = {key: statistics.mean(o[key] / p[key] for o, p in pairs)
+                 for key in ("images_per_s", "nfe_forward", "activation_mb")}
+        lines += ["", f"{side} against published, paired over {len(pairs)} seeds: accuracy "
+                  f"{statistics.mean(diff):+.4f} (per seed "
+                  f"{', '.join(f'{d:+.4f}' for d in diff)}); images/s "
+                  f"{ratio['images_per_s']:.2f}×, forward NFE {ratio['nfe_forward']:.2f}×, "
+                  f"activation memory {ratio['activation_mb']:.2f}×."]
     return "\n".join(lines)
 
 
@@ -189,7 +199,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--side", choices=("ours", "published"), help=argparse.SUPPRESS)
+    parser.add_argument("--sides", nargs="+", choices=("published", *OURS),
+                        default=["published", "ours"], help="which sides to run")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the other runs of the existing published.json")
+    parser.add_argument("--side", choices=("published", *OURS), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -201,8 +215,11 @@ def main() -> None:
         sys.exit(f"{args.published} is not a checkout of wadx2019/homoode "
                  "(scripts/homoinit_cifar10.py missing): clone it and pass its path.")
     rows = []
+    if args.keep and (args.out / "published.json").exists():
+        rows = [r for r in json.loads((args.out / "published.json").read_text())
+                if not (r["side"] in args.sides and r["seed"] in args.seeds)]
     for seed in args.seeds:
-        for side in ("published", "ours"):
+        for side in args.sides:
             cmd = [sys.executable, __file__, "--published", str(args.published), "--side", side,
                    "--seed", str(seed), "--steps", str(args.steps),
                    "--test-size", str(args.test_size)]
@@ -213,6 +230,7 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    rows.sort(key=lambda r: (r["seed"], ["published", *OURS].index(r["side"])))
     (args.out / "published.json").write_text(json.dumps(rows, indent=1))
     text = table(rows)
     (args.out / "published.md").write_text(

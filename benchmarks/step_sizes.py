@@ -1,8 +1,7 @@
 """Where a trained HomoODE spends its forward evaluations: the integrator's steps along λ.
 
-    python benchmarks/step_sizes.py ZERO_START_CHECKPOINT LEARNED_START_CHECKPOINT
     python benchmarks/step_sizes.py ZERO_START_CHECKPOINT LEARNED_START_CHECKPOINT \
-        --method bosh3 --first-step 0.005
+        [--method bosh3 --first-step 0.005]
 
 Loads two trained reference classifiers (width 16, Fashion-MNIST; the checkpoints
 ``examples/train_classifier.py`` writes), integrates one batch of 64 training images
@@ -12,8 +11,9 @@ whether it was accepted, and the cell's sensitivity there,
 
     s(λ) = ||J_f(z(λ)) v|| / ||v||,    v ~ N(0, I),  J_f = ∂f/∂z  (one torch.func.jvp)
 
-together with ||z(λ)|| (norms over the batch). Steps are recorded by wrapping
-torchdiffeq's adaptive Runge–Kutta step. Writes benchmarks/results/step_sizes[_METHOD].md.
+together with ||z(λ)|| (norms over the batch). Steps are recorded by torchdiffeq's step
+callbacks, which the HomoODE core passes on from the cell. Writes
+benchmarks/results/step_sizes.md, one section per ``--method``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from forward_accuracy import trained_model
 from torch.utils.data import DataLoader, Subset
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from homotopy_zoo.data import load_image_data
 
@@ -38,25 +37,19 @@ def trace(model: torch.nn.Module, images: torch.Tensor) -> list[str]:
     """One row per tried step: λ, h, h·s, accepted, ||z(λ)||, s(λ)."""
     x = model.stem(images)
     tried: list[tuple[float, float, bool, torch.Tensor]] = []
-    counter = [0]
-    step = RKAdaptiveStepsizeODESolver._adaptive_step
-
-    def recording(solver, rk_state):
-        new = step(solver, rk_state)
-        tried.append((float(rk_state.t1), float(rk_state.dt), bool(new.t1 != rk_state.t1),
-                      rk_state.y1))
-        return new
 
     def cell(z: torch.Tensor) -> torch.Tensor:
-        counter[0] += 1
         return model.cell(z, x)
 
-    RKAdaptiveStepsizeODESolver._adaptive_step = recording
-    try:
-        model.deq(cell, torch.zeros_like(x))
-    finally:
-        RKAdaptiveStepsizeODESolver._adaptive_step = step
-    evaluations = counter[0] - 1                        # less the endpoint's residual check
+    def record(accepted: bool):
+        def callback(lam: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> None:
+            tried.append((float(lam), float(h), accepted, z.reshape(x.shape)))
+        return callback
+
+    cell.callback_accept_step = record(True)
+    cell.callback_reject_step = record(False)
+    _, info = model.deq(cell, torch.zeros_like(x))
+    evaluations = int(info["nstep"].flatten()[0])
     rows = []
     gen = torch.Generator().manual_seed(0)
     for lam, h, accepted, z in tried:
@@ -77,26 +70,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("zero_checkpoint")
     parser.add_argument("learned_checkpoint")
-    parser.add_argument("--method", default="dopri5")
-    parser.add_argument("--first-step", type=float, default=None,
-                        help="the zero start's first step (default: torchdiffeq's choice)")
+    parser.add_argument("--method", default="bosh3",
+                        help="the integrator traced after dopri5 (default bosh3)")
+    parser.add_argument("--first-step", type=float, default=0.005,
+                        help="its first step from the zero start (default 0.005)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    method = ["--homo_method", args.method]
-    first = ["--homo_options", f"first_step={args.first_step}"] if args.first_step else []
     torch.set_num_threads(2)
     data = load_image_data("fashion-mnist", "data")
     images, _ = next(iter(DataLoader(Subset(data.train, range(64)), batch_size=64)))
     lines = []
-    starts = ((f"zero start, {args.method}" + (f", first step {args.first_step}" if first
-                                                else ""), args.zero_checkpoint, "zeros",
-               method + first),
-              (f"learned start, {args.method}", args.learned_checkpoint, "learned", method))
-    for title, checkpoint, init, extra in starts:
-        lines += [f"### {title}", "", *trace(load(checkpoint, init, extra), images), ""]
+    for method, first_step in (("dopri5", None), (args.method, args.first_step)):
+        integrator = ["--homo_method", method]
+        first = ["--homo_options", f"first_step={first_step}"] if first_step else []
+        zero_title = f"zero start, {method}" + (f", first step {first_step}" if first else "")
+        for title, checkpoint, init, extra in (
+                (zero_title, args.zero_checkpoint, "zeros", integrator + first),
+                (f"learned start, {method}", args.learned_checkpoint, "learned", integrator)):
+            lines += [f"### {title}", "", *trace(load(checkpoint, init, extra), images), ""]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.method == "dopri5" and not first else f"_{args.method}"
-    (Path(args.out) / f"step_sizes{suffix}.md").write_text("\n".join(lines))
+    (Path(args.out) / "step_sizes.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

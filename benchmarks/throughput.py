@@ -9,7 +9,7 @@ Trains the HomoODE classifier on Fashion-MNIST (with the learned initial point, 
 weights, alternating the two settings of ``--pair`` (names in ``SETTINGS``; by default
 the learned start against the zero start, which is what a plain torchdiffeq ``odeint`` of
 the same layout does) step by step, so both see the same machine load. Writes
-benchmarks/results/NAME.{json,md}.
+benchmarks/results/throughput.{json,md} (a rerun overwrites them).
 """
 from __future__ import annotations
 
@@ -59,7 +59,6 @@ def main() -> None:
     parser.add_argument("--train-init", choices=("learned", "zeros"), default="learned")
     parser.add_argument("--pair", nargs=2, choices=tuple(SETTINGS), default=("learned", "zeros"))
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--name", default="throughput", help="results file stem")
     args = parser.parse_args()
     torch.set_num_threads(2)
     (result,) = train_classifier.main([
@@ -89,7 +88,7 @@ def main() -> None:
                images_per_s=rate, nfe_forward=mean_nfe, speedup=rate[first] / rate[second],
                test_acc_after_training=result["test_acc"])
     out = Path(args.out)
-    (out / f"{args.name}.json").write_text(json.dumps(row, indent=1))
+    (out / "throughput.json").write_text(json.dumps(row, indent=1))
     md = (f"After {args.epochs} epochs on {args.train_size} Fashion-MNIST images (width "
           f"{args.width}, batch 64, trained with the {args.train_init} start), "
           f"{args.steps} training steps of each setting, interleaved:\n\n"
@@ -97,7 +96,7 @@ def main() -> None:
           + "".join(f"| {name} | {mean_nfe[name]:.1f} | {rate[name]:.0f} |\n"
                     for name in args.pair)
           + f"\nSpeed-up, first over second: **{row['speedup']:.2f}×**.\n")
-    (out / f"{args.name}.md").write_text(md)
+    (out / "throughput.md").write_text(md)
     print(md)
 
 

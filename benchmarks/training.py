@@ -3,8 +3,8 @@
     python benchmarks/training.py [--epochs 2] [--train-size 6000] [--test-size 2000]
 
 Runs examples/train_classifier.py once per row and seed (default: seed 0) and writes
-benchmarks/results/NAME.json and NAME.md (the tables in BENCHMARKS.md), plus the plots in
-benchmarks/results/training/. ``--rows`` picks rows by label, ``--seeds`` repeats them.
+benchmarks/results/training.json and training.md (a rerun overwrites them), plus the plots
+in benchmarks/results/training/. ``--rows`` picks rows by label, ``--seeds`` repeats them.
 """
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=None,
                         help="only the rows whose label contains one of these strings")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--name", default="training", help="results file stem")
     args = parser.parse_args()
     out = Path(args.out)
     common = ["--dataset", "fashion-mnist", "--epochs", str(args.epochs), "--train-size",
@@ -63,7 +62,7 @@ def main() -> None:
             (result,) = train_classifier.main(common + extra + ["--seed", str(seed)])
             result["label"] = label if len(args.seeds) == 1 else f"{label}, seed {seed}"
             results.append(result)
-            (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+            (out / "training.json").write_text(json.dumps(results, indent=1))
     lines = ["| model | test acc | params | peak MB (process) | NFE fwd | NFE bwd | images/s |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -77,7 +76,7 @@ def main() -> None:
             acc = torch.tensor([r["test_acc"] for r in group])
             speed = sum(r["images_per_s"] for r in group) / len(group)
             lines.append(f"| {label} | {acc.mean():.4f} | {acc.std():.4f} | {speed:.0f} |")
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / "training.md").write_text("\n".join(lines) + "\n")
     if len(args.seeds) == 1:
         train_classifier.plot(results, out / "training")
     print("\n".join(lines))

@@ -258,3 +258,38 @@ def test_learned_start_is_the_papers_init_layer_on_its_schedule():
             optimizer.step()
         torch.testing.assert_close(deq.init_point, layer(ones)[0, :, 0, 0].detach(),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_step_callbacks_on_func_see_the_same_steps_as_plain_odeint():
+    """A func carrying torchdiffeq's step callbacks has them called at every tried step,
+    exactly as torchdiffeq calls them on a plain odeint of the same field."""
+    from torchdiffeq import odeint
+
+    x = torch.randn(3, 2, 4, 4, dtype=F64)
+
+    def recorder(log, accepted):
+        return lambda t, y, dt: log.append((float(t), float(dt), accepted))
+
+    class Field(torch.nn.Module):
+        def forward(self, _t, z):
+            return torch.tanh(2.0 * z + x)
+
+    reference, ours = [], []
+    field = Field()
+    field.callback_accept_step = recorder(reference, True)
+    field.callback_reject_step = recorder(reference, False)
+    odeint(field, torch.zeros_like(x), torch.tensor([0.0, 1.0], dtype=F64), method="dopri5",
+           rtol=1e-3, atol=1e-3)
+
+    def func(z):
+        return torch.tanh(2.0 * z + x)
+
+    func.callback_accept_step = recorder(ours, True)
+    func.callback_reject_step = recorder(ours, False)
+    _, info = get_deq(core="homoode", homo_init="zeros")(func, torch.zeros_like(x))
+    assert len(reference) >= 2 and reference[0][0] == 0.0
+    assert [a for _, _, a in ours] == [a for _, _, a in reference]
+    assert [v for t, h, _ in ours for v in (t, h)] == pytest.approx(
+        [v for t, h, _ in reference for v in (t, h)])
+    # dopri5 is FSAL: 1 first-step probe + 1 initial evaluation + 6 per tried step
+    assert info["nstep"][0] == 2 + 6 * len(ours)

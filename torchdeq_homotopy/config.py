@@ -331,12 +331,14 @@ def add_homotopy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     from torchdeq.solver import _solvers
 
     registered = ", ".join(sorted(map(str, _solvers)))
-    for action in parser._actions:
-        if {"--f_solver", "--b_solver"} & set(action.option_strings):
-            action.choices = None
-            action.type = _registered_solver
-            direction = "forward" if action.dest == "f_solver" else "backward"
-            action.help = f"{direction} solver; registered: {registered}"
+    # A group whose conflict_handler is 'resolve' replaces TorchDEQ's two solver flags.
+    solvers = parser.add_argument_group("solvers (any registered)", conflict_handler="resolve")
+    for dest, direction in (("f_solver", "forward"), ("b_solver", "backward")):
+        default = parser.get_default(dest)
+        if default is not None:                       # added by TorchDEQ's add_deq_args
+            solvers.add_argument(f"--{dest}", type=_registered_solver, default=default,
+                                 help=f"{direction} solver (default {default}); "
+                                      f"registered: {registered}")
     group = parser.add_argument_group("torchdeq_homotopy")
     group.add_argument("--solver", type=_registered_solver, default=None,
                        help=f"sets --f_solver and --b_solver together; registered: {registered}")

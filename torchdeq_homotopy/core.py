@@ -34,6 +34,10 @@ weight decay, a schedule) would train something else. Its state is in ``state_di
 the buffers ``init_weight``, ``init_gamma``, ``init_beta`` and ``init_count``;
 ``init_point`` is the current z0, and ``info['init_loss']`` its loss.
 
+Monitoring steps: a ``func`` with torchdiffeq's step callbacks (``callback_step``,
+``callback_accept_step``, ``callback_reject_step``, each called as ``callback(λ, z, h)``)
+has them called at every step the integrator tries.
+
 Integration cost: with a GroupNorm inside ``func`` the field's sensitivity ||J_f|| falls
 as 1/||z||, and an adaptive step h keeps h·||J_f|| roughly constant, so most steps from
 z0 = 0 are spent near λ = 0. On the reference classifier ``homo_method='bosh3'`` with
@@ -53,9 +57,11 @@ from torchdeq.utils.layer_utils import deq_decorator
 
 from .adjoint import closure_inputs, integrate
 from .config import CORE_KEYS, resolve, validate
-from .outcome import Status
+from .outcome import Budget, Status
 
 Tensor = torch.Tensor
+STEP_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+"""torchdiffeq's adaptive-step callbacks, called as ``callback(λ, z, h)``."""
 
 
 def _check_method(name: str) -> None:
@@ -227,11 +233,13 @@ class HomoODECore(DEQBase):
         return loss.detach()
 
     # ---------------------------------------------------------------- solve
-    def _field(self, func: Callable[[Tensor], Tensor], z_start: Tensor, counter: list[int],
-               kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    def _field(self, func: Callable[[Tensor], Tensor], z_start: Tensor, evals: Budget,
+               kind: str, callbacks_from: object) -> Callable[[Tensor, Tensor], Tensor]:
+        """The field dz/dλ of ``homo_field``, counting its calls in ``evals``; torchdiffeq's
+        step callbacks defined on ``callbacks_from`` (the user's ``func``) are passed on."""
 
         def field(_lam: Tensor, z: Tensor) -> Tensor:
-            counter[0] += 1
+            evals.spend()
             out = func(z)
             if kind == "residual":
                 return out - z
@@ -239,12 +247,15 @@ class HomoODECore(DEQBase):
                 return out - z_start
             return out
 
+        for name in STEP_CALLBACKS:
+            if hasattr(callbacks_from, name):
+                setattr(field, name, getattr(callbacks_from, name))
         return field
 
-    def _integrate(self, func: Callable[[Tensor], Tensor], z_start: Tensor, counter: list[int],
-                   opt: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def _integrate(self, func: Callable[[Tensor], Tensor], z_start: Tensor, evals: Budget,
+                   opt: dict[str, Any], callbacks_from: object) -> tuple[Tensor, Tensor]:
         """z(1), and a per-sample status (integrator failure is reported, not raised)."""
-        field = self._field(func, z_start, counter, opt["homo_field"])
+        field = self._field(func, z_start, evals, opt["homo_field"], callbacks_from)
         adjoint = opt["homo_adjoint"] and torch.is_grad_enabled()
         params = closure_inputs(func, z_start) if adjoint else ()
         status = torch.full((z_start.shape[0],), int(Status.CONVERGED), device=z_start.device)
@@ -276,9 +287,9 @@ class HomoODECore(DEQBase):
             raise TypeError("core='homoode' needs a tensor state or a list of tensors; "
                             f"got {type(z_init).__name__}.")
         z_start = self._start(z_init, options)
-        counter = [0]
-        z_end, status = self._integrate(deq_func, z_start, counter, options)
-        nfe = counter[0]
+        evals = Budget(limit=None)
+        z_end, status = self._integrate(deq_func, z_start, evals, options, callbacks_from=func)
+        nfe = evals.used
         init_loss = torch.zeros((), device=z_end.device)
         if self.training and options["homo_init"] == "learned" and z_end.dim() >= 2:
             init_loss = self._train_init_point(z_end)

@@ -7,6 +7,7 @@ the solvers and the HomoODE core all import it.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ class Status(enum.IntEnum):
 
 class Budget:
     """Counts evaluations: every call of f and every Jacobian-vector product is one.
+    The one evaluation counter of the package (``limit=None`` only counts).
 
     Example:
         >>> budget = Budget(3)
@@ -37,11 +39,11 @@ class Budget:
         (True, False, 1)
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int | None) -> None:
         self.limit, self.used = limit, 0
 
     def spend(self, count: int = 1) -> bool:
-        if self.used + count > self.limit:
+        if self.limit is not None and self.used + count > self.limit:
             return False
         self.used += count
         return True
@@ -59,8 +61,8 @@ class Budget:
         return self.left > 1 and self.spend()
 
     @property
-    def left(self) -> int:
-        return self.limit - self.used
+    def left(self) -> int | float:
+        return math.inf if self.limit is None else self.limit - self.used
 
 
 def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torchdeq.solver.anderson import anderson_solver
 
-from .outcome import BestIterate, Status, TrackerResult, residuals
+from .outcome import BestIterate, Budget, Status, TrackerResult, residuals
 
 Tensor = torch.Tensor
 
@@ -140,7 +140,7 @@ class _Counted:
 
     def __init__(self, f: Callable[[Tensor], Tensor], best: BestIterate, stop_mode: str,
                  indexing: list[int]) -> None:
-        self.f, self.calls = f, 0
+        self.f, self.evals = f, Budget(limit=None)
         self.best, self.stop_mode, self.indexing = best, stop_mode, indexing
         self.trajectory: list[Tensor] = []
         self.best_recent: deque[Tensor] = deque(maxlen=PROGRESS_WINDOW + 1)
@@ -153,7 +153,7 @@ class _Counted:
             fz, self.cached = self.cached[1], None     # Anderson's first call, at its start
             return fz
         self.cached = None
-        self.calls += 1
+        self.evals.spend()
         fz = self.f(z)
         if self.calls == 1:
             self.first = (z, fz)
@@ -169,6 +169,11 @@ class _Counted:
         if self.rule is not None and self.rule.hand_over(self.calls, self.best_recent):
             raise _Handover
         return fz
+
+    @property
+    def calls(self) -> int:
+        """Evaluations of f so far (a cached call is free)."""
+        return self.evals.used
 
 
 def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: float,
