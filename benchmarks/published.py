@@ -2,7 +2,8 @@
 
     git clone https://github.com/wadx2019/homoode /path/to/homoode     # outside this project
     python benchmarks/published.py --published /path/to/homoode [--seeds 0 1 2] [--steps 100]
-    python benchmarks/published.py --published /path/to/homoode --sides ours-bosh3 --keep
+    python benchmarks/published.py --published /path/to/homoode --sides ours-adjoint \
+        --seeds 0 --keep
 
 The published modules are imported unchanged from that checkout (its
 ``scripts/homoinit_cifar10.py``: ``HomoNet`` and ``InitLayer``, with its own torchdiffeq
@@ -13,7 +14,7 @@ stem expects) for ``--steps`` steps at batch 64 with Adam 1e-3 from the same see
 same batches. The published side follows its training loop: cross-entropy for the model, and
 SmoothL1(InitLayer, solution) stepped by SGD 0.02 every 20 steps. Ours is
 ``ImplicitClassifier(core='homoode')`` at its defaults, and with ``--sides`` also with
-``homo_method='bosh3'`` or ``homo_adjoint=True`` (``OURS``). Reported per run: test accuracy on
+``homo_adjoint=True`` (``OURS``). Reported per run: test accuracy on
 the first ``--test-size`` test images, forward and backward NFE (mean over the steps),
 training images/s (after 5 steps), and the activation memory of a training step (bytes of
 the tensors saved for backward). Writes benchmarks/results/published.{json,md}.
@@ -108,11 +109,9 @@ class Published(Side):
 
 OURS = {
     "ours": {},
-    "ours-bosh3": {"homo_method": "bosh3"},
     "ours-adjoint": {"homo_adjoint": True},
 }
-"""Our side's settings: the defaults; the Bogacki–Shampine integrator (3 evaluations a
-step against dopri5's 6, same tolerance); the adjoint backward pass."""
+"""Our side's settings: the defaults, and the adjoint backward pass."""
 
 
 class Ours(Side):

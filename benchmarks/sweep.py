@@ -1,6 +1,9 @@
 """Size sweep: every solver on tanh and conv + GroupNorm cells from 32 to 16,384 entries.
 
     python benchmarks/sweep.py [--seeds 200] [--tols 1e-5] [--budget 2000] [--quick]
+    python benchmarks/sweep.py --quick --seeds 200 --only "conv 16" "conv 32×16×16 gain 1"
+    python benchmarks/sweep.py --quick --seeds 100 --solvers newton_krylov \
+        --options homo_forcing=constant --out /tmp/ab
 
 Cells (batch 8, float32, start z = 0, stop mode 'rel'):
   tanh(W z + x), W Gaussian scaled to ‖W‖₂ = gain, x ~ bias · N(0, 1), width n;
@@ -65,14 +68,18 @@ def relative_residual(f, z: torch.Tensor) -> torch.Tensor:
     return (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
 
 
-def run_cell(family: str, params: dict, seed: int, tol: float, budget: int) -> list[dict]:
+def run_cell(family: str, params: dict, seed: int, tol: float, budget: int,
+             solvers: list[str], options: dict) -> list[dict]:
+    """Every solver on one cell; ``options`` (``homo_*`` keys) go to the plugin's solvers."""
     rows = []
-    for solver in SOLVERS:
+    for solver in solvers:
+        extra = options if solver in ("newton_krylov", "homotopy") else {}
         f, x0 = (tanh_cell(seed=seed, **params) if family == "tanh"
                  else conv_cell(seed=seed, **params))
         start = time.perf_counter()
         with torch.no_grad():
-            z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
+            z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel",
+                                            **extra)
         wall = time.perf_counter() - start
         rel = relative_residual(f, z)
         solved = float(((rel <= tol) & torch.isfinite(rel)).float().mean())
@@ -93,26 +100,26 @@ def label(r: dict) -> str:
     return f"conv {r['width']}×{r['side']}×{r['side']} gain {r['gain']:g}"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], solvers: list[str]) -> str:
     keys = list(dict.fromkeys((label(r), r["tol"], r["seed"]) for r in rows))
-    lines = ["| cell | tol | " + " | ".join(SOLVERS) + " | homotopy products / Krylov solve |",
-             "|---|---|" + "---|" * len(SOLVERS) + "---|"]
+    lines = ["| cell | tol | " + " | ".join(solvers) + " | homotopy products / Krylov solve |",
+             "|---|---|" + "---|" * len(solvers) + "---|"]
     for cell, tol, seed in keys:
         group = {r["solver"]: r for r in rows
                  if (label(r), r["tol"], r["seed"]) == (cell, tol, seed)}
         cells_ = [f"{group[s]['solved']:.2f} / {group[s]['nfe']:.0f} / {group[s]['wall_s']:.1f}s"
-                  for s in SOLVERS]
-        pps = group["homotopy"]["products_per_solve"]
+                  for s in solvers]
+        pps = group["homotopy"]["products_per_solve"] if "homotopy" in group else None
         lines.append(f"| {cell} (seed {seed}) | {tol:g} | " + " | ".join(cells_)
                      + f" | {'—' if pps is None else f'{pps:.1f}'} |")
     return "\n".join(lines)
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], solvers: list[str]) -> str:
     problems = sorted({(label(r), r["tol"], r["seed"]) for r in rows})
     lines = ["| solver | mean solved | cells ≥ 99 % solved | cells < 50 % solved |",
              "|---|---|---|---|"]
-    for solver in SOLVERS:
+    for solver in solvers:
         mine = [r for r in rows if r["solver"] == solver]
         lines.append(f"| {solver} | {sum(r['solved'] for r in mine) / len(mine):.3f} | "
                      f"{sum(r['solved'] >= 0.99 for r in mine)} of {len(problems)} | "
@@ -120,7 +127,7 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def profiles(rows: list[dict], out: Path, budget: int) -> None:
+def profiles(rows: list[dict], out: Path, budget: int, solvers: list[str]) -> None:
     """Dolan–Moré: share of cells a solver solves (≥ 99 %) within τ × the best wall time.
     Moré–Wild: share of cells solved (≥ 99 %) within a given number of evaluations."""
     import matplotlib
@@ -130,18 +137,18 @@ def profiles(rows: list[dict], out: Path, budget: int) -> None:
 
     problems = sorted({(label(r), r["tol"], r["seed"]) for r in rows})
     inf = float("inf")
-    wall = {s: [] for s in SOLVERS}
-    evals = {s: [] for s in SOLVERS}
+    wall = {s: [] for s in solvers}
+    evals = {s: [] for s in solvers}
     for p in problems:
         group = {r["solver"]: r for r in rows if (label(r), r["tol"], r["seed"]) == p}
-        for s in SOLVERS:
+        for s in solvers:
             ok = group[s]["solved"] >= 0.99
             wall[s].append(group[s]["wall_s"] if ok else inf)
             evals[s].append(group[s]["nfe"] if ok else inf)
-    best = [min(wall[s][i] for s in SOLVERS) for i in range(len(problems))]
+    best = [min(wall[s][i] for s in solvers) for i in range(len(problems))]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     taus = [1.0 + 0.05 * k for k in range(0, 400)]
-    for s in SOLVERS:
+    for s in solvers:
         ratios = [w / b if b < inf else inf for w, b in zip(wall[s], best, strict=True)]
         ax1.plot(taus, [sum(r <= t for r in ratios) / len(problems) for t in taus], label=s)
         grid = list(range(0, budget + 1, 10))
@@ -157,6 +164,15 @@ def profiles(rows: list[dict], out: Path, budget: int) -> None:
     fig.savefig(out / "sweep_profiles.png", dpi=110)
 
 
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="200")
@@ -165,24 +181,43 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="widths up to 512, two conv sizes")
     parser.add_argument("--only-2048", action="store_true",
                         help="the 2048-wide tanh cells at ‖W‖₂ 1.5 and 3 only (sweep_2048.*)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="run only the cells whose label contains one of these texts, and "
+                             "merge them into the existing results (replacing their rows)")
+    parser.add_argument("--solvers", nargs="+", default=SOLVERS, choices=SOLVERS)
+    parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="homo_* keys for newton_krylov and homotopy (an A/B run: give "
+                             "--out elsewhere)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    options = {k: _value(v) for k, v in (item.split("=", 1) for item in args.options)}
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     name = "sweep_2048" if args.only_2048 else "sweep"
     chosen = ([("tanh", 2048, dict(n=2048, gain=g, bias=b)) for g in (1.5, 3.0)
                for b in (0.1, 1.0)] if args.only_2048 else cells(args.quick))
-    for tol in map(float, args.tols.split(",")):
-        for seed in map(int, args.seeds.split(",")):
+    if args.only:
+        chosen = [c for c in chosen if any(text in label(dict(family=c[0], **c[2]))
+                                           for text in args.only)]
+    tols, seeds = list(map(float, args.tols.split(","))), list(map(int, args.seeds.split(",")))
+    rerun = {(label(dict(family=c[0], **c[2])), t, s) for c in chosen for t in tols
+             for s in seeds}
+    rows: list[dict] = []
+    if args.only and (out / f"{name}.json").exists():
+        rows = [r for r in json.loads((out / f"{name}.json").read_text())
+                if (label(r), r["tol"], r["seed"]) not in rerun]
+    for tol in tols:
+        for seed in seeds:
             for family, _, params in chosen:
-                rows.extend(run_cell(family, params, seed, tol, args.budget))
+                rows.extend(run_cell(family, params, seed, tol, args.budget, args.solvers,
+                                     options))
                 (out / f"{name}.json").write_text(json.dumps(rows))
-    text = summary(rows) + "\n\n" + table(rows)
+    solvers = [s for s in SOLVERS if any(r["solver"] == s for r in rows)]
+    text = summary(rows, solvers) + "\n\n" + table(rows, solvers)
     (out / f"{name}.md").write_text(text + "\n")
     if not args.only_2048:
-        profiles(rows, out, args.budget)
+        profiles(rows, out, args.budget, solvers)
     print(text)
 
 

@@ -102,6 +102,27 @@ def test_saved_tensor_memory_counts_each_storage_once():
     assert fresh.peak == 400
 
 
+def test_saved_tensor_measurement_frees_graphs_that_never_run_backward():
+    """A graph built under the measurement and never differentiated (a rejected ODE step,
+    the adjoint's retained vector-Jacobian graphs) must be freed by reference counting
+    alone: the packed tensors may not point back at their own nodes."""
+    import gc
+    import weakref
+
+    from homotopy_zoo import training as train_classifier
+
+    x = torch.randn(100, requires_grad=True)
+    gc.disable()
+    try:
+        with train_classifier.SavedTensors():
+            y = x.exp()                        # exp saves its own output
+            freed = weakref.ref(y)
+            del y
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_unstable_deq_example_trains_and_reports_residuals(tmp_path):
     import importlib.util
 

@@ -1,5 +1,6 @@
 """The TorchDEQ solver contract and the solvers' answers, checked against independent truth."""
 import argparse
+import itertools
 
 import pytest
 import torch
@@ -446,3 +447,58 @@ def test_a_budget_cut_krylov_solve_still_takes_and_evaluates_its_step():
     assert float(info["nfe"][0]) <= 20
     assert bool(((f(z) - z).norm(dim=1) < 0.5 * start).all())
     assert (z - z_true).norm() < (x0 - z_true).norm()
+
+
+def test_eisenstat_walker_term_follows_its_formula_and_safeguards():
+    """η_k = 0.9 (h_k / h_{k-1})², raised to 0.9 η_{k-1}² where that exceeds 0.1, at least
+    0.5 target / h_k, at most 0.9; η_first when there is no previous step."""
+    from torchdeq_homotopy.linalg import eisenstat_walker
+
+    h = torch.tensor([0.1, 0.5, 0.1, 1e-6, 2.0, 0.3], dtype=torch.float64)
+    prev = torch.tensor([1.0, 1.0, 1.0, 1e-5, 1.0, float("inf")], dtype=torch.float64)
+    eta_prev = torch.tensor([0.01, 0.01, 0.5, 0.01, 0.01, 0.3], dtype=torch.float64)
+    target = torch.tensor([0.0, 0.0, 0.0, 1e-6, 0.0, 0.0], dtype=torch.float64)
+    expected = [0.9 * 0.1 ** 2,                 # fast progress: tight
+                0.9 * 0.5 ** 2,                 # slow progress: loose
+                max(0.9 * 0.1 ** 2, 0.9 * 0.5 ** 2),   # 0.9 · 0.5² = 0.225 > 0.1 guards
+                0.5,                            # near the target: no oversolving
+                0.9,                            # residual grew: capped at η_max
+                0.02]                           # first step of a Newton run
+    eta = eisenstat_walker(h, prev, eta_prev, 0.02, target)
+    torch.testing.assert_close(eta, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_newton_krylov_gmres_tolerance_is_the_forcing_term_of_each_step(monkeypatch):
+    """Under homo_forcing='eisenstat_walker' every GMRES solve of a Newton run gets
+    η_k from the residuals of its own right-hand sides (||rhs|| = ||z - f(z)|| at λ = 1);
+    under 'constant' every solve gets homo_krylov_rtol. Both reach the fixed point."""
+    import torchdeq_homotopy.bordered as bordered
+
+    calls = []
+    real_gmres = bordered.gmres
+
+    def spy(matvec, b, *, rtol, **kwargs):
+        calls.append((float(b.norm()), float(torch.as_tensor(rtol).flatten()[0])))
+        return real_gmres(matvec, b, rtol=rtol, **kwargs)
+
+    monkeypatch.setattr(bordered, "gmres", spy)
+    f = tanh_cell(1, 64, 0.9, seed=3, dtype=torch.float64)
+    x0 = torch.zeros(1, 64, dtype=torch.float64)
+    for forcing in ("eisenstat_walker", "constant"):
+        calls.clear()
+        z, _, info = th.newton_krylov_solver(f, x0, max_iter=200, tol=1e-10, stop_mode="abs",
+                                             homo_forcing=forcing, homo_krylov_rtol=0.05)
+        assert bool(info["converged"].all()) and float((f(z) - z).norm()) <= 1e-10
+        assert len(calls) >= 3
+        if forcing == "constant":
+            assert [rtol for _, rtol in calls] == pytest.approx([0.05] * len(calls))
+            continue
+        assert calls[0][1] == pytest.approx(0.05)
+        eta_prev = 0.05
+        for (h_prev, _), (h, rtol) in itertools.pairwise(calls):
+            eta = 0.9 * (h / h_prev) ** 2
+            if 0.9 * eta_prev ** 2 > 0.1:
+                eta = max(eta, 0.9 * eta_prev ** 2)
+            eta = min(0.9, max(eta, 0.5 * 1e-10 / h))
+            assert rtol == pytest.approx(eta, rel=1e-9)
+            eta_prev = eta

@@ -31,8 +31,8 @@ class BorderedSolves:
     ``model``, ``max_evals`` and the Krylov counters of the tracker)."""
 
     def _solve(self, y: Tensor, fz: Tensor, border: Tensor, rhs: Tensor, budget: Budget,
-               need_exact: Tensor | None = None,
-               rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               need_exact: Tensor | None = None, rows: Tensor | None = None,
+               rtol: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Solve the bordered system  [H_z  H_λ; borderᵀ] δ = rhs  at y = (z, λ).
 
         The border row keeps the system regular at turning points of the path. Small
@@ -44,7 +44,8 @@ class BorderedSolves:
         Jacobian of :class:`~torchdeq_homotopy.linalg.SecantJacobian`, refreshed (``n``
         products) only when one of these samples needs it; without it the Jacobian is
         computed afresh. A dense solve factors only the ``rows`` given (default: all); the
-        other rows come back as zeros.
+        other rows come back as zeros. ``rtol`` is GMRES's relative tolerance, per row or
+        one for all (default ``homo_krylov_rtol``).
 
         Returns:
             ``(δ, finite, exact)``: the solution, the rows solved with finite values, and
@@ -52,8 +53,9 @@ class BorderedSolves:
         """
         n = self.n
         z, lam = y[:, :n], y[:, n]
+        rtol = self.opt.krylov_rtol if rtol is None else rtol
         if self._mode() == "secant":
-            return self._solve_secant(z, lam, fz, border, rhs, budget, need_exact, rows)
+            return self._solve_secant(z, lam, fz, border, rhs, budget, need_exact, rows, rtol)
         if self._dense():
             jac, exact = self._dense_jacobian(z, fz, budget, need_exact)
             if jac is not None:
@@ -68,7 +70,7 @@ class BorderedSolves:
             return torch.cat([top, batch_dot(border, x)[:, None]], dim=1)
 
         calls = budget.used
-        sol, _ = gmres(matvec, rhs, rtol=self.opt.krylov_rtol, max_iter=self.opt.krylov_dim,
+        sol, _ = gmres(matvec, rhs, rtol=rtol, max_iter=self.opt.krylov_dim,
                        on_matvec=budget.spend_leaving_one)
         self.krylov_solves += 1
         self.krylov_products += budget.used - calls
@@ -95,8 +97,8 @@ class BorderedSolves:
         return self._mode() == "dense"
 
     def _solve_secant(self, z: Tensor, lam: Tensor, fz: Tensor, border: Tensor, rhs: Tensor,
-                      budget: Budget, need_exact: Tensor | None,
-                      rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                      budget: Budget, need_exact: Tensor | None, rows: Tensor | None,
+                      rtol: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """Bordered solves through the low-rank secant model B ≈ J_f
         (:class:`~torchdeq_homotopy.secant.LowRankJacobian`).
 
@@ -145,7 +147,7 @@ class BorderedSolves:
             return torch.cat([top, batch_dot(border, x)[:, None]], dim=1)
 
         exact_sol, _ = gmres(matvec, torch.where(exact[:, None], rhs, torch.zeros_like(rhs)),
-                              rtol=self.opt.krylov_rtol, max_iter=self.opt.krylov_dim,
+                              rtol=rtol, max_iter=self.opt.krylov_dim,
                               on_matvec=budget.spend_leaving_one, precond=precond,
                               required=required)
         self.jvp_mode = lin.mode

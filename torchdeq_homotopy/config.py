@@ -125,8 +125,13 @@ SOLVER_KEYS: dict[str, Key] = {
             kind=float, check=lambda x: -1 < x < 1, check_doc="in (-1, 1)"),
         Key("homo_krylov_dim", 40, "GMRES iterations per linear solve (Krylov dimension)",
             kind=int, check=_positive, check_doc="> 0"),
-        Key("homo_krylov_rtol", 1e-2, "GMRES relative residual tolerance (inexact Newton "
-            "forcing term)", kind=float, check=_unit_interval, check_doc="in (0, 1)"),
+        Key("homo_krylov_rtol", 1e-2, "GMRES relative residual tolerance of path solves, "
+            "and of the first Newton step under homo_forcing='eisenstat_walker'",
+            kind=float, check=_unit_interval, check_doc="in (0, 1)"),
+        Key("homo_forcing", "eisenstat_walker", "GMRES tolerance of Newton steps at λ = 1: "
+            "'eisenstat_walker' (per sample, tight while the residual falls fast, loose while "
+            "it falls slowly) or 'constant' (homo_krylov_rtol)",
+            choices=("eisenstat_walker", "constant")),
         Key("homo_linear_solver", "auto", "linear solves with I - λJ: 'secant' (a low-rank "
             "Broyden model of J_f per sample, solved by Woodbury; GMRES preconditioned by it "
             "where an exact solve is needed, its products fed back into the model), 'gmres' "

@@ -23,6 +23,38 @@ def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=1)
 
 
+def eisenstat_walker(h_norm: Tensor, h_prev: Tensor, eta_prev: Tensor, eta_first: float,
+                     target: Tensor, gamma: float = 0.9, alpha: float = 2.0,
+                     eta_max: float = 0.9) -> Tensor:
+    """Per-row forcing term η_k of an inexact Newton step (Eisenstat & Walker 1996,
+    choice 2, with the safeguards of Kelley, *Iterative Methods for Linear and Nonlinear
+    Equations*, §6.3): the linear solve of step k stops at ||r|| <= η_k ||H_k||, where
+
+        η_k = γ (||H_k|| / ||H_{k-1}||)^α                      (η_first on the first step)
+        η_k = max(η_k, γ η_{k-1}^α)        where γ η_{k-1}^α > 0.1   (no sudden drop)
+        η_k = min(η_max, max(η_k, 0.5 target / ||H_k||))      (no oversolving near target)
+
+    Fast progress tightens the solve (superlinear convergence); slow progress loosens it,
+    so products are not spent on a step the nonlinear residual will not follow.
+
+    Args:
+        h_norm: ||H_k|| per row; ``h_prev``: ||H_{k-1}|| (inf before the first step).
+        eta_prev: η_{k-1} per row; ``eta_first``: η on a row's first step.
+        target: the residual norm a row must reach, per row.
+
+    Example:
+        >>> h = torch.tensor([1e-2, 0.5]); prev = torch.tensor([1.0, 1.0])
+        >>> eisenstat_walker(h, prev, torch.tensor([0.01, 0.01]), 0.01, torch.zeros(2))
+        tensor([9.0000e-05, 2.2500e-01])
+    """
+    eta = gamma * (h_norm / h_prev) ** alpha
+    eta = torch.where(torch.isfinite(h_prev), eta, torch.full_like(eta, eta_first))
+    guard = gamma * eta_prev ** alpha
+    eta = torch.where(guard > 0.1, torch.maximum(eta, guard), eta)
+    eta = torch.maximum(eta, 0.5 * target / h_norm.clamp_min(torch.finfo(h_norm.dtype).tiny))
+    return torch.nan_to_num(eta, nan=eta_first).clamp(max=eta_max)
+
+
 def gmres(
     matvec: MatVec,
     b: Tensor,

@@ -63,7 +63,7 @@ import torch
 
 from .bordered import BorderedSolves
 from .homotopies import NewtonHomotopy
-from .linalg import SecantJacobian, batch_dot
+from .linalg import SecantJacobian, batch_dot, eisenstat_walker
 from .outcome import BestIterate, Budget, Status, TrackerResult, _where, residuals
 from .predictor import Predictor
 from .secant import InverseBroyden, LowRankJacobian
@@ -177,9 +177,10 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
             broyden = (newton & (state.phase == Phase.NEWTON) if self._mode() == "secant"
                        else torch.zeros_like(newton))
+            rtol = self._forcing(state, newton, h_norm, fz_safe, tol, stop_mode)
             delta, finite, exact = self._solve(
                 y_eval, fz_safe, border, rhs, budget,
-                need_exact=active & state.stale & ~broyden, rows=active & ~broyden)
+                need_exact=active & state.stale & ~broyden, rows=active & ~broyden, rtol=rtol)
             if self._mode() == "secant":
                 delta, finite = self._broyden_step(z, fz, broyden, delta, finite, max_evals)
             state.solve_failed = ~finite & active
@@ -200,6 +201,21 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                              trajectory=trajectory, trace_nfe=trace_nfe, lam_trace=lam_trace,
                              restarts=state.restarts, krylov_solves=self.krylov_solves,
                              krylov_products=self.krylov_products)
+
+    def _forcing(self, state: _State, newton: Tensor, h_norm: Tensor, fz: Tensor, tol: float,
+                 stop_mode: str) -> Tensor | float:
+        """GMRES's tolerance per sample: under ``homo_forcing='eisenstat_walker'`` the
+        forcing term η_k of :func:`~torchdeq_homotopy.linalg.eisenstat_walker` for Newton
+        rows (a run of Newton steps starts afresh, η_0 = ``homo_krylov_rtol``), with the
+        target ||H|| = tol (abs) or tol ||f(z)|| (rel); ``homo_krylov_rtol`` elsewhere."""
+        if self.opt.forcing == "constant":
+            return self.opt.krylov_rtol
+        target = tol * (fz.norm(dim=1) if stop_mode == "rel" else torch.ones_like(h_norm))
+        eta = eisenstat_walker(h_norm, state.h_prev, state.forcing, self.opt.krylov_rtol,
+                               target)
+        state.h_prev = h_norm.masked_fill(~newton, float("inf"))
+        state.forcing = torch.where(newton, eta, state.forcing)
+        return torch.where(newton, eta, torch.full_like(eta, self.opt.krylov_rtol))
 
     def _bordered_system(self, state: _State, H: Tensor, lam: Tensor, idle: Tensor
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

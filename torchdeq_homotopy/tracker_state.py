@@ -74,6 +74,7 @@ class TrackerOptions:
     max_turn: float = _default("homo_max_turn")
     krylov_dim: int = _default("homo_krylov_dim")
     krylov_rtol: float = _default("homo_krylov_rtol")
+    forcing: str = _default("homo_forcing")
     linear_solver: str = _default("homo_linear_solver")
     secant_rank: int = _default("homo_secant_rank")
     secant_patience: int | None = _default("homo_secant_patience")
@@ -125,6 +126,8 @@ class _State:
     dnorm_prev: Tensor    # ||δ|| of the one before
     n_newton: Tensor      # Newton steps taken in phase NEWTON
     res_prev: Tensor      # residual before the last Newton step
+    h_prev: Tensor        # ||H|| at the last Newton step, and that step's GMRES
+    forcing: Tensor       # tolerance η (Eisenstat–Walker)
     newton_best: Tensor   # lowest residual met in phase NEWTON
     n_worse: Tensor       # exact Newton steps in a row that ended above newton_best
     solve_failed: Tensor  # the last linear solve gave non-finite values
@@ -151,7 +154,8 @@ class _State:
             step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf),
             corrector_steps=zeros_i.clone(),
             dnorm=inf.clone(), dnorm_prev=inf.clone(), n_newton=zeros_i.clone(),
-            res_prev=inf.clone(), newton_best=inf.clone(), n_worse=zeros_i.clone(),
+            res_prev=inf.clone(), h_prev=inf.clone(), forcing=torch.zeros_like(inf),
+            newton_best=inf.clone(), n_worse=zeros_i.clone(),
             solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool),
             exact=torch.ones_like(zeros_i, dtype=torch.bool),
             stale=torch.ones_like(zeros_i, dtype=torch.bool),

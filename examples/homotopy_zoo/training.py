@@ -119,7 +119,9 @@ class SavedTensors:
         if storage.data_ptr() not in self._seen:
             self._seen.add(storage.data_ptr())
             self._bytes += storage.nbytes()
-        return tensor
+        # Detached: the packed object must not hold the tensor's grad_fn, or every saved
+        # output forms a reference cycle with its node and the graph outlives the step.
+        return tensor.detach()
 
     def __enter__(self) -> SavedTensors:
         self._seen, self._bytes = set(), 0
