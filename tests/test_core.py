@@ -293,3 +293,23 @@ def test_step_callbacks_on_func_see_the_same_steps_as_plain_odeint():
         [v for t, h, _ in reference for v in (t, h)])
     # dopri5 is FSAL: 1 first-step probe + 1 initial evaluation + 6 per tried step
     assert info["nstep"][0] == 2 + 6 * len(ours)
+
+
+@pytest.mark.parametrize("measure", [True, False])
+def test_endpoint_residual_costs_exactly_one_evaluation_and_can_be_skipped(measure):
+    x = torch.randn(3, 2, 4, 4)
+    calls = [0]
+
+    def func(z):
+        calls[0] += 1
+        return torch.tanh(z + x)
+
+    deq = get_deq(core="homoode", homo_init="zeros", homo_residual=measure)
+    z_out, info = deq(func, torch.zeros_like(x))
+    assert calls[0] == int(info["nstep"][0]) + int(measure)
+    if measure:
+        z = z_out[-1]
+        torch.testing.assert_close(info["abs_lowest"],
+                                   (torch.tanh(z + x) - z).flatten(1).norm(dim=1))
+    else:
+        assert torch.isnan(info["abs_lowest"]).all() and torch.isnan(info["rel_lowest"]).all()

@@ -185,6 +185,9 @@ CORE_KEYS: dict[str, Key] = {
             "integrator steps) instead of backpropagation through the integrator; on smooth "
             "cells its gradients equal backpropagation's to the integrator tolerance, on ReLU "
             "cells they converge only as about tol^0.35 (kinks)", kind=bool),
+        Key("homo_residual", True, "evaluate func once more at z(1) to report the endpoint's "
+            "||func(z) - z|| in info['abs_lowest'] and info['rel_lowest']; False saves that "
+            "evaluation (about 5 % of a forward) and reports NaN there", kind=bool),
     ]
 }
 
@@ -309,6 +312,11 @@ def _registered_solver(name: str) -> str:
     return name
 
 
+def _escape(text: str) -> str:
+    """Help text for argparse, which reads '%' as a format directive."""
+    return text.replace("%", "%%")
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -351,13 +359,13 @@ def add_homotopy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         flag = f"--{key.name}"
         if key.kind is bool:
             group.add_argument(flag, type=_parse_bool, default=key.default, metavar="BOOL",
-                               help=f"{key.doc} (default {key.default})")
+                               help=f"{_escape(key.doc)} (default {key.default})")
         elif key.name == "homo_options":
             group.add_argument(flag, type=_parse_options, default=None, metavar="K=V,...",
-                               help=f"{key.doc} (default none)")
+                               help=f"{_escape(key.doc)} (default none)")
         else:
             group.add_argument(flag, type=key.kind or str, default=key.default,
-                               choices=key.choices, help=f"{key.doc} (default {key.default})")
+                               choices=key.choices, help=f"{_escape(key.doc)} (default {key.default})")
     return parser
 
 

@@ -46,6 +46,7 @@ fewer evaluations (``benchmarks/step_sizes.py``).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -144,11 +145,12 @@ class HomoODECore(DEQBase):
     cores and returns ``(z_out, info)`` with ``z_out = [z(1)]``. Keys (defaults in
     :data:`torchdeq_homotopy.config.CORE_KEYS`): ``homo_method``, ``homo_rtol``,
     ``homo_atol``, ``homo_options``, ``homo_field``, ``homo_init``, ``homo_init_lr``,
-    ``homo_init_every``, ``homo_adjoint``.
+    ``homo_init_every``, ``homo_adjoint``, ``homo_residual``.
 
     ``info`` holds ``nstep`` (evaluations of ``func`` in the solve), ``abs_lowest`` and
     ``rel_lowest`` (the endpoint's ||func(z) - z|| and its relative form: how far z(1) is
-    from an equilibrium of the same cell), ``status`` per sample, and ``init_loss``.
+    from an equilibrium of the same cell; one more evaluation, not counted in ``nstep``,
+    NaN under ``homo_residual=False``), ``status`` per sample, and ``init_loss``.
 
     ``status`` is the integrator's outcome, not a statement about equilibrium: CONVERGED
     means the adaptive integration reached λ = 1 within its tolerances (the endpoint z(1)
@@ -273,6 +275,16 @@ class HomoODECore(DEQBase):
         status = torch.where(finite, status, int(Status.NONFINITE))
         return z_end, status
 
+    @staticmethod
+    @torch.no_grad()
+    def _endpoint_stat(func: Callable[[Tensor], Tensor], z_end: Tensor, nfe: int,
+                       measure: bool) -> dict[str, Tensor]:
+        """TorchDEQ's solver statistics of the endpoint: ||func(z) - z|| and
+        ||func(z) - z|| / ||func(z)|| at z = z(1) (one evaluation), or NaN without it."""
+        z_flat = batch_flatten(z_end.detach())
+        fz_flat = batch_flatten(func(z_end)) if measure else torch.full_like(z_flat, math.nan)
+        return solver_stat_from_final_step(z_flat, fz_flat, nstep=nfe)
+
     def forward(self, func: Callable, z_init: Tensor | list[Tensor],
                 solver_kwargs: dict | None = None, sradius_mode: bool = False,
                 backward_writer: Callable | None = None,
@@ -293,10 +305,7 @@ class HomoODECore(DEQBase):
         init_loss = torch.zeros((), device=z_end.device)
         if self.training and options["homo_init"] == "learned" and z_end.dim() >= 2:
             init_loss = self._train_init_point(z_end)
-        with torch.no_grad():     # the endpoint's distance from an equilibrium of func
-            fz = deq_func(z_end)
-            info = solver_stat_from_final_step(batch_flatten(z_end.detach()), batch_flatten(fz),
-                                               nstep=nfe)
+        info = self._endpoint_stat(deq_func, z_end, nfe, options["homo_residual"])
         info.update(status=status, init_loss=init_loss,
                     sradius=torch.zeros(1, device=z_end.device))
         return [deq_func.vec2list(z_end)], info

@@ -79,6 +79,17 @@ def residuals(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
     return abs_res, rel_res
 
 
+def by_stop_mode(stop_mode: str, abs_res: Tensor, rel_res: Tensor) -> Tensor:
+    """The residual TorchDEQ's ``stop_mode`` judges by: ``abs_res`` for 'abs', else
+    ``rel_res``.
+
+    Example:
+        >>> by_stop_mode('rel', torch.tensor([1.0]), torch.tensor([0.1]))
+        tensor([0.1000])
+    """
+    return abs_res if stop_mode == "abs" else rel_res
+
+
 def _where(mask: Tensor, a: Tensor | float, b: Tensor) -> Tensor:
     """Per-sample select: rows of ``a`` where ``mask`` (B,), else rows of ``b``.
 
@@ -108,13 +119,18 @@ class BestIterate:
 
     def update(self, z: Tensor, abs_res: Tensor, rel_res: Tensor, stop_mode: str,
                used: int, fz: Tensor | None = None) -> None:
-        better = (abs_res < self.abs_res) if stop_mode == "abs" else (rel_res < self.rel_res)
+        better = (by_stop_mode(stop_mode, abs_res, rel_res)
+                  < by_stop_mode(stop_mode, self.abs_res, self.rel_res))
         if fz is not None:
             self.fz = _where(better, fz, self.fz if self.fz is not None else fz)
         self.z = _where(better, z, self.z)
         self.abs_res = torch.where(better, abs_res, self.abs_res)
         self.rel_res = torch.where(better, rel_res, self.rel_res)
         self.step = self.step.masked_fill(better, float(used))
+
+    def residual(self, stop_mode: str) -> Tensor:
+        """The best residual in the ``stop_mode``'s sense."""
+        return by_stop_mode(stop_mode, self.abs_res, self.rel_res)
 
 
 @dataclass

@@ -67,7 +67,15 @@ from .linalg import SecantJacobian, batch_dot, eisenstat_walker
 from .outcome import BestIterate, Budget, Status, TrackerResult, _where, residuals
 from .predictor import Predictor
 from .secant import InverseBroyden, LowRankJacobian
-from .tracker_state import _RETRY_FACTOR, Phase, TrackerOptions, _maybe_any, _State, _unit
+from .tracker_state import (
+    _RETRY_FACTOR,
+    Phase,
+    TrackerOptions,
+    _e_lambda,
+    _maybe_any,
+    _State,
+    _unit,
+)
 from .transitions import PhaseTransitions
 
 __all__ = ["PathTracker", "Phase", "TrackerOptions", "TrackerResult", "residuals"]
@@ -153,7 +161,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             lam_trace.append(lam.clone())
             best.update(z, abs_res, rel_res, stop_mode, budget.used)
             # A sample is done once its best iterate (the warm-up's included) meets tol.
-            best_res = best.abs_res if stop_mode == "abs" else best.rel_res
+            best_res = best.residual(stop_mode)
             converged = (state.phase != Phase.DONE) & (best_res <= tol)
             state.finish(converged, Status.CONVERGED)
             state.y[:, n] = lam.masked_fill(converged, 1.0)
@@ -229,8 +237,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         newton = ((state.phase == Phase.NEWTON) | (state.phase == Phase.ENDGAME)) & ~idle
         tangent = (state.phase == Phase.TANGENT) & ~idle
         correct = (state.phase == Phase.CORRECT) & ~idle
-        e_lam = torch.zeros_like(state.y)
-        e_lam[:, -1] = 1
+        e_lam = _e_lambda(state.y)
         border = _where(tangent | correct, state.tangent, e_lam)
         H_safe = torch.nan_to_num(H, nan=0.0, posinf=0.0, neginf=0.0)
         rhs_lam = (1 - lam).masked_fill(~newton, 0.0)

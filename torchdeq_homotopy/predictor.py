@@ -12,7 +12,7 @@ import torch
 
 from .linalg import batch_dot
 from .outcome import Budget, _where
-from .tracker_state import _TURN_FACTOR, _State, _unit
+from .tracker_state import _TURN_FACTOR, _e_lambda, _State, _unit
 
 Tensor = torch.Tensor
 
@@ -44,8 +44,7 @@ class Predictor:
 
         h = (linear - state.anchor).norm(dim=1)
         h = torch.where(mask, h, torch.zeros_like(h))
-        e_lam = torch.zeros_like(state.y)
-        e_lam[:, -1] = 1
+        e_lam = _e_lambda(state.y)
 
         def velocity(_sigma: Tensor, y: Tensor) -> Tensor:
             if not budget.spend():

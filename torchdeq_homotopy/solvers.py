@@ -26,7 +26,7 @@ import torch
 from torchdeq.solver.stat import SolverStat
 
 from .config import SOLVER_KEYS, resolve
-from .outcome import Status
+from .outcome import Status, by_stop_mode
 from .path import PathTracker, TrackerOptions, TrackerResult
 from .warmup import warm_up
 
@@ -151,7 +151,7 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
                         list(indexing or []), opts, track)
     # The status describes the returned (best) iterate: a sample whose best residual met
     # the tolerance converged, whatever phase it was in when the budget ran out.
-    best_stop = result.abs_best if stop_mode == "abs" else result.rel_best
+    best_stop = by_stop_mode(stop_mode, result.abs_best, result.rel_best)
     result.status = torch.where(best_stop <= tol, int(Status.CONVERGED), result.status)
     info = _stat(result, stop_mode, bsz)
     z_star = result.z_best.view(x0.shape).to(x0.dtype)

@@ -54,12 +54,12 @@ def _default(key: str) -> Any:
 
 @dataclass
 class TrackerOptions:
-    """Numerical options of the tracker: the ``homo_*`` solver keys without their prefix
-    (``homo_type`` is ``homotopy``), with the keys' defaults
+    """Numerical options of the tracker: the ``homo_*`` solver keys without their prefix,
+    with the keys' defaults
     (:data:`~torchdeq_homotopy.config.SOLVER_KEYS`); ``track=False`` is Newton–Krylov alone.
     """
 
-    homotopy: str = _default("homo_type")
+    type: str = _default("homo_type")
     predictor: str = _default("homo_predictor")
     ode_method: str = _default("homo_ode_method")
     jvp: str = _default("homo_jvp")
@@ -87,8 +87,8 @@ class TrackerOptions:
         (``homo_strict``, ``homo_warmup``) are dropped; Newton–Krylov (``track=False``) takes
         Newton steps for the whole budget, with GMRES under ``'auto'``."""
         taken = {k[len("homo_"):]: v for k, v in opts.items()
-                 if k not in ("homo_strict", "homo_type", "homo_warmup")}
-        options = cls(**taken, homotopy=opts["homo_type"], track=track)
+                 if k not in ("homo_strict", "homo_warmup")}
+        options = cls(**taken, track=track)
         if not track:
             options.newton_iters = max_iter
             if options.linear_solver == "auto":
@@ -101,6 +101,13 @@ def _maybe_any(mask: Tensor) -> bool:
     costs less than the masked updates it skips; assumed True on accelerators, where it
     would be a device sync."""
     return mask.device.type != "cpu" or bool(mask.any())
+
+
+def _e_lambda(like: Tensor) -> Tensor:
+    """The unit vector along λ for every row of a ``(B, n + 1)`` batch of points."""
+    e_lam = torch.zeros_like(like)
+    e_lam[:, -1] = 1
+    return e_lam
 
 
 def _unit(y: Tensor) -> Tensor:
@@ -142,8 +149,7 @@ class _State:
         bsz = x0.shape[0]
         lam = torch.ones(bsz, 1, dtype=x0.dtype, device=x0.device)
         y0 = torch.cat([x0, lam if newton_first else 0 * lam], dim=1)
-        e_lam = torch.zeros_like(y0)
-        e_lam[:, -1] = 1
+        e_lam = _e_lambda(y0)
         inf = torch.full((bsz,), float("inf"), dtype=x0.dtype, device=x0.device)
         zeros_i = torch.zeros(bsz, dtype=torch.long, device=x0.device)
         return cls(

@@ -21,6 +21,7 @@ from .tracker_state import (
     _SHRINK_SLOW,
     _SLOW_CORRECTOR,
     Phase,
+    _e_lambda,
     _maybe_any,
     _State,
     _unit,
@@ -38,7 +39,7 @@ class PhaseTransitions:
             if not budget.spend():
                 return False
             self.fz0 = self.f(self.x0)
-            self.hom = HOMOTOPIES[self.opt.homotopy](self.x0, self.fz0)
+            self.hom = HOMOTOPIES[self.opt.type](self.x0, self.fz0)
         return True
 
     def _mark_stale(self, state: _State, abs_res: Tensor) -> None:
@@ -138,8 +139,7 @@ class PhaseTransitions:
         state.y = _where(mask, start_y, state.y)
         start = self.hom.start_tangent()
         if start is None:    # the tangent at λ = 0 needs a solve: do it at the next iteration
-            e_lam = torch.zeros_like(start_y)
-            e_lam[:, -1] = 1
+            e_lam = _e_lambda(start_y)
             state.tangent = _where(mask, e_lam, state.tangent)
             state.tangent_prev = _where(mask, e_lam, state.tangent_prev)
             state.phase = state.phase.masked_fill(mask, int(Phase.TANGENT))

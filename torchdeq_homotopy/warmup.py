@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torchdeq.solver.anderson import anderson_solver
 
-from .outcome import BestIterate, Budget, Status, TrackerResult, residuals
+from .outcome import BestIterate, Budget, Status, TrackerResult, by_stop_mode, residuals
 
 Tensor = torch.Tensor
 
@@ -33,8 +33,7 @@ class Warmup:
 
     def solved(self, tol: float, stop_mode: str) -> bool:
         """Whether every sample's best iterate meets the tolerance (one host sync)."""
-        best = self.best.abs_res if stop_mode == "abs" else self.best.rel_res
-        return bool((best <= tol).all())
+        return bool((self.best.residual(stop_mode) <= tol).all())
 
     def result(self, indexing: list[int]) -> TrackerResult:
         """The solve's result when the warm-up left nothing for the tracker: every sample
@@ -161,8 +160,7 @@ class _Counted:
         for trace, value in zip(self.traces, (*self.last_res, self.calls), strict=True):
             trace.append(value)
         self.best.update(z, *self.last_res, self.stop_mode, self.calls, fz=fz)
-        self.best_recent.append(self.best.abs_res if self.stop_mode == "abs"
-                                else self.best.rel_res)
+        self.best_recent.append(self.best.residual(self.stop_mode))
         while (len(self.trajectory) < len(self.indexing)
                and self.indexing[len(self.trajectory)] <= self.calls):
             self.trajectory.append(self.best.z.clone())
@@ -193,7 +191,7 @@ def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: fl
     expanding = False
     while True:
         abs_res, rel_res = f.last_res           # of the last call, f(z) with z = f(previous z)
-        stop = abs_res if stop_mode == "abs" else rel_res
+        stop = by_stop_mode(stop_mode, abs_res, rel_res)
         history.append(stop)
         open_ = stop > tol
         if len(history) > 1:

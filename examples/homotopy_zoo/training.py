@@ -102,37 +102,72 @@ class Counter:
         self.calls += 1
 
 
+class _Saved:
+    """A tensor saved for backward; tells its counter when autograd lets go of it."""
+
+    __slots__ = ("counter", "key", "tensor")
+
+    def __init__(self, tensor: torch.Tensor, counter: SavedTensors, key: int) -> None:
+        self.tensor, self.counter, self.key = tensor, counter, key
+
+    def __del__(self) -> None:
+        self.counter._release(self.key)
+
+
 class SavedTensors:
-    """Bytes of the tensors autograd saves for the backward pass during one forward (each
-    storage counted once): the activation memory a training step holds at its peak, the
-    quantity by which DEQs, HomoODE's adjoint and Neural ODEs differ. It is measured per
-    model and per step, so unlike the process's peak RSS it does not depend on which model
-    ran first, and it works on every device."""
+    """The peak, during a training step, of the bytes autograd holds for the backward pass
+    (each storage counted once while any saved tensor uses it): the activation memory by
+    which DEQs, HomoODE's adjoint and Neural ODEs differ. A saved tensor counts from when
+    autograd saves it until autograd frees it (after its node's backward, or when its graph
+    is dropped), so transient graphs (rejected ODE steps, the adjoint's vector-Jacobian
+    products) count only while they live. Measured per model and per step, unlike the
+    process's peak RSS, and on every device.
+
+    Example:
+        >>> a = torch.randn(100, requires_grad=True)
+        >>> saved = SavedTensors()
+        >>> with saved:
+        ...     _ = (a * a.exp()).sum()     # exp saves its output, mul both factors
+        >>> saved.peak                      # a and exp(a): 2 × 400 bytes
+        800
+    """
 
     def __init__(self) -> None:
         self.peak = 0
-        self._seen: set[int] = set()
-        self._bytes = 0
+        self._live: dict[int, list[int]] = {}     # storage address -> [uses, bytes]
+        self._bytes = self._step_peak = 0
 
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self._bytes += storage.nbytes()
+        key = storage.data_ptr()
+        entry = self._live.setdefault(key, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self._bytes += entry[1]
+            self._step_peak = max(self._step_peak, self._bytes)
+        entry[0] += 1
         # Detached: the packed object must not hold the tensor's grad_fn, or every saved
         # output forms a reference cycle with its node and the graph outlives the step.
-        return tensor.detach()
+        return _Saved(tensor.detach(), self, key)
+
+    def _release(self, key: int) -> None:
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self._bytes -= entry[1]
+            del self._live[key]
 
     def __enter__(self) -> SavedTensors:
-        self._seen, self._bytes = set(), 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._step_peak = self._bytes
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack,
+                                                               lambda saved: saved.tensor)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
-        self.peak = max(self.peak, self._bytes)
-        self._seen = set()
+        self.peak = max(self.peak, self._step_peak)
 
 
 def peak_memory_mb(device: torch.device, saved: SavedTensors) -> float:
