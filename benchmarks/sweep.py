@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -127,6 +128,33 @@ def summary(rows: list[dict], solvers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def wall_ratios(rows: list[dict]) -> str:
+    """Homotopy's wall time against TorchDEQ's solvers. Benign cells (fixed-point iteration
+    or Anderson solve ≥ 99 %): over the fastest TorchDEQ solver that solves ≥ 99 %. Hard
+    cells (neither does): over Broyden where both solve ≥ 99 %, geometric mean per width."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        cells.setdefault((label(r), r["tol"], r["seed"]), {})[r["solver"]] = r
+    if not all({"fixed_point_iter", "anderson", "broyden", "homotopy"} <= set(c)
+               for c in cells.values()):
+        return ""
+    benign, hard = [], {}
+    for (name, _, _), c in cells.items():
+        if c["fixed_point_iter"]["solved"] >= 0.99 or c["anderson"]["solved"] >= 0.99:
+            fastest = min(c[s]["wall_s"] for s in ("fixed_point_iter", "anderson", "broyden")
+                          if c[s]["solved"] >= 0.99)
+            benign.append(c["homotopy"]["wall_s"] / fastest)
+        elif c["homotopy"]["solved"] >= 0.99 and c["broyden"]["solved"] >= 0.99:
+            size = name.split()[1] if name.startswith("tanh") else "conv"
+            hard.setdefault(size, []).append(c["homotopy"]["wall_s"] / c["broyden"]["wall_s"])
+    text = (f"Benign cells: homotopy within 1.2× the fastest TorchDEQ solver on "
+            f"{sum(x <= 1.2 for x in benign)} of {len(benign)} (max {max(benign):.2f}×).")
+    for size, ratios in hard.items():
+        mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        text += f" Hard cells, {size}: {mean:.2f}× Broyden's wall time ({len(ratios)} cells)."
+    return text
+
+
 def profiles(rows: list[dict], out: Path, budget: int, solvers: list[str]) -> None:
     """Dolan–Moré: share of cells a solver solves (≥ 99 %) within τ × the best wall time.
     Moré–Wild: share of cells solved (≥ 99 %) within a given number of evaluations."""
@@ -214,7 +242,8 @@ def main() -> None:
                                      options))
                 (out / f"{name}.json").write_text(json.dumps(rows))
     solvers = [s for s in SOLVERS if any(r["solver"] == s for r in rows)]
-    text = summary(rows, solvers) + "\n\n" + table(rows, solvers)
+    text = (summary(rows, solvers) + "\n\n" + wall_ratios(rows) + "\n\n"
+            + table(rows, solvers))
     (out / f"{name}.md").write_text(text + "\n")
     if not args.only_2048:
         profiles(rows, out, args.budget, solvers)
