@@ -365,7 +365,8 @@ def add_homotopy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                                help=f"{_escape(key.doc)} (default none)")
         else:
             group.add_argument(flag, type=key.kind or str, default=key.default,
-                               choices=key.choices, help=f"{_escape(key.doc)} (default {key.default})")
+                               choices=key.choices,
+                               help=f"{_escape(key.doc)} (default {key.default})")
     return parser
 
 
