@@ -454,16 +454,18 @@ def test_eisenstat_walker_term_follows_its_formula_and_safeguards():
     0.5 target / h_k, at most 0.9; η_first when there is no previous step."""
     from torchdeq_homotopy.linalg import eisenstat_walker
 
-    h = torch.tensor([0.1, 0.5, 0.1, 1e-6, 2.0, 0.3], dtype=torch.float64)
-    prev = torch.tensor([1.0, 1.0, 1.0, 1e-5, 1.0, float("inf")], dtype=torch.float64)
-    eta_prev = torch.tensor([0.01, 0.01, 0.5, 0.01, 0.01, 0.3], dtype=torch.float64)
-    target = torch.tensor([0.0, 0.0, 0.0, 1e-6, 0.0, 0.0], dtype=torch.float64)
+    h = torch.tensor([0.1, 0.5, 0.1, 1e-6, 2.0, 0.3, 0.3], dtype=torch.float64)
+    prev = torch.tensor([1.0, 1.0, 1.0, 1e-5, 1.0, float("inf"), float("inf")],
+                        dtype=torch.float64)
+    eta_prev = torch.tensor([0.01, 0.01, 0.5, 0.01, 0.01, 0.3, 0.9], dtype=torch.float64)
+    target = torch.tensor([0.0, 0.0, 0.0, 1e-6, 0.0, 0.0, 0.0], dtype=torch.float64)
     expected = [0.9 * 0.1 ** 2,                 # fast progress: tight
                 0.9 * 0.5 ** 2,                 # slow progress: loose
                 max(0.9 * 0.1 ** 2, 0.9 * 0.5 ** 2),   # 0.9 · 0.5² = 0.225 > 0.1 guards
                 0.5,                            # near the target: no oversolving
                 0.9,                            # residual grew: capped at η_max
-                0.02]                           # first step of a Newton run
+                0.02,                           # first step of a Newton run
+                0.02]                           # ... whatever an earlier run's last η was
     eta = eisenstat_walker(h, prev, eta_prev, 0.02, target)
     torch.testing.assert_close(eta, torch.tensor(expected, dtype=torch.float64))
 

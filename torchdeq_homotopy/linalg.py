@@ -47,10 +47,10 @@ def eisenstat_walker(h_norm: Tensor, h_prev: Tensor, eta_prev: Tensor, eta_first
         >>> eisenstat_walker(h, prev, torch.tensor([0.01, 0.01]), 0.01, torch.zeros(2))
         tensor([9.0000e-05, 2.2500e-01])
     """
-    eta = gamma * (h_norm / h_prev) ** alpha
-    eta = torch.where(torch.isfinite(h_prev), eta, torch.full_like(eta, eta_first))
+    continuing = torch.isfinite(h_prev)
+    eta = torch.where(continuing, gamma * (h_norm / h_prev) ** alpha, eta_first)
     guard = gamma * eta_prev ** alpha
-    eta = torch.where(guard > 0.1, torch.maximum(eta, guard), eta)
+    eta = torch.where(continuing & (guard > 0.1), torch.maximum(eta, guard), eta)
     eta = torch.maximum(eta, 0.5 * target / h_norm.clamp_min(torch.finfo(h_norm.dtype).tiny))
     return torch.nan_to_num(eta, nan=eta_first).clamp(max=eta_max)
 
