@@ -2,6 +2,7 @@
 with homotopy, the reference-DEQ target).
 
     python benchmarks/deq_training.py [--solvers anderson homotopy] [--seeds 0 1] [--steps 100]
+    python benchmarks/deq_training.py --seeds 3 4 --keep      # add seeds to the results
 
 The classifier of ``homotopy_zoo.models`` at the paper's layout (64-channel state at
 14 × 14 on Fashion-MNIST, 256-wide readout) with a DEQ core: ``f_max_iter`` 30, TorchDEQ's
@@ -66,25 +67,48 @@ def run(solver: str, seed: int, steps: int, test_size: int, data) -> dict:
                 mean_rel_residual=statistics.mean(residuals))
 
 
+def paired(rows: list[dict], first: str = "homotopy", second: str = "anderson") -> str:
+    """Test accuracy of ``first`` − ``second`` paired by seed: mean ± the 95 % t-interval's
+    half-width (t quantile of n − 1 degrees of freedom), and images/s ``first``/``second``."""
+    by = {(r["solver"], r["seed"]): r for r in rows}
+    seeds = sorted(s for solver, s in by if solver == first and (second, s) in by)
+    if len(seeds) < 2:
+        return ""
+    diff = [100 * (by[first, s]["test_acc"] - by[second, s]["test_acc"]) for s in seeds]
+    speed = [by[first, s]["images_per_s"] / by[second, s]["images_per_s"] for s in seeds]
+    t975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+    half = t975.get(len(seeds) - 1, 2.0) * statistics.stdev(diff) / len(seeds) ** 0.5
+    return (f"{first} − {second}, paired over {len(seeds)} seeds: test accuracy "
+            f"{statistics.mean(diff):+.1f} ± {half:.1f} points (per seed "
+            f"{', '.join(f'{d:+.1f}' for d in diff)}); images/s {statistics.mean(speed):.2f}×.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solvers", nargs="+", default=["anderson", "homotopy"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the other runs of the existing deq_training.json")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(2)
     data = load_fashion_mnist(Path("data"))
     rows = []
+    if args.keep and (args.out / "deq_training.json").exists():
+        rows = [r for r in json.loads((args.out / "deq_training.json").read_text())
+                if not (r["solver"] in args.solvers and r["seed"] in args.seeds)]
     for seed in args.seeds:
         for solver in args.solvers:
             rows.append(run(solver, seed, args.steps, args.test_size, data))
             print(rows[-1], flush=True)
+    rows.sort(key=lambda r: (r["seed"], r["solver"]))
     lines = ["| solver | seed | test acc | images/s | NFE fwd | mean rel. residual |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['solver']} | {r['seed']} | {r['test_acc']:.4f} | {r['images_per_s']:.1f} | "
               f"{r['nfe_forward']:.1f} | {r['mean_rel_residual']:.2e} |" for r in rows]
+    lines += ["", paired(rows)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deq_training.json").write_text(json.dumps(rows, indent=1))
     text = (f"{args.steps} steps at batch 64, test on the first {args.test_size} Fashion-MNIST "
