@@ -3,7 +3,15 @@
 Each sample of a batch follows the zero path of its own homotopy H(z, λ) (see
 :mod:`torchdeq_homotopy.homotopies`) in the unknowns y = (z, λ). Each sample is in one
 of these phases, and all of them advance together, one batched call of f and one
-batched linear solve per iteration:
+batched linear solve per iteration. The driving loop is
+
+    loop = tracker.init(...)               # every sample at its start, f evaluated there
+    while not tracker.terminate(loop):     # all done, or the budget spent
+        loop = tracker.step(loop)          # transitions, one bordered solve, f at y
+    result = tracker.result(loop)
+
+over an explicit per-sample state (:class:`~torchdeq_homotopy.tracker_state._State`: phase
+and status, path geometry, corrector, Newton phase, Jacobian flags). The phases:
 
 ``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first (from the warm-up's iterate
             where that helped, else from z0). A sample stalls when three exact-Jacobian
@@ -58,6 +66,7 @@ there is no Python loop over samples. The best iterate by the fixed-point residu
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,9 +87,30 @@ from .tracker_state import (
 )
 from .transitions import PhaseTransitions
 
-__all__ = ["PathTracker", "Phase", "TrackerOptions", "TrackerResult", "residuals"]
+__all__ = ["Loop", "PathTracker", "Phase", "TrackerOptions", "TrackerResult", "residuals"]
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class Loop:
+    """What the tracker's driving loop carries between iterations: the per-sample state,
+    the best iterate, the budget, the request (tolerance, stop mode, recorded evaluation
+    counts) and what was recorded so far."""
+
+    state: _State
+    best: BestIterate
+    budget: Budget
+    tol: float
+    stop_mode: str
+    indexing: list[int]
+    trajectory: list[Tensor]
+    fz: Tensor | None = None        # f at state.path.y; None once f could not be evaluated
+    abs_res: Tensor | None = None   # ||z - f(z)|| there
+    abs_trace: list[Tensor] = field(default_factory=list)
+    rel_trace: list[Tensor] = field(default_factory=list)
+    trace_nfe: list[int] = field(default_factory=list)
+    lam_trace: list[Tensor] = field(default_factory=list)
 
 
 class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
@@ -120,7 +150,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             used: int = 0, best: BestIterate | None = None,
             trajectory: list[Tensor] | None = None,
             newton_start_fz: Tensor | None = None) -> TrackerResult:
-        """Track every sample until it converges, fails, or the budget is spent.
+        """Track every sample until it converges, fails, or the budget is spent: the
+        driving loop ``init``, then ``step`` until ``terminate``.
 
         ``newton_start`` (default ``x0``) is where the Newton phase starts; the path itself
         always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up,
@@ -128,86 +159,124 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         recorded states ``trajectory`` (for the first entries of ``indexing``) come first;
         ``newton_start_fz``, f at ``newton_start`` if already known, saves its evaluation.
         """
-        opt, x0, n = self.opt, self.x0, self.n
+        loop = self.init(max_evals, tol, stop_mode, indexing, newton_start, used, best,
+                         trajectory, newton_start_fz)
+        while not self.terminate(loop):
+            loop = self.step(loop)
+        return self.result(loop)
+
+    def init(self, max_evals: int, tol: float, stop_mode: str,
+             indexing: list[int] | None = None, newton_start: Tensor | None = None,
+             used: int = 0, best: BestIterate | None = None,
+             trajectory: list[Tensor] | None = None,
+             newton_start_fz: Tensor | None = None) -> Loop:
+        """Every sample at its start (see :meth:`run`), with f evaluated there."""
+        opt, x0 = self.opt, self.x0
         self.max_evals = max_evals
         budget = Budget(max_evals)
         budget.used = used
-        indexing = sorted(indexing or [])
         newton_first = opt.newton_iters > 0 or not opt.track
-        state = _State.start(x0 if newton_start is None or not newton_first else newton_start,
-                          newton_first=newton_first)
+        start = x0 if newton_start is None or not newton_first else newton_start
+        state = _State.start(start, newton_first=newton_first)
         if not newton_first:
             self._build_homotopy(budget)
         if best is None:
-            inf = torch.full_like(state.step, float("inf"))
+            inf = torch.full_like(state.path.step, float("inf"))
             best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
                                step=torch.zeros_like(inf))
-        abs_trace: list[Tensor] = []
-        rel_trace: list[Tensor] = []
-        trajectory = list(trajectory or [])
-        trace_nfe: list[int] = []
-        lam_trace: list[Tensor] = []
-
+        loop = Loop(state=state, best=best, budget=budget, tol=tol, stop_mode=stop_mode,
+                    indexing=sorted(indexing or []), trajectory=list(trajectory or []))
         # f at the Newton start, when the warm-up already evaluated it, costs nothing here.
-        known_fz = newton_start_fz if newton_first and newton_start is not None else None
-        while known_fz is not None or budget.spend():
-            z, lam = state.y[:, :n], state.y[:, n]
-            fz, known_fz = (self.f(z), None) if known_fz is None else (known_fz, None)
-            abs_res, rel_res = residuals(z, fz)
-            f_finite = abs_res < float("inf")
-            abs_trace.append(abs_res)
-            rel_trace.append(rel_res)
-            trace_nfe.append(budget.used)
-            lam_trace.append(lam.clone())
-            best.update(z, abs_res, rel_res, stop_mode, budget.used)
-            # A sample is done once its best iterate (the warm-up's included) meets tol.
-            best_res = best.residual(stop_mode)
-            converged = (state.phase != Phase.DONE) & (best_res <= tol)
-            state.finish(converged, Status.CONVERGED)
-            state.y[:, n] = lam.masked_fill(converged, 1.0)
-            while len(trajectory) < len(indexing) and indexing[len(trajectory)] <= budget.used:
-                trajectory.append(best.z.clone())
-            if bool((state.phase == Phase.DONE).all()) or budget.left <= 0:
-                break
+        known = newton_first and newton_start is not None and newton_start_fz is not None
+        self._evaluate(loop, newton_start_fz if known else None)
+        return loop
 
-            H = self.hom.residual(z, fz, lam)
-            h_norm = H.norm(dim=1)
-            self._mark_stale(state, abs_res)
-            idle = self._leave_newton(state, f_finite, abs_res, budget)
-            idle = idle | self._judge_corrector(state, h_norm, idle)
-            endgame_failed = (state.phase == Phase.ENDGAME) & (
-                ~(h_norm < float("inf")) | state.solve_failed)
-            state.finish(endgame_failed, Status.NONFINITE)
+    def terminate(self, loop: Loop) -> bool:
+        """Stop when f could not be evaluated, every sample is done, or the budget is spent
+        (one host sync per iteration)."""
+        return (loop.fz is None or loop.budget.left <= 0
+                or bool((loop.state.phase == Phase.DONE).all()))
 
-            newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
-            y_eval = _where(f_finite, state.y, torch.cat([best.z, state.y[:, n:]], dim=1))
-            active = newton | tangent | correct
-            fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
-            broyden = (newton & (state.phase == Phase.NEWTON) if self._mode() == "secant"
-                       else torch.zeros_like(newton))
-            rtol = self._forcing(state, newton, h_norm, fz_safe, tol, stop_mode)
-            delta, finite, exact = self._solve(
-                y_eval, fz_safe, border, rhs, budget,
-                need_exact=active & state.stale & ~broyden, rows=active & ~broyden, rtol=rtol)
-            if self._mode() == "secant":
-                delta, finite = self._broyden_step(z, fz, broyden, delta, finite, max_evals)
-            state.solve_failed = ~finite & active
-            state.exact = torch.where(active, exact, state.exact)
-            state.stale = state.stale & ~exact
+    def step(self, loop: Loop) -> Loop:
+        """One iteration for the whole batch: the phase transitions decided on the last
+        evaluation, one batched bordered solve (:meth:`_bordered_system`), the Newton,
+        corrector and tangent updates, restarts, and f at the new points."""
+        state, budget, n = loop.state, loop.budget, self.n
+        z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
+        H = self.hom.residual(z, fz, lam)
+        h_norm = H.norm(dim=1)
+        f_finite = loop.abs_res < float("inf")
+        self._mark_stale(state, loop.abs_res)
+        idle = self._leave_newton(state, f_finite, loop.abs_res, budget)
+        idle = idle | self._judge_corrector(state, h_norm, idle)
+        endgame_failed = (state.phase == Phase.ENDGAME) & (
+            ~(h_norm < float("inf")) | state.jacobian.solve_failed)
+        state.finish(endgame_failed, Status.NONFINITE)
 
-            self._take_steps(state, delta, finite, exact, newton, correct, abs_res)
-            self._take_tangents(state, tangent, delta, finite, exact, budget)
-            self._restart(state, budget)
+        newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
+        y_eval = _where(f_finite, state.path.y, torch.cat([loop.best.z, state.path.y[:, n:]],
+                                                          dim=1))
+        active = newton | tangent | correct
+        fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
+        secant = self._mode() == "secant"
+        broyden = newton & (state.phase == Phase.NEWTON) if secant else torch.zeros_like(newton)
+        rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol, loop.stop_mode)
+        jacobian = state.jacobian
+        delta, finite, exact = self._solve(
+            y_eval, fz_safe, border, rhs, budget,
+            need_exact=active & jacobian.stale & ~broyden, rows=active & ~broyden, rtol=rtol)
+        if secant:
+            delta, finite = self._broyden_step(z, fz, broyden, delta, finite, self.max_evals)
+        jacobian.solve_failed = ~finite & active
+        jacobian.exact = torch.where(active, exact, jacobian.exact)
+        jacobian.stale = jacobian.stale & ~exact
 
+        self._take_steps(state, delta, finite, exact, newton, correct, loop.abs_res)
+        self._take_tangents(state, tangent, delta, finite, exact, budget)
+        self._restart(state, budget)
+        self._evaluate(loop)
+        return loop
+
+    def _evaluate(self, loop: Loop, known_fz: Tensor | None = None) -> None:
+        """f at every sample's current point (``known_fz`` if given, free; else one
+        evaluation, or none left: ``loop.fz`` is None); the residuals, the best iterate,
+        the traces, and the samples whose best iterate now meets the tolerance."""
+        state, budget, best, n = loop.state, loop.budget, loop.best, self.n
+        if known_fz is None and not budget.spend():
+            loop.fz = None
+            return
+        z, lam = state.path.y[:, :n], state.path.y[:, n]
+        fz = self.f(z) if known_fz is None else known_fz
+        abs_res, rel_res = residuals(z, fz)
+        loop.fz, loop.abs_res = fz, abs_res
+        loop.abs_trace.append(abs_res)
+        loop.rel_trace.append(rel_res)
+        loop.trace_nfe.append(budget.used)
+        loop.lam_trace.append(lam.clone())
+        best.update(z, abs_res, rel_res, loop.stop_mode, budget.used)
+        # A sample is done once its best iterate (the warm-up's included) meets tol.
+        converged = (state.phase != Phase.DONE) & (best.residual(loop.stop_mode) <= loop.tol)
+        state.finish(converged, Status.CONVERGED)
+        state.path.y[:, n] = lam.masked_fill(converged, 1.0)
+        indexing, trajectory = loop.indexing, loop.trajectory
+        while len(trajectory) < len(indexing) and indexing[len(trajectory)] <= budget.used:
+            trajectory.append(best.z.clone())
+
+    def result(self, loop: Loop) -> TrackerResult:
+        """The best iterate and per-sample statistics; samples still running ran out of
+        evaluations (MAX_EVALS)."""
+        state, best = loop.state, loop.best
         running = state.status == Status.RUNNING
         state.status = state.status.masked_fill(running, int(Status.MAX_EVALS))
-        while len(trajectory) < len(indexing):
-            trajectory.append(best.z.clone())
+        trajectory = loop.trajectory + [best.z.clone()] * (len(loop.indexing)
+                                                           - len(loop.trajectory))
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
-                             step_best=best.step, abs_trace=abs_trace, rel_trace=rel_trace,
-                             status=state.status, lam=state.y[:, n].clone(), evals=budget.used,
-                             trajectory=trajectory, trace_nfe=trace_nfe, lam_trace=lam_trace,
-                             restarts=state.restarts, krylov_solves=self.krylov_solves,
+                             step_best=best.step, abs_trace=loop.abs_trace,
+                             rel_trace=loop.rel_trace, status=state.status,
+                             lam=state.path.y[:, self.n].clone(), evals=loop.budget.used,
+                             trajectory=trajectory, trace_nfe=loop.trace_nfe,
+                             lam_trace=loop.lam_trace, restarts=state.restarts,
+                             krylov_solves=self.krylov_solves,
                              krylov_products=self.krylov_products)
 
     def _forcing(self, state: _State, newton: Tensor, h_norm: Tensor, fz: Tensor, tol: float,
@@ -219,10 +288,11 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         if self.opt.forcing == "constant":
             return self.opt.krylov_rtol
         target = tol * (fz.norm(dim=1) if stop_mode == "rel" else torch.ones_like(h_norm))
-        eta = eisenstat_walker(h_norm, state.h_prev, state.forcing, self.opt.krylov_rtol,
+        record = state.newton
+        eta = eisenstat_walker(h_norm, record.h_prev, record.forcing, self.opt.krylov_rtol,
                                target)
-        state.h_prev = h_norm.masked_fill(~newton, float("inf"))
-        state.forcing = torch.where(newton, eta, state.forcing)
+        record.h_prev = h_norm.masked_fill(~newton, float("inf"))
+        record.forcing = torch.where(newton, eta, record.forcing)
         return torch.where(newton, eta, torch.full_like(eta, self.opt.krylov_rtol))
 
     def _bordered_system(self, state: _State, H: Tensor, lam: Tensor, idle: Tensor
@@ -237,11 +307,12 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         newton = ((state.phase == Phase.NEWTON) | (state.phase == Phase.ENDGAME)) & ~idle
         tangent = (state.phase == Phase.TANGENT) & ~idle
         correct = (state.phase == Phase.CORRECT) & ~idle
-        e_lam = _e_lambda(state.y)
-        border = _where(tangent | correct, state.tangent, e_lam)
+        path = state.path
+        e_lam = _e_lambda(path.y)
+        border = _where(tangent | correct, path.tangent, e_lam)
         H_safe = torch.nan_to_num(H, nan=0.0, posinf=0.0, neginf=0.0)
         rhs_lam = (1 - lam).masked_fill(~newton, 0.0)
-        rhs_lam = torch.where(correct, -batch_dot(state.tangent, state.y - state.pred), rhs_lam)
+        rhs_lam = torch.where(correct, -batch_dot(path.tangent, path.y - path.pred), rhs_lam)
         rhs = torch.cat([_where(newton | correct, -H_safe, torch.zeros_like(H)),
                          rhs_lam[:, None]], dim=1)
         return newton, tangent, correct, border, _where(tangent, e_lam, rhs)
@@ -252,13 +323,14 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         """Newton and corrector updates, y ← y + δ, and their per-sample counters (a Newton
         step counts against ``homo_newton_iters`` when its Jacobian was exact)."""
         move = (newton | correct) & finite
-        state.y = _where(move, state.y + delta, state.y)
-        state.res_prev = torch.where(newton, abs_res, state.res_prev)
-        state.n_newton = torch.where(newton & (state.phase == Phase.NEWTON) & exact,
-                                  state.n_newton + 1, state.n_newton)
-        state.dnorm_prev = torch.where(correct, state.dnorm, state.dnorm_prev)
-        state.dnorm = torch.where(correct, delta.norm(dim=1), state.dnorm)
-        state.corrector_steps = state.corrector_steps + correct.long()
+        state.path.y = _where(move, state.path.y + delta, state.path.y)
+        record, corrector = state.newton, state.corrector
+        record.res_prev = torch.where(newton, abs_res, record.res_prev)
+        record.steps = torch.where(newton & (state.phase == Phase.NEWTON) & exact,
+                                   record.steps + 1, record.steps)
+        corrector.dnorm_prev = torch.where(correct, corrector.dnorm, corrector.dnorm_prev)
+        corrector.dnorm = torch.where(correct, delta.norm(dim=1), corrector.dnorm)
+        corrector.steps = corrector.steps + correct.long()
 
     def _take_tangents(self, state: _State, tangent: Tensor, w: Tensor, finite: Tensor,
                        exact: Tensor, budget: Budget) -> None:
@@ -269,6 +341,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             self._set_tangent(state, tangent_ok, _unit(w), budget, exact)
         tangent_failed = tangent & ~finite
         if _maybe_any(tangent_failed):
-            state.step = torch.where(tangent_failed, _RETRY_FACTOR * state.step, state.step)
-            state.solve_failed = state.solve_failed & ~tangent_failed
+            path = state.path
+            path.step = torch.where(tangent_failed, _RETRY_FACTOR * path.step, path.step)
+            state.jacobian.solve_failed = state.jacobian.solve_failed & ~tangent_failed
             state.begin_step(tangent_failed, self._predict_linear(state))

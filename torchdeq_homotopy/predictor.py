@@ -22,10 +22,11 @@ class Predictor:
 
     def _predict_linear(self, state: _State) -> Tensor:
         """y_p = y_a + h t, with h shortened so that λ_p does not pass 1: h <= (1 - λ_a) / t_λ."""
-        lam_a, t_lam = state.anchor[:, -1], state.tangent[:, -1]
+        path = state.path
+        lam_a, t_lam = path.anchor[:, -1], path.tangent[:, -1]
         to_end = (1 - lam_a) / t_lam
-        h = torch.where((t_lam > 0) & (lam_a < 1) & (state.step > to_end), to_end, state.step)
-        return state.anchor + h[:, None] * state.tangent
+        h = torch.where((t_lam > 0) & (lam_a < 1) & (path.step > to_end), to_end, path.step)
+        return path.anchor + h[:, None] * path.tangent
 
     def _predict(self, state: _State, mask: Tensor, budget: Budget) -> Tensor:
         linear = self._predict_linear(state)
@@ -42,20 +43,20 @@ class Predictor:
         """
         from torchdiffeq import odeint
 
-        h = (linear - state.anchor).norm(dim=1)
+        h = (linear - state.path.anchor).norm(dim=1)
         h = torch.where(mask, h, torch.zeros_like(h))
-        e_lam = _e_lambda(state.y)
+        e_lam = _e_lambda(state.path.y)
 
         def velocity(_sigma: Tensor, y: Tensor) -> Tensor:
             if not budget.spend():
                 return torch.zeros_like(y)
             fz = torch.nan_to_num(self.f(y[:, : self.n]))
-            w, finite, _ = self._solve(y, fz, state.tangent, e_lam, budget)
+            w, finite, _ = self._solve(y, fz, state.path.tangent, e_lam, budget)
             return torch.where((finite & mask)[:, None], _unit(w) * h[:, None],
                                torch.zeros_like(w))
 
-        grid = torch.tensor([0.0, 1.0], device=state.y.device, dtype=state.y.dtype)
-        return odeint(velocity, state.anchor, grid, method=self.opt.ode_method)[-1]
+        grid = torch.tensor([0.0, 1.0], device=state.path.y.device, dtype=state.path.y.dtype)
+        return odeint(velocity, state.path.anchor, grid, method=self.opt.ode_method)[-1]
 
     def _set_tangent(self, state: _State, tangent_ok: Tensor, t: Tensor,
                      budget: Budget | None = None, exact: Tensor | None = None) -> None:
@@ -65,22 +66,22 @@ class Predictor:
         quarter of the step. A sharp turn of a tangent solved with a secant Jacobian
         (``exact`` False) is first recomputed with the exact one."""
         opt = self.opt
-        first = tangent_ok & (state.step_unit == 0)
-        sharp = tangent_ok & ~first & (batch_dot(t, state.tangent) < opt.max_turn)
+        first = tangent_ok & (state.path.step_unit == 0)
+        sharp = tangent_ok & ~first & (batch_dot(t, state.path.tangent) < opt.max_turn)
         if exact is not None:
             recheck = sharp & ~exact        # stays in TANGENT; the next solve is exact
-            state.stale = state.stale | recheck
+            state.jacobian.stale = state.jacobian.stale | recheck
             sharp, tangent_ok = sharp & ~recheck, tangent_ok & ~recheck
         h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)     # raises λ by step_init
-        state.step = torch.where(first, h0, state.step)
-        state.step_unit = torch.where(first, h0, state.step_unit)
-        state.tangent_prev = _where(first, t, state.tangent_prev)
+        state.path.step = torch.where(first, h0, state.path.step)
+        state.path.step_unit = torch.where(first, h0, state.path.step_unit)
+        state.path.tangent_prev = _where(first, t, state.path.tangent_prev)
         smooth = tangent_ok & ~sharp
-        state.tangent = _where(smooth, t, state.tangent)
-        state.anchor = _where(sharp, state.anchor_prev, state.anchor)
-        state.tangent = _where(sharp, state.tangent_prev, state.tangent)
-        state.step = torch.where(sharp, _TURN_FACTOR * state.step, state.step)
-        underflow = sharp & (state.step.abs() < opt.step_min * state.step_unit.abs())
+        state.path.tangent = _where(smooth, t, state.path.tangent)
+        state.path.anchor = _where(sharp, state.path.anchor_prev, state.path.anchor)
+        state.path.tangent = _where(sharp, state.path.tangent_prev, state.path.tangent)
+        state.path.step = torch.where(sharp, _TURN_FACTOR * state.path.step, state.path.step)
+        underflow = sharp & (state.path.step.abs() < opt.step_min * state.path.step_unit.abs())
         state.needs_restart = state.needs_restart | underflow
         tangent_ok = tangent_ok & ~underflow
         pred = (self._predict(state, tangent_ok, budget) if budget is not None

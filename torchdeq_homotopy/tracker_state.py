@@ -115,8 +115,8 @@ def _unit(y: Tensor) -> Tensor:
 
 
 @dataclass
-class _State:
-    """Per-sample state of the tracker. Points of the path are y = (z, λ), shape (B, n+1)."""
+class PathGeometry:
+    """Where each sample is on its path. Points are y = (z, λ), shape ``(B, n + 1)``."""
 
     y: Tensor             # current point: where f is evaluated next
     anchor: Tensor        # last accepted point of the path
@@ -124,49 +124,78 @@ class _State:
     anchor_prev: Tensor   # the accepted point before the anchor, and its tangent, to
     tangent_prev: Tensor  # step back to when the path turns too sharply
     pred: Tensor          # predicted point of the current step
-    phase: Tensor         # Phase per sample
-    status: Tensor        # Status per sample
     step: Tensor          # arclength step h
     step_unit: Tensor     # h of the first path step; h_min and h_max are relative to it
-    corrector_steps: Tensor        # corrector iterations of the current step
+
+
+@dataclass
+class CorrectorState:
+    """The corrector of the current path step."""
+
+    steps: Tensor         # corrector iterations of the current step
     dnorm: Tensor         # ||δ|| of the last corrector step
     dnorm_prev: Tensor    # ||δ|| of the one before
-    n_newton: Tensor      # Newton steps taken in phase NEWTON
+    retried: Tensor       # the step was already retried with an exact Jacobian
+
+
+@dataclass
+class NewtonState:
+    """The NEWTON phase at λ = 1 (exact Newton, or Broyden's method under the secant model)."""
+
+    steps: Tensor         # exact-Jacobian Newton steps taken
     res_prev: Tensor      # residual before the last Newton step
     h_prev: Tensor        # ||H|| at the last Newton step, and that step's GMRES
     forcing: Tensor       # tolerance η (Eisenstat–Walker)
-    newton_best: Tensor   # lowest residual met in phase NEWTON
-    n_worse: Tensor       # exact Newton steps in a row that ended above newton_best
+    lowest: Tensor        # lowest residual met in this phase
+    worse_in_row: Tensor  # steps in a row that ended above ``lowest``
+
+
+@dataclass
+class JacobianState:
+    """What the last linear solve used, and what the next one needs."""
+
     solve_failed: Tensor  # the last linear solve gave non-finite values
     exact: Tensor         # the last linear solve used an exact Jacobian
-    stale: Tensor         # the next solve needs an exact Jacobian (dense mode)
-    retried: Tensor       # the current path step was already retried with an exact one
-    needs_restart: Tensor      # the step underflowed or λ went below 0: restart or give up
+    stale: Tensor         # the next solve needs an exact Jacobian
+
+
+@dataclass
+class _State:
+    """Per-sample state of the tracker: phase and status, and four sub-records."""
+
+    phase: Tensor         # Phase per sample
+    status: Tensor        # Status per sample
+    path: PathGeometry
+    corrector: CorrectorState
+    newton: NewtonState
+    jacobian: JacobianState
+    needs_restart: Tensor  # the step underflowed or λ went below 0: restart or give up
     restarts: Tensor      # paths restarted from a perturbed start point
 
     @classmethod
     def start(cls, x0: Tensor, newton_first: bool) -> _State:
+        """Every sample at (x0, 1) in NEWTON, or at (x0, 0) waiting for its first tangent."""
         bsz = x0.shape[0]
         lam = torch.ones(bsz, 1, dtype=x0.dtype, device=x0.device)
         y0 = torch.cat([x0, lam if newton_first else 0 * lam], dim=1)
         e_lam = _e_lambda(y0)
         inf = torch.full((bsz,), float("inf"), dtype=x0.dtype, device=x0.device)
         zeros_i = torch.zeros(bsz, dtype=torch.long, device=x0.device)
-        return cls(
-            y=y0, anchor=torch.cat([x0, 0 * lam], dim=1), tangent=e_lam, pred=y0.clone(),
+        false = torch.zeros_like(zeros_i, dtype=torch.bool)
+        path = PathGeometry(
+            y=y0, anchor=torch.cat([x0, 0 * lam], dim=1), tangent=e_lam,
             anchor_prev=torch.cat([x0, 0 * lam], dim=1), tangent_prev=e_lam.clone(),
+            pred=y0.clone(), step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf))
+        return cls(
             phase=torch.full_like(zeros_i, int(Phase.NEWTON if newton_first else Phase.TANGENT)),
-            status=torch.full_like(zeros_i, int(Status.RUNNING)),
-            step=torch.zeros_like(inf), step_unit=torch.zeros_like(inf),
-            corrector_steps=zeros_i.clone(),
-            dnorm=inf.clone(), dnorm_prev=inf.clone(), n_newton=zeros_i.clone(),
-            res_prev=inf.clone(), h_prev=inf.clone(), forcing=torch.zeros_like(inf),
-            newton_best=inf.clone(), n_worse=zeros_i.clone(),
-            solve_failed=torch.zeros_like(zeros_i, dtype=torch.bool),
-            exact=torch.ones_like(zeros_i, dtype=torch.bool),
-            stale=torch.ones_like(zeros_i, dtype=torch.bool),
-            retried=torch.zeros_like(zeros_i, dtype=torch.bool),
-            needs_restart=torch.zeros_like(zeros_i, dtype=torch.bool), restarts=zeros_i.clone())
+            status=torch.full_like(zeros_i, int(Status.RUNNING)), path=path,
+            corrector=CorrectorState(steps=zeros_i.clone(), dnorm=inf.clone(),
+                                     dnorm_prev=inf.clone(), retried=false.clone()),
+            newton=NewtonState(steps=zeros_i.clone(), res_prev=inf.clone(), h_prev=inf.clone(),
+                               forcing=torch.zeros_like(inf), lowest=inf.clone(),
+                               worse_in_row=zeros_i.clone()),
+            jacobian=JacobianState(solve_failed=false.clone(), exact=~false, stale=~false),
+            needs_restart=false.clone(), restarts=zeros_i.clone())
 
     def finish(self, mask: Tensor, status: Status) -> None:
         self.status = self.status.masked_fill(mask, int(status))
@@ -176,9 +205,10 @@ class _State:
         """Start the corrector of a path step at the predicted point ``pred``."""
         if not _maybe_any(mask):
             return
-        self.pred = _where(mask, pred, self.pred)
-        self.y = _where(mask, pred, self.y)
+        self.path.pred = _where(mask, pred, self.path.pred)
+        self.path.y = _where(mask, pred, self.path.y)
         self.phase = self.phase.masked_fill(mask, int(Phase.CORRECT))
-        self.corrector_steps = self.corrector_steps.masked_fill(mask, 0)
-        self.dnorm = self.dnorm.masked_fill(mask, float("inf"))
-        self.dnorm_prev = self.dnorm_prev.masked_fill(mask, float("inf"))
+        corrector = self.corrector
+        corrector.steps = corrector.steps.masked_fill(mask, 0)
+        corrector.dnorm = corrector.dnorm.masked_fill(mask, float("inf"))
+        corrector.dnorm_prev = corrector.dnorm_prev.masked_fill(mask, float("inf"))

@@ -49,8 +49,8 @@ class PhaseTransitions:
             (state.phase == Phase.NEWTON) & (self._mode() != "secant"))
         if not _maybe_any(at_lambda_one):
             return
-        slow = ~(abs_res <= _NEWTON_PROGRESS * state.res_prev) | state.solve_failed
-        state.stale = state.stale | (at_lambda_one & ~state.exact & slow)
+        slow = ~(abs_res <= _NEWTON_PROGRESS * state.newton.res_prev) | state.jacobian.solve_failed
+        state.jacobian.stale = state.jacobian.stale | (at_lambda_one & ~state.jacobian.exact & slow)
 
     def _leave_newton(self, state: _State, f_finite: Tensor, abs_res: Tensor,
                       budget: Budget) -> Tensor:
@@ -66,18 +66,19 @@ class PhaseTransitions:
         if self._mode() == "secant":
             return self._leave_broyden(state, in_newton, f_finite, abs_res, budget)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
-        exact_step = in_newton & (state.n_newton > 0) & state.exact
-        worse = exact_step & ~(abs_res < state.newton_best)
-        state.n_worse = torch.where(worse, state.n_worse + 1,
-                                    state.n_worse.masked_fill(exact_step, 0))
-        state.newton_best = torch.where(in_newton, torch.minimum(state.newton_best, abs_res),
-                                     state.newton_best)
-        stalled = (~f_finite | (state.solve_failed & state.exact) | (state.n_worse >= _PATIENCE)
-                   | (state.n_newton >= opt.newton_iters))
+        record, jacobian = state.newton, state.jacobian
+        exact_step = in_newton & (record.steps > 0) & jacobian.exact
+        worse = exact_step & ~(abs_res < record.lowest)
+        record.worse_in_row = torch.where(worse, record.worse_in_row + 1,
+                                          record.worse_in_row.masked_fill(exact_step, 0))
+        record.lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res),
+                                    record.lowest)
+        stalled = (~f_finite | (jacobian.solve_failed & jacobian.exact)
+                   | (record.worse_in_row >= _PATIENCE) | (record.steps >= opt.newton_iters))
         # Stalled samples wait until no sample is still converging under Newton, then all
         # start on the path together, so that their path steps share linear solves.
         leave = in_newton & stalled
-        state.n_newton = torch.where(leave, opt.newton_iters, state.n_newton)   # stays stalled
+        record.steps = torch.where(leave, opt.newton_iters, record.steps)   # stays stalled
         if bool((in_newton & ~stalled).any()):
             return leave
         if not bool(leave.any()) or not self._build_homotopy(budget):
@@ -110,13 +111,15 @@ class PhaseTransitions:
         :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
         find no residual below its lowest, or when f or the step is not finite; once every
         sample of the phase has stalled, the stalled ones start on the path together."""
-        progress = in_newton & (abs_res < state.newton_best)
-        state.n_worse = torch.where(progress, 0,
-                                    torch.where(in_newton, state.n_worse + 1, state.n_worse))
-        state.newton_best = torch.where(in_newton, torch.minimum(state.newton_best, abs_res),
-                                     state.newton_best)
+        record = state.newton
+        progress = in_newton & (abs_res < record.lowest)
+        record.worse_in_row = torch.where(
+            progress, 0, torch.where(in_newton, record.worse_in_row + 1, record.worse_in_row))
+        record.lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res),
+                                    record.lowest)
         patience = self.opt.secant_patience or max(1, budget.limit // 3)
-        stalled = in_newton & (~f_finite | state.solve_failed | (state.n_worse >= patience))
+        stalled = in_newton & (~f_finite | state.jacobian.solve_failed
+                               | (record.worse_in_row >= patience))
         # Stalled samples go on with (free) Broyden steps until every sample in this phase
         # has stalled: a path step's products are batched calls of f, and would take
         # evaluations from the samples that Broyden is still solving.
@@ -130,18 +133,18 @@ class PhaseTransitions:
 
     def _start_path(self, state: _State, mask: Tensor, z0: Tensor) -> None:
         """Put the samples in ``mask`` at (z0, 0), the start of their path."""
-        state.stale = state.stale | mask
-        state.retried = state.retried & ~mask
-        state.step_unit = state.step_unit.masked_fill(mask, 0.0)
+        state.jacobian.stale = state.jacobian.stale | mask
+        state.corrector.retried = state.corrector.retried & ~mask
+        state.path.step_unit = state.path.step_unit.masked_fill(mask, 0.0)
         start_y = torch.cat([z0, torch.zeros_like(z0[:, :1])], dim=1)
-        state.anchor = _where(mask, start_y, state.anchor)
-        state.anchor_prev = _where(mask, start_y, state.anchor_prev)
-        state.y = _where(mask, start_y, state.y)
+        state.path.anchor = _where(mask, start_y, state.path.anchor)
+        state.path.anchor_prev = _where(mask, start_y, state.path.anchor_prev)
+        state.path.y = _where(mask, start_y, state.path.y)
         start = self.hom.start_tangent()
         if start is None:    # the tangent at λ = 0 needs a solve: do it at the next iteration
             e_lam = _e_lambda(start_y)
-            state.tangent = _where(mask, e_lam, state.tangent)
-            state.tangent_prev = _where(mask, e_lam, state.tangent_prev)
+            state.path.tangent = _where(mask, e_lam, state.path.tangent)
+            state.path.tangent_prev = _where(mask, e_lam, state.path.tangent_prev)
             state.phase = state.phase.masked_fill(mask, int(Phase.TANGENT))
             return
         self._set_tangent(state, mask, _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
@@ -188,61 +191,84 @@ class PhaseTransitions:
             self._gen = torch.Generator(device=self.x0.device).manual_seed(0)
         return self._gen
 
-    def _judge_corrector(self, state: _State, h_norm: Tensor, idle: Tensor) -> Tensor:
-        """Accept, reject or continue each CORRECT sample; returns the samples now idle."""
-        opt = self.opt
+    def _corrector_verdict(self, state: _State, h_norm: Tensor, idle: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per CORRECT sample (none of ``idle``): accept when
+
+            ||H(y)|| <= tol_c (1 + ||z||)   and the last solve was finite;
+
+        reject when H or the solve is not finite, the corrector diverges
+        (||δ_k|| > θ ||δ_{k−1}||, θ = ``homo_contraction``) or has taken ``homo_corrector_iters``
+        steps. Returns (in the corrector, accepted, rejected); the state is not changed."""
+        opt, corrector = self.opt, state.corrector
         in_corr = (state.phase == Phase.CORRECT) & ~idle
-        if not _maybe_any(in_corr):
-            return in_corr
-        z = state.y[:, : self.n]
+        z = state.path.y[:, : self.n]
         h_ok = h_norm < float("inf")         # False for NaN too
-        accept = in_corr & h_ok & ~state.solve_failed & (
-            h_norm <= opt.corrector_tol * (1 + z.norm(dim=1)))
-        diverging = (state.dnorm_prev < float("inf")) & (
-            state.dnorm > opt.contraction * state.dnorm_prev)
-        reject = in_corr & ~accept & (~h_ok | state.solve_failed | diverging
-                                      | (state.corrector_steps >= opt.corrector_iters))
+        failed = state.jacobian.solve_failed
+        accept = in_corr & h_ok & ~failed & (h_norm <= opt.corrector_tol * (1 + z.norm(dim=1)))
+        diverging = (corrector.dnorm_prev < float("inf")) & (
+            corrector.dnorm > opt.contraction * corrector.dnorm_prev)
+        reject = in_corr & ~accept & (~h_ok | failed | diverging
+                                      | (corrector.steps >= opt.corrector_iters))
+        return in_corr, accept, reject
+
+    def _judge_corrector(self, state: _State, h_norm: Tensor, idle: Tensor) -> Tensor:
+        """Accept, reject or continue each CORRECT sample (:meth:`_corrector_verdict`);
+        returns the samples now idle.
+
+        A step rejected under a secant Jacobian is retried once from the same prediction
+        with the exact one; otherwise from the anchor with h/2 (:meth:`_retry`). An accepted
+        step at λ >= 1 − ``_END_GAP`` goes to the endgame, one below λ = 0 (H(z, 0) = 0
+        only at z0: a jump to another branch) restarts, and the others advance the anchor
+        (:meth:`_advance_anchor`)."""
+        in_corr, accept, reject = self._corrector_verdict(state, h_norm, idle)
         if not _maybe_any(accept | reject):     # every corrector goes on: nothing to decide
             return torch.zeros_like(in_corr)
-        # A step rejected under a secant Jacobian is retried once from the same prediction
-        # with the exact one; otherwise from the anchor with h/2.
-        exact_retry = reject & ~state.exact & ~state.retried
-        state.stale = state.stale | exact_retry
-        state.begin_step(exact_retry, state.pred)
-        state.retried = (state.retried | exact_retry) & ~accept & ~(reject & ~exact_retry)
+        corrector, jacobian, lam = state.corrector, state.jacobian, state.path.y[:, -1]
+        exact_retry = reject & ~jacobian.exact & ~corrector.retried
+        jacobian.stale = jacobian.stale | exact_retry
+        state.begin_step(exact_retry, state.path.pred)
+        corrector.retried = (corrector.retried | exact_retry) & ~accept & ~(reject & ~exact_retry)
         reject = reject & ~exact_retry
-        # Accepted: at λ ≈ 1 go to the endgame; otherwise grow h and take a tangent here.
-        at_end = accept & (state.y[:, -1] >= 1 - _END_GAP)
-        # H(z, 0) = 0 only at z0: a path at λ < 0 has jumped to another branch.
-        below_start = accept & (state.y[:, -1] < -opt.step_init)
+        at_end = accept & (lam >= 1 - _END_GAP)
+        below_start = accept & (lam < -self.opt.step_init)
         state.needs_restart = state.needs_restart | below_start
         continuing = accept & ~at_end & ~below_start
-        # A corrector that needed _SLOW_CORRECTOR or more steps had a poor secant
-        # Jacobian: the tangent at the new anchor is taken with a fresh one.
-        state.stale = state.stale | (continuing & (state.corrector_steps >= _SLOW_CORRECTOR))
-        grow = torch.where(state.corrector_steps <= 1, _GROW_FAST,
-                           torch.where(state.corrector_steps == 2, _GROW_SLOW, _SHRINK_SLOW))
-        h_max = opt.step_max * state.step_unit
-        state.step = torch.where(continuing, torch.minimum(state.step * grow, h_max), state.step)
-        secant = _unit(state.y - state.anchor) if opt.predictor == "secant" else None
-        state.anchor_prev = _where(continuing, state.anchor, state.anchor_prev)
-        state.tangent_prev = _where(continuing, state.tangent, state.tangent_prev)
-        state.anchor = _where(continuing, state.y, state.anchor)
         state.phase = state.phase.masked_fill(at_end, int(Phase.ENDGAME))
-        if opt.predictor != "secant":
+        secant = self._advance_anchor(state, continuing)
+        if secant is None:
             state.phase = state.phase.masked_fill(continuing, int(Phase.TANGENT))
             return exact_retry | self._retry(state, reject)
-        # Secant predictor: t = (y_k - y_{k-1}) / ||·||, no linear solve.
         self._set_tangent(state, continuing, secant)
         return continuing | exact_retry | self._retry(state, reject)
+
+    def _advance_anchor(self, state: _State, continuing: Tensor) -> Tensor | None:
+        """The accepted point becomes the anchor, and the step grows by the corrector's
+        count k: h ← min(h · g_k, h_max), g = ``_GROW_FAST`` (k <= 1), ``_GROW_SLOW``
+        (k = 2), ``_SHRINK_SLOW`` (k >= 3); a slow corrector (k >= ``_SLOW_CORRECTOR``) had
+        a poor secant Jacobian, so the tangent there is taken with a fresh one. Returns the
+        secant tangent t = (y_k − y_{k−1}) / ||·|| under ``homo_predictor='secant'``, else
+        None."""
+        path, steps = state.path, state.corrector.steps
+        state.jacobian.stale = state.jacobian.stale | (continuing & (steps >= _SLOW_CORRECTOR))
+        grow = torch.where(steps <= 1, _GROW_FAST,
+                           torch.where(steps == 2, _GROW_SLOW, _SHRINK_SLOW))
+        h_max = self.opt.step_max * path.step_unit
+        path.step = torch.where(continuing, torch.minimum(path.step * grow, h_max), path.step)
+        secant = _unit(path.y - path.anchor) if self.opt.predictor == "secant" else None
+        path.anchor_prev = _where(continuing, path.anchor, path.anchor_prev)
+        path.tangent_prev = _where(continuing, path.tangent, path.tangent_prev)
+        path.anchor = _where(continuing, path.y, path.anchor)
+        return secant
 
     def _retry(self, state: _State, reject: Tensor) -> Tensor:
         """Halve h and predict again from the anchor, unless h underflows; returns retries."""
         opt = self.opt
         if not _maybe_any(reject):
             return reject
-        state.step = torch.where(reject, _RETRY_FACTOR * state.step, state.step)
-        underflow = reject & (state.step.abs() < opt.step_min * state.step_unit.abs())
+        path = state.path
+        path.step = torch.where(reject, _RETRY_FACTOR * path.step, path.step)
+        underflow = reject & (path.step.abs() < opt.step_min * path.step_unit.abs())
         state.needs_restart = state.needs_restart | underflow
         retry = reject & ~underflow
         state.begin_step(retry, self._predict_linear(state))
