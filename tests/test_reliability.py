@@ -3,6 +3,7 @@ solver library: each test fails on the defect it guards against."""
 import copy
 import io
 import pickle
+from itertools import pairwise
 
 import pytest
 import torch
@@ -354,3 +355,36 @@ def test_newton_that_climbs_before_converging_is_not_sent_onto_the_path():
     assert (info["status"] == Status.CONVERGED).all()
     assert ((f(z) - z).norm(dim=1) <= 1e-8).all()
     assert (info["lam_trace"] == 1).all()                 # no sample left λ = 1
+
+
+def test_driving_loop_steps_the_newton_homotopy_to_a_dense_solve_within_its_budget():
+    """init / step / terminate, driven by hand, path only (no Newton phase): each step
+    spends at least one evaluation, λ stays in [0, 1], and the loop ends at the solution of
+    z = A z + b from torch.linalg.solve, for a divergent A (spectral radius 2). The Newton
+    homotopy's path is regular here; the fixed-point homotopy's escapes to infinity at
+    λ = 1/2, where I − λA is singular (README, Limitations)."""
+    from torchdeq_homotopy.path import PathTracker, TrackerOptions
+
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    eig = torch.tensor([2.0, -1.5, 0.5, 0.3, -0.2, 0.1], dtype=torch.float64)
+    A = Q @ torch.diag(eig) @ Q.T
+    b = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    f = lambda z: z @ A.T + b                                          # noqa: E731
+    exact = torch.linalg.solve(torch.eye(6, dtype=torch.float64) - A, b.T).T
+    tracker = PathTracker(f, torch.zeros(4, 6, dtype=torch.float64),
+                          TrackerOptions(newton_iters=0, type="newton"))
+    with torch.no_grad():
+        loop = tracker.init(500, 1e-10, "abs")
+        used, lams = [loop.budget.used], []
+        while not tracker.terminate(loop):
+            loop = tracker.step(loop)
+            used.append(loop.budget.used)
+            lams.append(loop.state.path.y[:, -1].clone())
+        result = tracker.result(loop)
+    assert all(later > earlier for earlier, later in pairwise(used))
+    assert used[-1] <= 500
+    lam = torch.stack(lams)
+    assert ((lam >= 0) & (lam <= 1)).all()
+    assert (result.status == Status.CONVERGED).all()
+    torch.testing.assert_close(result.z_best, exact, rtol=0, atol=1e-8)

@@ -124,13 +124,7 @@ def gmres(
         if bool(finished.all()) or (on_matvec is not None and not on_matvec()):
             break
         w = matvec(basis[:, j] if precond is None else precond(basis[:, j]))
-        # Classical Gram–Schmidt, twice (CGS2): h = V_jᵀ w, w -= V_j h.
-        v_j = basis[:, : j + 1]
-        h = torch.bmm(v_j, w.unsqueeze(-1)).squeeze(-1)
-        w = w - torch.bmm(h.unsqueeze(1), v_j).squeeze(1)
-        h2 = torch.bmm(v_j, w.unsqueeze(-1)).squeeze(-1)
-        w = w - torch.bmm(h2.unsqueeze(1), v_j).squeeze(1)
-        h = h + h2
+        h, w = _orthogonalize(basis[:, : j + 1], w)
         h_next = w.norm(dim=1)
         small = h_next <= 1e3 * torch.finfo(b.dtype).eps * h.norm(dim=1).clamp_min(tiny)
         # h_{j+1,j} = 0 with a nonzero column: the space is invariant, the solution exact.
@@ -158,20 +152,36 @@ def gmres(
         done = done | ~finite | breakdown | singular | (residual <= rtol * beta)
     if steps == 0:
         return torch.zeros_like(b), finite & (beta <= tiny)
-    # y = argmin ||β e1 - H y||, once, at the end; x = V y.
-    rhs = b.new_zeros(bsz, steps + 1)
-    rhs[:, 0] = beta
-    rhs = torch.where(finite[:, None], rhs, torch.zeros_like(rhs))
-    sub_eye = torch.eye(steps + 1, dtype=b.dtype, device=b.device)[:, 1:]   # columns e_{j+1}
-    h_k = torch.where(finite[:, None, None], hess[:, : steps + 1, :steps], sub_eye)
-    y = torch.linalg.lstsq(h_k, rhs.unsqueeze(-1)).solution.squeeze(-1)
-    x = torch.bmm(y.unsqueeze(1), basis[:, :steps]).squeeze(1)
+    x = _krylov_solution(hess[:, : steps + 1, :steps], basis[:, :steps], beta, finite)
     if precond is not None:
         x = precond(x)
     finite = finite & torch.isfinite(x).all(dim=1)
     x = torch.where(finite[:, None], x, torch.zeros_like(x))
     ok = finite & (residual <= rtol * beta + tiny)
     return x, ok
+
+
+def _orthogonalize(v_j: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Classical Gram–Schmidt, twice (CGS2), against the basis ``v_j`` ``(B, j+1, n)``:
+    h = V_jᵀ w,  w ← w − V_j h, repeated once; returns (h₁ + h₂, w)."""
+    h = torch.bmm(v_j, w.unsqueeze(-1)).squeeze(-1)
+    w = w - torch.bmm(h.unsqueeze(1), v_j).squeeze(1)
+    h2 = torch.bmm(v_j, w.unsqueeze(-1)).squeeze(-1)
+    w = w - torch.bmm(h2.unsqueeze(1), v_j).squeeze(1)
+    return h + h2, w
+
+
+def _krylov_solution(hess: Tensor, basis: Tensor, beta: Tensor, finite: Tensor) -> Tensor:
+    """x = V_k y,  y = argmin_y ||β e_1 − H_k y||  (``hess`` ``(B, k+1, k)``, ``basis``
+    ``(B, k, n)``), once, at the end. Rows with non-finite data get H = [0; I], so y = 0."""
+    bsz, steps = hess.shape[0], hess.shape[2]
+    rhs = hess.new_zeros(bsz, steps + 1)
+    rhs[:, 0] = beta
+    rhs = torch.where(finite[:, None], rhs, torch.zeros_like(rhs))
+    sub_eye = torch.eye(steps + 1, dtype=hess.dtype, device=hess.device)[:, 1:]   # e_{j+1}
+    h_k = torch.where(finite[:, None, None], hess, sub_eye)
+    y = torch.linalg.lstsq(h_k, rhs.unsqueeze(-1)).solution.squeeze(-1)
+    return torch.bmm(y.unsqueeze(1), basis).squeeze(1)
 
 
 class Linearization:
