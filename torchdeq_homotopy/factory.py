@@ -9,6 +9,7 @@ from torchdeq.core import DEQBase
 from torchdeq.utils.config import DEQConfig
 
 from .config import ConfigError, check_known_keys, check_plugin_key
+from .registry import check_solver_name
 
 
 def get_deq(args: Any = None, *, solver: str | None = None, **kwargs: Any) -> DEQBase:
@@ -47,10 +48,7 @@ def get_deq(args: Any = None, *, solver: str | None = None, **kwargs: Any) -> DE
     if core not in _core:
         raise ConfigError(f"core={core!r} is not a registered core; choose one of "
                           f"{sorted(_core)}.")
-    from torchdeq.solver import _solvers
-
     for key in ("f_solver", "b_solver"):
-        if key in config and config[key] not in _solvers:
-            raise ConfigError(f"{key}={config[key]!r} is not a registered solver; choose one "
-                              f"of {sorted(map(str, _solvers))}.")
+        if key in config:
+            check_solver_name(key, config[key])
     return torchdeq.get_deq(config)

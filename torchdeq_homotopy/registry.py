@@ -52,6 +52,25 @@ def configured_solver_name(name: str, options: dict[str, Any]) -> str:
     return derived
 
 
+def check_solver_name(key: str, name: str) -> None:
+    """Raise :class:`ConfigError` naming the registered solvers unless TorchDEQ's public
+    ``get_solver`` knows ``name`` (TorchDEQ's registry is only read, never written here).
+
+    Example:
+        >>> check_solver_name('f_solver', 'homotopy')
+        >>> check_solver_name('f_solver', 'homotpy')
+        Traceback (most recent call last):
+        ...
+        torchdeq_homotopy.config.ConfigError: f_solver='homotpy' is not a registered solver; ...
+    """
+    try:
+        get_solver(name)
+    except AssertionError:
+        known = sorted(map(str, torchdeq.solver._solvers))
+        raise ConfigError(f"{key}={name!r} is not a registered solver; choose one of "
+                          f"{known}.") from None
+
+
 def _changed(config: dict[str, Any], keys: dict) -> dict[str, Any]:
     """The keys of ``keys`` in ``config`` whose (validated) value differs from the default."""
     return {name: keys[name].validate(config[name]) for name in config
@@ -86,12 +105,7 @@ def prepare_config(args: Any = None, **kwargs: Any) -> dict[str, Any]:
         if name != "solver":
             check_plugin_key(name)
     for key in ("f_solver", "b_solver"):
-        name = config.get(key, _TORCHDEQ_DEFAULT_SOLVER)
-        try:
-            get_solver(name)
-        except AssertionError:
-            raise ConfigError(f"{key}={name!r} is not a registered solver; choose one of "
-                              f"{sorted(map(str, torchdeq.solver._solvers))}.") from None
+        check_solver_name(key, config.get(key, _TORCHDEQ_DEFAULT_SOLVER))
     solver_options = _changed(config, SOLVER_KEYS)
     core_options = _changed(config, CORE_KEYS)
     if core_options:
