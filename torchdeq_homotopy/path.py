@@ -199,8 +199,9 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
 
     def step(self, loop: Loop) -> Loop:
         """One iteration for the whole batch: the phase transitions decided on the last
-        evaluation, one batched bordered solve (:meth:`_bordered_system`), the Newton,
-        corrector and tangent updates, restarts, and f at the new points."""
+        evaluation, one batched bordered solve (:meth:`_solve_and_update`), and f at the
+        new points. While every open sample takes Broyden steps at λ = 1 (the secant
+        model's NEWTON phase), only those are taken (:meth:`_broyden_update`)."""
         state, budget, n = loop.state, loop.budget, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         H = self.hom.residual(z, fz, lam)
@@ -208,11 +209,46 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         f_finite = loop.abs_res < float("inf")
         self._mark_stale(state, loop.abs_res)
         idle = self._leave_newton(state, f_finite, loop.abs_res, budget)
-        idle = idle | self._judge_corrector(state, h_norm, idle)
-        endgame_failed = (state.phase == Phase.ENDGAME) & (
-            ~(h_norm < float("inf")) | state.jacobian.solve_failed)
-        state.finish(endgame_failed, Status.NONFINITE)
+        if self._only_broyden(state, idle):
+            self._broyden_update(loop)
+        else:
+            idle = idle | self._judge_corrector(state, h_norm, idle)
+            endgame_failed = (state.phase == Phase.ENDGAME) & (
+                ~(h_norm < float("inf")) | state.jacobian.solve_failed)
+            state.finish(endgame_failed, Status.NONFINITE)
+            self._solve_and_update(loop, H, h_norm, idle)
+        self._evaluate(loop)
+        return loop
 
+    def _only_broyden(self, state: _State, idle: Tensor) -> bool:
+        """Whether every open sample is in the secant model's NEWTON phase (Broyden's
+        method) and none left it this iteration. Checked on CPU only (:func:`_maybe_any`):
+        on accelerators the general iteration, which covers this case, runs without a sync."""
+        if self._mode() != "secant":
+            return False
+        elsewhere = (state.phase != Phase.NEWTON) & (state.phase != Phase.DONE)
+        return not _maybe_any(elsewhere | idle)
+
+    def _broyden_update(self, loop: Loop) -> None:
+        """Broyden's step z ← z + W (f(z) − z) for every NEWTON sample
+        (:meth:`_broyden_step`); no linear solve and no product."""
+        state, n = loop.state, self.n
+        z, fz = state.path.y[:, :n], loop.fz
+        newton = state.phase == Phase.NEWTON
+        none = torch.zeros_like(newton)
+        delta, finite = self._broyden_step(z, fz, newton, torch.zeros_like(state.path.y), none,
+                                           self.max_evals)
+        state.jacobian.solve_failed = ~finite & newton
+        state.jacobian.exact = state.jacobian.exact & ~newton
+        self._take_steps(state, delta, finite, none, newton, none, loop.abs_res)
+
+    def _solve_and_update(self, loop: Loop, H: Tensor, h_norm: Tensor, idle: Tensor) -> None:
+        """The one batched bordered solve (:meth:`_bordered_system`; Broyden's steps for the
+        secant model's NEWTON rows), then the Newton, corrector and tangent updates and
+        restarts."""
+        state, budget, n = loop.state, loop.budget, self.n
+        z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
+        f_finite = loop.abs_res < float("inf")
         newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
         y_eval = _where(f_finite, state.path.y, torch.cat([loop.best.z, state.path.y[:, n:]],
                                                           dim=1))
@@ -230,12 +266,9 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         jacobian.solve_failed = ~finite & active
         jacobian.exact = torch.where(active, exact, jacobian.exact)
         jacobian.stale = jacobian.stale & ~exact
-
         self._take_steps(state, delta, finite, exact, newton, correct, loop.abs_res)
         self._take_tangents(state, tangent, delta, finite, exact, budget)
         self._restart(state, budget)
-        self._evaluate(loop)
-        return loop
 
     def _evaluate(self, loop: Loop, known_fz: Tensor | None = None) -> None:
         """f at every sample's current point (``known_fz`` if given, free; else one

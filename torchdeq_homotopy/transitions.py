@@ -191,17 +191,16 @@ class PhaseTransitions:
             self._gen = torch.Generator(device=self.x0.device).manual_seed(0)
         return self._gen
 
-    def _corrector_verdict(self, state: _State, h_norm: Tensor, idle: Tensor
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per CORRECT sample (none of ``idle``): accept when
+    def _corrector_verdict(self, state: _State, h_norm: Tensor, in_corr: Tensor
+                           ) -> tuple[Tensor, Tensor]:
+        """Per sample in the corrector (``in_corr``): accept when
 
             ||H(y)|| <= tol_c (1 + ||z||)   and the last solve was finite;
 
         reject when H or the solve is not finite, the corrector diverges
         (||δ_k|| > θ ||δ_{k−1}||, θ = ``homo_contraction``) or has taken ``homo_corrector_iters``
-        steps. Returns (in the corrector, accepted, rejected); the state is not changed."""
+        steps. Returns (accepted, rejected); the state is not changed."""
         opt, corrector = self.opt, state.corrector
-        in_corr = (state.phase == Phase.CORRECT) & ~idle
         z = state.path.y[:, : self.n]
         h_ok = h_norm < float("inf")         # False for NaN too
         failed = state.jacobian.solve_failed
@@ -210,7 +209,7 @@ class PhaseTransitions:
             corrector.dnorm > opt.contraction * corrector.dnorm_prev)
         reject = in_corr & ~accept & (~h_ok | failed | diverging
                                       | (corrector.steps >= opt.corrector_iters))
-        return in_corr, accept, reject
+        return accept, reject
 
     def _judge_corrector(self, state: _State, h_norm: Tensor, idle: Tensor) -> Tensor:
         """Accept, reject or continue each CORRECT sample (:meth:`_corrector_verdict`);
@@ -221,7 +220,10 @@ class PhaseTransitions:
         step at λ >= 1 − ``_END_GAP`` goes to the endgame, one below λ = 0 (H(z, 0) = 0
         only at z0: a jump to another branch) restarts, and the others advance the anchor
         (:meth:`_advance_anchor`)."""
-        in_corr, accept, reject = self._corrector_verdict(state, h_norm, idle)
+        in_corr = (state.phase == Phase.CORRECT) & ~idle
+        if not _maybe_any(in_corr):
+            return in_corr
+        accept, reject = self._corrector_verdict(state, h_norm, in_corr)
         if not _maybe_any(accept | reject):     # every corrector goes on: nothing to decide
             return torch.zeros_like(in_corr)
         corrector, jacobian, lam = state.corrector, state.jacobian, state.path.y[:, -1]
