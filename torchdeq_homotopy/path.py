@@ -10,8 +10,9 @@ batched linear solve per iteration. The driving loop is
         loop = tracker.step(loop)          # transitions, one bordered solve, f at y
     result = tracker.result(loop)
 
-over an explicit per-sample state (:class:`~torchdeq_homotopy.tracker_state._State`: phase
-and status, path geometry, corrector, Newton phase, Jacobian flags). The phases:
+over an explicit, immutable per-sample state
+(:class:`~torchdeq_homotopy.tracker_state._State`: phase and status, path geometry,
+corrector, Newton phase, Jacobian flags); each transition returns a new state. The phases:
 
 ``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first (from the warm-up's iterate
             where that helped, else from z0). A sample stalls when three exact-Jacobian
@@ -66,7 +67,7 @@ there is no Python loop over samples. The best iterate by the fixed-point residu
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -207,16 +208,17 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         H = self.hom.residual(z, fz, lam)
         h_norm = H.norm(dim=1)
         f_finite = loop.abs_res < float("inf")
-        self._mark_stale(state, loop.abs_res)
-        idle = self._leave_newton(state, f_finite, loop.abs_res, budget)
+        state = self._mark_stale(state, loop.abs_res)
+        state, idle = self._leave_newton(state, f_finite, loop.abs_res, budget)
         if self._only_broyden(state, idle):
-            self._broyden_update(loop)
+            state = self._broyden_update(state, loop)
         else:
-            idle = idle | self._judge_corrector(state, h_norm, idle)
+            state, judged = self._judge_corrector(state, h_norm, idle)
             endgame_failed = (state.phase == Phase.ENDGAME) & (
                 ~(h_norm < float("inf")) | state.jacobian.solve_failed)
-            state.finish(endgame_failed, Status.NONFINITE)
-            self._solve_and_update(loop, H, h_norm, idle)
+            state = state.finish(endgame_failed, Status.NONFINITE)
+            state = self._solve_and_update(state, loop, H, h_norm, idle | judged)
+        loop.state = state
         self._evaluate(loop)
         return loop
 
@@ -229,24 +231,25 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         elsewhere = (state.phase != Phase.NEWTON) & (state.phase != Phase.DONE)
         return not _maybe_any(elsewhere | idle)
 
-    def _broyden_update(self, loop: Loop) -> None:
+    def _broyden_update(self, state: _State, loop: Loop) -> _State:
         """Broyden's step z ← z + W (f(z) − z) for every NEWTON sample
         (:meth:`_broyden_step`); no linear solve and no product."""
-        state, n = loop.state, self.n
-        z, fz = state.path.y[:, :n], loop.fz
+        z, fz = state.path.y[:, :self.n], loop.fz
         newton = state.phase == Phase.NEWTON
         none = torch.zeros_like(newton)
         delta, finite = self._broyden_step(z, fz, newton, torch.zeros_like(state.path.y), none,
                                            self.max_evals)
-        state.jacobian.solve_failed = ~finite & newton
-        state.jacobian.exact = state.jacobian.exact & ~newton
-        self._take_steps(state, delta, finite, none, newton, none, loop.abs_res)
+        jacobian = replace(state.jacobian, solve_failed=~finite & newton,
+                           exact=state.jacobian.exact & ~newton)
+        return self._take_steps(replace(state, jacobian=jacobian), delta, finite, none, newton,
+                                none, loop.abs_res)
 
-    def _solve_and_update(self, loop: Loop, H: Tensor, h_norm: Tensor, idle: Tensor) -> None:
+    def _solve_and_update(self, state: _State, loop: Loop, H: Tensor, h_norm: Tensor,
+                          idle: Tensor) -> _State:
         """The one batched bordered solve (:meth:`_bordered_system`; Broyden's steps for the
         secant model's NEWTON rows), then the Newton, corrector and tangent updates and
         restarts."""
-        state, budget, n = loop.state, loop.budget, self.n
+        budget, n = loop.budget, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         f_finite = loop.abs_res < float("inf")
         newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
@@ -256,19 +259,21 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
         secant = self._mode() == "secant"
         broyden = newton & (state.phase == Phase.NEWTON) if secant else torch.zeros_like(newton)
-        rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol, loop.stop_mode)
+        state, rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol, loop.stop_mode)
         jacobian = state.jacobian
         delta, finite, exact = self._solve(
             y_eval, fz_safe, border, rhs, budget,
             need_exact=active & jacobian.stale & ~broyden, rows=active & ~broyden, rtol=rtol)
         if secant:
             delta, finite = self._broyden_step(z, fz, broyden, delta, finite, self.max_evals)
-        jacobian.solve_failed = ~finite & active
-        jacobian.exact = torch.where(active, exact, jacobian.exact)
-        jacobian.stale = jacobian.stale & ~exact
-        self._take_steps(state, delta, finite, exact, newton, correct, loop.abs_res)
-        self._take_tangents(state, tangent, delta, finite, exact, budget)
-        self._restart(state, budget)
+        jacobian = replace(jacobian, solve_failed=~finite & active,
+                           exact=torch.where(active, exact, jacobian.exact),
+                           stale=jacobian.stale & ~exact)
+        state = replace(state, jacobian=jacobian)
+        state = self._take_steps(state, delta, finite, exact, newton, correct, loop.abs_res)
+        state = self._take_tangents(state, tangent, delta, finite, exact, budget)
+        state, _ = self._restart(state, budget)
+        return state
 
     def _evaluate(self, loop: Loop, known_fz: Tensor | None = None) -> None:
         """f at every sample's current point (``known_fz`` if given, free; else one
@@ -289,8 +294,9 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         best.update(z, abs_res, rel_res, loop.stop_mode, budget.used)
         # A sample is done once its best iterate (the warm-up's included) meets tol.
         converged = (state.phase != Phase.DONE) & (best.residual(loop.stop_mode) <= loop.tol)
-        state.finish(converged, Status.CONVERGED)
-        state.path.y[:, n] = lam.masked_fill(converged, 1.0)
+        y = torch.cat([z, lam.masked_fill(converged, 1.0)[:, None]], dim=1)
+        loop.state = replace(state.finish(converged, Status.CONVERGED),
+                             path=replace(state.path, y=y))
         indexing, trajectory = loop.indexing, loop.trajectory
         while len(trajectory) < len(indexing) and indexing[len(trajectory)] <= budget.used:
             trajectory.append(best.z.clone())
@@ -300,12 +306,12 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         evaluations (MAX_EVALS)."""
         state, best = loop.state, loop.best
         running = state.status == Status.RUNNING
-        state.status = state.status.masked_fill(running, int(Status.MAX_EVALS))
+        status = state.status.masked_fill(running, int(Status.MAX_EVALS))
         trajectory = loop.trajectory + [best.z.clone()] * (len(loop.indexing)
                                                            - len(loop.trajectory))
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
                              step_best=best.step, abs_trace=loop.abs_trace,
-                             rel_trace=loop.rel_trace, status=state.status,
+                             rel_trace=loop.rel_trace, status=status,
                              lam=state.path.y[:, self.n].clone(), evals=loop.budget.used,
                              trajectory=trajectory, trace_nfe=loop.trace_nfe,
                              lam_trace=loop.lam_trace, restarts=state.restarts,
@@ -313,20 +319,22 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                              krylov_products=self.krylov_products)
 
     def _forcing(self, state: _State, newton: Tensor, h_norm: Tensor, fz: Tensor, tol: float,
-                 stop_mode: str) -> Tensor | float:
+                 stop_mode: str) -> tuple[_State, Tensor | float]:
         """GMRES's tolerance per sample: under ``homo_forcing='eisenstat_walker'`` the
         forcing term η_k of :func:`~torchdeq_homotopy.linalg.eisenstat_walker` for Newton
         rows (a run of Newton steps starts afresh, η_0 = ``homo_krylov_rtol``), with the
-        target ||H|| = tol (abs) or tol ||f(z)|| (rel); ``homo_krylov_rtol`` elsewhere."""
+        target ||H|| = tol (abs) or tol ||f(z)|| (rel); ``homo_krylov_rtol`` elsewhere.
+        Returns the state with ||H_k|| and η_k recorded, and the tolerances."""
         if self.opt.forcing == "constant":
-            return self.opt.krylov_rtol
+            return state, self.opt.krylov_rtol
         target = tol * (fz.norm(dim=1) if stop_mode == "rel" else torch.ones_like(h_norm))
         record = state.newton
         eta = eisenstat_walker(h_norm, record.h_prev, record.forcing, self.opt.krylov_rtol,
                                target)
-        record.h_prev = h_norm.masked_fill(~newton, float("inf"))
-        record.forcing = torch.where(newton, eta, record.forcing)
-        return torch.where(newton, eta, torch.full_like(eta, self.opt.krylov_rtol))
+        record = replace(record, h_prev=h_norm.masked_fill(~newton, float("inf")),
+                         forcing=torch.where(newton, eta, record.forcing))
+        return (replace(state, newton=record),
+                torch.where(newton, eta, torch.full_like(eta, self.opt.krylov_rtol)))
 
     def _bordered_system(self, state: _State, H: Tensor, lam: Tensor, idle: Tensor
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -352,29 +360,35 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
 
     @staticmethod
     def _take_steps(state: _State, delta: Tensor, finite: Tensor, exact: Tensor, newton: Tensor,
-                    correct: Tensor, abs_res: Tensor) -> None:
+                    correct: Tensor, abs_res: Tensor) -> _State:
         """Newton and corrector updates, y ← y + δ, and their per-sample counters (a Newton
         step counts against ``homo_newton_iters`` when its Jacobian was exact)."""
         move = (newton | correct) & finite
-        state.path.y = _where(move, state.path.y + delta, state.path.y)
         record, corrector = state.newton, state.corrector
-        record.res_prev = torch.where(newton, abs_res, record.res_prev)
-        record.steps = torch.where(newton & (state.phase == Phase.NEWTON) & exact,
-                                   record.steps + 1, record.steps)
-        corrector.dnorm_prev = torch.where(correct, corrector.dnorm, corrector.dnorm_prev)
-        corrector.dnorm = torch.where(correct, delta.norm(dim=1), corrector.dnorm)
-        corrector.steps = corrector.steps + correct.long()
+        record = replace(record, res_prev=torch.where(newton, abs_res, record.res_prev),
+                         steps=torch.where(newton & (state.phase == Phase.NEWTON) & exact,
+                                           record.steps + 1, record.steps))
+        corrector = replace(corrector,
+                            dnorm_prev=torch.where(correct, corrector.dnorm, corrector.dnorm_prev),
+                            dnorm=torch.where(correct, delta.norm(dim=1), corrector.dnorm),
+                            steps=corrector.steps + correct.long())
+        path = replace(state.path, y=_where(move, state.path.y + delta, state.path.y))
+        return replace(state, path=path, newton=record, corrector=corrector)
 
     def _take_tangents(self, state: _State, tangent: Tensor, w: Tensor, finite: Tensor,
-                       exact: Tensor, budget: Budget) -> None:
+                       exact: Tensor, budget: Budget) -> _State:
         """t = w / ||w|| and the next prediction (:meth:`_set_tangent`); a failed tangent
         solve retries from the anchor with half the step."""
         tangent_ok = tangent & finite
         if bool(tangent_ok.any()):
-            self._set_tangent(state, tangent_ok, _unit(w), budget, exact)
+            state = self._set_tangent(state, tangent_ok, _unit(w), budget, exact)
         tangent_failed = tangent & ~finite
-        if _maybe_any(tangent_failed):
-            path = state.path
-            path.step = torch.where(tangent_failed, _RETRY_FACTOR * path.step, path.step)
-            state.jacobian.solve_failed = state.jacobian.solve_failed & ~tangent_failed
-            state.begin_step(tangent_failed, self._predict_linear(state))
+        if not _maybe_any(tangent_failed):
+            return state
+        path = state.path
+        path = replace(path, step=torch.where(tangent_failed, _RETRY_FACTOR * path.step,
+                                              path.step))
+        jacobian = replace(state.jacobian,
+                           solve_failed=state.jacobian.solve_failed & ~tangent_failed)
+        state = replace(state, path=path, jacobian=jacobian)
+        return state.begin_step(tangent_failed, self._predict_linear(state))

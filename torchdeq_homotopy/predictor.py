@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .linalg import batch_dot
@@ -59,31 +61,34 @@ class Predictor:
         return odeint(velocity, state.path.anchor, grid, method=self.opt.ode_method)[-1]
 
     def _set_tangent(self, state: _State, tangent_ok: Tensor, t: Tensor,
-                     budget: Budget | None = None, exact: Tensor | None = None) -> None:
+                     budget: Budget | None = None, exact: Tensor | None = None) -> _State:
         """Take ``t`` as the anchor's tangent and predict the next point. The first tangent
-        sets the step scale. A tangent turning sharply (t · t_prev < ``max_turn``) means the
-        step may have jumped to another branch: go back to the previous anchor with a
-        quarter of the step. A sharp turn of a tangent solved with a secant Jacobian
-        (``exact`` False) is first recomputed with the exact one."""
-        opt = self.opt
-        first = tangent_ok & (state.path.step_unit == 0)
-        sharp = tangent_ok & ~first & (batch_dot(t, state.path.tangent) < opt.max_turn)
+        sets the step scale, h_0 = ``homo_step_init`` / |t_λ| (λ rises by step_init). A
+        tangent turning sharply (t · t_prev < ``max_turn``) means the step may have jumped
+        to another branch: go back to the previous anchor with h · ``_TURN_FACTOR``. A sharp
+        turn of a tangent solved with a secant Jacobian (``exact`` False) is first
+        recomputed with the exact one."""
+        opt, path = self.opt, state.path
+        first = tangent_ok & (path.step_unit == 0)
+        sharp = tangent_ok & ~first & (batch_dot(t, path.tangent) < opt.max_turn)
+        jacobian = state.jacobian
         if exact is not None:
             recheck = sharp & ~exact        # stays in TANGENT; the next solve is exact
-            state.jacobian.stale = state.jacobian.stale | recheck
+            jacobian = replace(jacobian, stale=jacobian.stale | recheck)
             sharp, tangent_ok = sharp & ~recheck, tangent_ok & ~recheck
         h0 = opt.step_init / t[:, -1].abs().clamp_min(1e-3)     # raises λ by step_init
-        state.path.step = torch.where(first, h0, state.path.step)
-        state.path.step_unit = torch.where(first, h0, state.path.step_unit)
-        state.path.tangent_prev = _where(first, t, state.path.tangent_prev)
+        step = torch.where(first, h0, path.step)
         smooth = tangent_ok & ~sharp
-        state.path.tangent = _where(smooth, t, state.path.tangent)
-        state.path.anchor = _where(sharp, state.path.anchor_prev, state.path.anchor)
-        state.path.tangent = _where(sharp, state.path.tangent_prev, state.path.tangent)
-        state.path.step = torch.where(sharp, _TURN_FACTOR * state.path.step, state.path.step)
-        underflow = sharp & (state.path.step.abs() < opt.step_min * state.path.step_unit.abs())
-        state.needs_restart = state.needs_restart | underflow
+        step = torch.where(sharp, _TURN_FACTOR * step, step)
+        step_unit = torch.where(first, h0, path.step_unit)
+        tangent_prev = _where(first, t, path.tangent_prev)
+        path = replace(path, step=step, step_unit=step_unit, tangent_prev=tangent_prev,
+                       tangent=_where(sharp, tangent_prev, _where(smooth, t, path.tangent)),
+                       anchor=_where(sharp, path.anchor_prev, path.anchor))
+        underflow = sharp & (path.step.abs() < opt.step_min * path.step_unit.abs())
+        state = replace(state, path=path, jacobian=jacobian,
+                        needs_restart=state.needs_restart | underflow)
         tangent_ok = tangent_ok & ~underflow
         pred = (self._predict(state, tangent_ok, budget) if budget is not None
                 else self._predict_linear(state))
-        state.begin_step(tangent_ok, pred)
+        return state.begin_step(tangent_ok, pred)

@@ -6,7 +6,7 @@ sample, so the tracker never loops over samples.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -114,7 +114,7 @@ def _unit(y: Tensor) -> Tensor:
     return y / y.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PathGeometry:
     """Where each sample is on its path. Points are y = (z, λ), shape ``(B, n + 1)``."""
 
@@ -128,7 +128,7 @@ class PathGeometry:
     step_unit: Tensor     # h of the first path step; h_min and h_max are relative to it
 
 
-@dataclass
+@dataclass(frozen=True)
 class CorrectorState:
     """The corrector of the current path step."""
 
@@ -138,7 +138,7 @@ class CorrectorState:
     retried: Tensor       # the step was already retried with an exact Jacobian
 
 
-@dataclass
+@dataclass(frozen=True)
 class NewtonState:
     """The NEWTON phase at λ = 1 (exact Newton, or Broyden's method under the secant model)."""
 
@@ -150,7 +150,7 @@ class NewtonState:
     worse_in_row: Tensor  # steps in a row that ended above ``lowest``
 
 
-@dataclass
+@dataclass(frozen=True)
 class JacobianState:
     """What the last linear solve used, and what the next one needs."""
 
@@ -159,9 +159,11 @@ class JacobianState:
     stale: Tensor         # the next solve needs an exact Jacobian
 
 
-@dataclass
+@dataclass(frozen=True)
 class _State:
-    """Per-sample state of the tracker: phase and status, and four sub-records."""
+    """Per-sample state of the tracker: phase and status, and four sub-records. Records are
+    immutable: every transition returns a new state (``dataclasses.replace``), sharing the
+    tensors it did not change."""
 
     phase: Tensor         # Phase per sample
     status: Tensor        # Status per sample
@@ -197,18 +199,25 @@ class _State:
             jacobian=JacobianState(solve_failed=false.clone(), exact=~false, stale=~false),
             needs_restart=false.clone(), restarts=zeros_i.clone())
 
-    def finish(self, mask: Tensor, status: Status) -> None:
-        self.status = self.status.masked_fill(mask, int(status))
-        self.phase = self.phase.masked_fill(mask, int(Phase.DONE))
+    def finish(self, mask: Tensor, status: Status) -> _State:
+        """The samples in ``mask`` end with ``status`` (phase DONE)."""
+        return replace(self, status=self.status.masked_fill(mask, int(status)),
+                       phase=self.phase.masked_fill(mask, int(Phase.DONE)))
 
-    def begin_step(self, mask: Tensor, pred: Tensor) -> None:
-        """Start the corrector of a path step at the predicted point ``pred``."""
+    def begin_step(self, mask: Tensor, pred: Tensor) -> _State:
+        """The samples in ``mask`` start the corrector of a path step at the predicted
+        point ``pred``: y = y_p, no corrector step taken yet."""
         if not _maybe_any(mask):
-            return
-        self.path.pred = _where(mask, pred, self.path.pred)
-        self.path.y = _where(mask, pred, self.path.y)
-        self.phase = self.phase.masked_fill(mask, int(Phase.CORRECT))
+            return self
+        path = replace(self.path, pred=_where(mask, pred, self.path.pred),
+                       y=_where(mask, pred, self.path.y))
         corrector = self.corrector
-        corrector.steps = corrector.steps.masked_fill(mask, 0)
-        corrector.dnorm = corrector.dnorm.masked_fill(mask, float("inf"))
-        corrector.dnorm_prev = corrector.dnorm_prev.masked_fill(mask, float("inf"))
+        corrector = replace(corrector, steps=corrector.steps.masked_fill(mask, 0),
+                            dnorm=corrector.dnorm.masked_fill(mask, float("inf")),
+                            dnorm_prev=corrector.dnorm_prev.masked_fill(mask, float("inf")))
+        return replace(self, path=path, corrector=corrector,
+                       phase=self.phase.masked_fill(mask, int(Phase.CORRECT)))
+
+    def with_phase(self, mask: Tensor, phase: Phase) -> _State:
+        """The samples in ``mask`` move to ``phase``."""
+        return replace(self, phase=self.phase.masked_fill(mask, int(phase)))

@@ -1,10 +1,14 @@
 """The tracker's phase transitions: who leaves Newton or Broyden for the path, how the
-corrector is judged, and restarts. Each method reads the state, decides per sample, and
-moves samples between phases (:class:`~torchdeq_homotopy.tracker_state.Phase`).
+corrector is judged, and restarts. Each is a function of the state: it decides per sample,
+moves samples between phases (:class:`~torchdeq_homotopy.tracker_state.Phase`) and returns
+the new state (and the samples it left idle for this iteration); the state it was given is
+not changed.
 
 :class:`PhaseTransitions` is a mixin of :class:`~torchdeq_homotopy.path.PathTracker`.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -42,51 +46,64 @@ class PhaseTransitions:
             self.hom = HOMOTOPIES[self.opt.type](self.x0, self.fz0)
         return True
 
-    def _mark_stale(self, state: _State, abs_res: Tensor) -> None:
-        """A Newton or endgame step under a secant Jacobian that did not halve the residual
-        (or failed) asks for the exact Jacobian at the next solve."""
+    def _mark_stale(self, state: _State, abs_res: Tensor) -> _State:
+        """A Newton or endgame step under a secant Jacobian that did not halve the residual,
+        r_k > ``_NEWTON_PROGRESS`` · r_{k−1} (or failed), asks for the exact Jacobian at the
+        next solve."""
         at_lambda_one = (state.phase == Phase.ENDGAME) | (
             (state.phase == Phase.NEWTON) & (self._mode() != "secant"))
         if not _maybe_any(at_lambda_one):
-            return
-        slow = ~(abs_res <= _NEWTON_PROGRESS * state.newton.res_prev) | state.jacobian.solve_failed
-        state.jacobian.stale = state.jacobian.stale | (at_lambda_one & ~state.jacobian.exact & slow)
+            return state
+        jacobian = state.jacobian
+        slow = ~(abs_res <= _NEWTON_PROGRESS * state.newton.res_prev) | jacobian.solve_failed
+        stale = jacobian.stale | (at_lambda_one & ~jacobian.exact & slow)
+        return replace(state, jacobian=replace(jacobian, stale=stale))
 
     def _leave_newton(self, state: _State, f_finite: Tensor, abs_res: Tensor,
-                      budget: Budget) -> Tensor:
-        """NEWTON samples that stall restart on the path from (z0, 0); returns the samples
-        that are idle this iteration (waiting or restarting)."""
+                      budget: Budget) -> tuple[_State, Tensor]:
+        """NEWTON samples that stall restart on the path from (z0, 0); returns the new state
+        and the samples that are idle this iteration (waiting or restarting).
+
+        A sample stalls when f is not finite, its exact solve failed, ``_PATIENCE`` exact
+        steps in a row ended above its lowest residual, or it took ``homo_newton_iters``
+        exact steps."""
         opt = self.opt
         in_newton = state.phase == Phase.NEWTON
         if not _maybe_any(in_newton):
-            return in_newton
+            return state, in_newton
         if not opt.track:
-            state.finish(in_newton & ~f_finite, Status.NONFINITE)
-            return torch.zeros_like(in_newton)
+            return state.finish(in_newton & ~f_finite, Status.NONFINITE), \
+                torch.zeros_like(in_newton)
         if self._mode() == "secant":
             return self._leave_broyden(state, in_newton, f_finite, abs_res, budget)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         record, jacobian = state.newton, state.jacobian
         exact_step = in_newton & (record.steps > 0) & jacobian.exact
         worse = exact_step & ~(abs_res < record.lowest)
-        record.worse_in_row = torch.where(worse, record.worse_in_row + 1,
-                                          record.worse_in_row.masked_fill(exact_step, 0))
-        record.lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res),
-                                    record.lowest)
+        worse_in_row = torch.where(worse, record.worse_in_row + 1,
+                                   record.worse_in_row.masked_fill(exact_step, 0))
+        lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res), record.lowest)
         stalled = (~f_finite | (jacobian.solve_failed & jacobian.exact)
-                   | (record.worse_in_row >= _PATIENCE) | (record.steps >= opt.newton_iters))
+                   | (worse_in_row >= _PATIENCE) | (record.steps >= opt.newton_iters))
+        leave = in_newton & stalled
+        steps = torch.where(leave, opt.newton_iters, record.steps)     # stays stalled
+        state = replace(state, newton=replace(record, worse_in_row=worse_in_row,
+                                              lowest=lowest, steps=steps))
         # Stalled samples wait until no sample is still converging under Newton, then all
         # start on the path together, so that their path steps share linear solves.
-        leave = in_newton & stalled
-        record.steps = torch.where(leave, opt.newton_iters, record.steps)   # stays stalled
         if bool((in_newton & ~stalled).any()):
-            return leave
+            return state, leave
+        return self._leave_together(state, leave, budget)
+
+    def _leave_together(self, state: _State, leave: Tensor, budget: Budget
+                        ) -> tuple[_State, Tensor]:
+        """The samples in ``leave`` start on the path from (z0, 0) (those whose f(z0) is not
+        finite fail); nothing happens if none leaves or f(z0) cannot be paid for."""
         if not bool(leave.any()) or not self._build_homotopy(budget):
-            return torch.zeros_like(leave)
-        state.finish(leave & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
+            return state, torch.zeros_like(leave)
+        state = state.finish(leave & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
         leave = leave & (state.phase != Phase.DONE)
-        self._start_path(state, leave, self.x0)
-        return leave
+        return self._start_path(state, leave, self.x0), leave
 
     def _broyden_step(self, z: Tensor, fz: Tensor, rows: Tensor, delta: Tensor, finite: Tensor,
                       max_evals: int) -> tuple[Tensor, Tensor]:
@@ -106,50 +123,49 @@ class PhaseTransitions:
         return _where(rows, step, delta), torch.where(rows, ok, finite)
 
     def _leave_broyden(self, state: _State, in_newton: Tensor, f_finite: Tensor,
-                       abs_res: Tensor, budget: Budget) -> Tensor:
+                       abs_res: Tensor, budget: Budget) -> tuple[_State, Tensor]:
         """With the secant model the NEWTON phase is Broyden's method (see
         :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
         find no residual below its lowest, or when f or the step is not finite; once every
         sample of the phase has stalled, the stalled ones start on the path together."""
         record = state.newton
         progress = in_newton & (abs_res < record.lowest)
-        record.worse_in_row = torch.where(
+        worse_in_row = torch.where(
             progress, 0, torch.where(in_newton, record.worse_in_row + 1, record.worse_in_row))
-        record.lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res),
-                                    record.lowest)
+        lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res), record.lowest)
+        state = replace(state, newton=replace(record, worse_in_row=worse_in_row, lowest=lowest))
         patience = self.opt.secant_patience or max(1, budget.limit // 3)
         stalled = in_newton & (~f_finite | state.jacobian.solve_failed
-                               | (record.worse_in_row >= patience))
+                               | (worse_in_row >= patience))
         # Stalled samples go on with (free) Broyden steps until every sample in this phase
         # has stalled: a path step's products are batched calls of f, and would take
         # evaluations from the samples that Broyden is still solving.
-        if not _maybe_any(stalled) or bool((in_newton & ~stalled).any()) \
-                or not self._build_homotopy(budget):
-            return torch.zeros_like(stalled)
-        state.finish(stalled & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
-        stalled = stalled & (state.phase != Phase.DONE)
-        self._start_path(state, stalled, self.x0)
-        return stalled
+        if not _maybe_any(stalled) or bool((in_newton & ~stalled).any()):
+            return state, torch.zeros_like(stalled)
+        return self._leave_together(state, stalled, budget)
 
-    def _start_path(self, state: _State, mask: Tensor, z0: Tensor) -> None:
-        """Put the samples in ``mask`` at (z0, 0), the start of their path."""
-        state.jacobian.stale = state.jacobian.stale | mask
-        state.corrector.retried = state.corrector.retried & ~mask
-        state.path.step_unit = state.path.step_unit.masked_fill(mask, 0.0)
+    def _start_path(self, state: _State, mask: Tensor, z0: Tensor) -> _State:
+        """Put the samples in ``mask`` at (z0, 0), the start of their path, with the tangent
+        there if the homotopy knows it in closed form (else phase TANGENT solves for it)."""
         start_y = torch.cat([z0, torch.zeros_like(z0[:, :1])], dim=1)
-        state.path.anchor = _where(mask, start_y, state.path.anchor)
-        state.path.anchor_prev = _where(mask, start_y, state.path.anchor_prev)
-        state.path.y = _where(mask, start_y, state.path.y)
+        path = replace(state.path, step_unit=state.path.step_unit.masked_fill(mask, 0.0),
+                       anchor=_where(mask, start_y, state.path.anchor),
+                       anchor_prev=_where(mask, start_y, state.path.anchor_prev),
+                       y=_where(mask, start_y, state.path.y))
+        state = replace(state, path=path,
+                        jacobian=replace(state.jacobian, stale=state.jacobian.stale | mask),
+                        corrector=replace(state.corrector,
+                                          retried=state.corrector.retried & ~mask))
         start = self.hom.start_tangent()
         if start is None:    # the tangent at λ = 0 needs a solve: do it at the next iteration
             e_lam = _e_lambda(start_y)
-            state.path.tangent = _where(mask, e_lam, state.path.tangent)
-            state.path.tangent_prev = _where(mask, e_lam, state.path.tangent_prev)
-            state.phase = state.phase.masked_fill(mask, int(Phase.TANGENT))
-            return
-        self._set_tangent(state, mask, _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
+            path = replace(path, tangent=_where(mask, e_lam, path.tangent),
+                           tangent_prev=_where(mask, e_lam, path.tangent_prev))
+            return replace(state, path=path).with_phase(mask, Phase.TANGENT)
+        return self._set_tangent(state, mask, _unit(torch.cat([start[0], start[1][:, None]],
+                                                              dim=1)))
 
-    def _restart(self, state: _State, budget: Budget) -> Tensor:
+    def _restart(self, state: _State, budget: Budget) -> tuple[_State, Tensor]:
         """Samples whose path step underflowed, or whose path went below λ = 0 (a jump to
         another branch), start a new path from a perturbed start
 
@@ -157,21 +173,20 @@ class PhaseTransitions:
 
         (k: the restart's number), up to ``homo_restarts`` times; then they fail with
         STEP_UNDERFLOW. By the probability-one theory a random start almost surely has a
-        regular path. Costs one call of f; returns the restarted samples (idle this
-        iteration)."""
+        regular path. Costs one call of f; returns the new state and the restarted samples
+        (idle this iteration)."""
         if not _maybe_any(state.needs_restart):
-            return state.needs_restart
+            return state, state.needs_restart
         pending = state.needs_restart & (state.phase != Phase.DONE)
-        state.needs_restart = torch.zeros_like(state.needs_restart)
+        state = replace(state, needs_restart=torch.zeros_like(state.needs_restart))
         give_up = pending & (state.restarts >= self.opt.restarts)
-        state.finish(give_up, Status.STEP_UNDERFLOW)
+        state = state.finish(give_up, Status.STEP_UNDERFLOW)
         again = pending & ~give_up
         if not bool(again.any()):
-            return again
+            return state, again
         if not budget.spend():
-            state.finish(again, Status.STEP_UNDERFLOW)
-            return torch.zeros_like(again)
-        state.restarts = state.restarts + again.long()
+            return state.finish(again, Status.STEP_UNDERFLOW), torch.zeros_like(again)
+        state = replace(state, restarts=state.restarts + again.long())
         rms = (self.n ** -0.5)
         sigma = torch.maximum((self.fz0 - self.x0).norm(dim=1) * rms,
                               0.01 * (1 + self.x0.norm(dim=1) * rms))
@@ -182,8 +197,7 @@ class PhaseTransitions:
         fz0 = self.f(z0)
         again = again & torch.isfinite(fz0).all(dim=1)
         self.hom.restart(again, z0, fz0)
-        self._start_path(state, again, z0)
-        return again
+        return self._start_path(state, again, z0), again
 
     def _generator(self) -> torch.Generator:
         """A fixed-seed generator: restarts are reproducible run to run."""
@@ -199,7 +213,7 @@ class PhaseTransitions:
 
         reject when H or the solve is not finite, the corrector diverges
         (||δ_k|| > θ ||δ_{k−1}||, θ = ``homo_contraction``) or has taken ``homo_corrector_iters``
-        steps. Returns (accepted, rejected); the state is not changed."""
+        steps. Returns (accepted, rejected)."""
         opt, corrector = self.opt, state.corrector
         z = state.path.y[:, : self.n]
         h_ok = h_norm < float("inf")         # False for NaN too
@@ -211,9 +225,10 @@ class PhaseTransitions:
                                       | (corrector.steps >= opt.corrector_iters))
         return accept, reject
 
-    def _judge_corrector(self, state: _State, h_norm: Tensor, idle: Tensor) -> Tensor:
+    def _judge_corrector(self, state: _State, h_norm: Tensor, idle: Tensor
+                         ) -> tuple[_State, Tensor]:
         """Accept, reject or continue each CORRECT sample (:meth:`_corrector_verdict`);
-        returns the samples now idle.
+        returns the new state and the samples now idle.
 
         A step rejected under a secant Jacobian is retried once from the same prediction
         with the exact one; otherwise from the anchor with h/2 (:meth:`_retry`). An accepted
@@ -222,56 +237,56 @@ class PhaseTransitions:
         (:meth:`_advance_anchor`)."""
         in_corr = (state.phase == Phase.CORRECT) & ~idle
         if not _maybe_any(in_corr):
-            return in_corr
+            return state, in_corr
         accept, reject = self._corrector_verdict(state, h_norm, in_corr)
         if not _maybe_any(accept | reject):     # every corrector goes on: nothing to decide
-            return torch.zeros_like(in_corr)
+            return state, torch.zeros_like(in_corr)
         corrector, jacobian, lam = state.corrector, state.jacobian, state.path.y[:, -1]
         exact_retry = reject & ~jacobian.exact & ~corrector.retried
-        jacobian.stale = jacobian.stale | exact_retry
-        state.begin_step(exact_retry, state.path.pred)
-        corrector.retried = (corrector.retried | exact_retry) & ~accept & ~(reject & ~exact_retry)
+        state = replace(state, jacobian=replace(jacobian, stale=jacobian.stale | exact_retry))
+        state = state.begin_step(exact_retry, state.path.pred)
+        retried = (corrector.retried | exact_retry) & ~accept & ~(reject & ~exact_retry)
         reject = reject & ~exact_retry
         at_end = accept & (lam >= 1 - _END_GAP)
         below_start = accept & (lam < -self.opt.step_init)
-        state.needs_restart = state.needs_restart | below_start
         continuing = accept & ~at_end & ~below_start
-        state.phase = state.phase.masked_fill(at_end, int(Phase.ENDGAME))
-        secant = self._advance_anchor(state, continuing)
-        if secant is None:
-            state.phase = state.phase.masked_fill(continuing, int(Phase.TANGENT))
-            return exact_retry | self._retry(state, reject)
-        self._set_tangent(state, continuing, secant)
-        return continuing | exact_retry | self._retry(state, reject)
+        state = replace(state, corrector=replace(state.corrector, retried=retried),
+                        needs_restart=state.needs_restart | below_start)
+        state = self._advance_anchor(state.with_phase(at_end, Phase.ENDGAME), continuing)
+        if self.opt.predictor != "secant":
+            state, retry = self._retry(state.with_phase(continuing, Phase.TANGENT), reject)
+            return state, exact_retry | retry
+        # Secant predictor: t = (y_k − y_{k−1}) / ||·||, no linear solve.
+        secant = _unit(state.path.anchor - state.path.anchor_prev)
+        state, retry = self._retry(self._set_tangent(state, continuing, secant), reject)
+        return state, continuing | exact_retry | retry
 
-    def _advance_anchor(self, state: _State, continuing: Tensor) -> Tensor | None:
+    def _advance_anchor(self, state: _State, continuing: Tensor) -> _State:
         """The accepted point becomes the anchor, and the step grows by the corrector's
         count k: h ← min(h · g_k, h_max), g = ``_GROW_FAST`` (k <= 1), ``_GROW_SLOW``
         (k = 2), ``_SHRINK_SLOW`` (k >= 3); a slow corrector (k >= ``_SLOW_CORRECTOR``) had
-        a poor secant Jacobian, so the tangent there is taken with a fresh one. Returns the
-        secant tangent t = (y_k − y_{k−1}) / ||·|| under ``homo_predictor='secant'``, else
-        None."""
+        a poor secant Jacobian, so the tangent there is taken with a fresh one."""
         path, steps = state.path, state.corrector.steps
-        state.jacobian.stale = state.jacobian.stale | (continuing & (steps >= _SLOW_CORRECTOR))
+        stale = state.jacobian.stale | (continuing & (steps >= _SLOW_CORRECTOR))
         grow = torch.where(steps <= 1, _GROW_FAST,
                            torch.where(steps == 2, _GROW_SLOW, _SHRINK_SLOW))
         h_max = self.opt.step_max * path.step_unit
-        path.step = torch.where(continuing, torch.minimum(path.step * grow, h_max), path.step)
-        secant = _unit(path.y - path.anchor) if self.opt.predictor == "secant" else None
-        path.anchor_prev = _where(continuing, path.anchor, path.anchor_prev)
-        path.tangent_prev = _where(continuing, path.tangent, path.tangent_prev)
-        path.anchor = _where(continuing, path.y, path.anchor)
-        return secant
+        path = replace(
+            path, step=torch.where(continuing, torch.minimum(path.step * grow, h_max), path.step),
+            anchor_prev=_where(continuing, path.anchor, path.anchor_prev),
+            tangent_prev=_where(continuing, path.tangent, path.tangent_prev),
+            anchor=_where(continuing, path.y, path.anchor))
+        return replace(state, path=path, jacobian=replace(state.jacobian, stale=stale))
 
-    def _retry(self, state: _State, reject: Tensor) -> Tensor:
-        """Halve h and predict again from the anchor, unless h underflows; returns retries."""
-        opt = self.opt
+    def _retry(self, state: _State, reject: Tensor) -> tuple[_State, Tensor]:
+        """Halve h and predict again from the anchor, unless h underflows (h < h_min: a
+        restart); returns the new state and the retried samples."""
         if not _maybe_any(reject):
-            return reject
+            return state, reject
         path = state.path
-        path.step = torch.where(reject, _RETRY_FACTOR * path.step, path.step)
-        underflow = reject & (path.step.abs() < opt.step_min * path.step_unit.abs())
-        state.needs_restart = state.needs_restart | underflow
+        step = torch.where(reject, _RETRY_FACTOR * path.step, path.step)
+        underflow = reject & (step.abs() < self.opt.step_min * path.step_unit.abs())
+        state = replace(state, path=replace(path, step=step),
+                        needs_restart=state.needs_restart | underflow)
         retry = reject & ~underflow
-        state.begin_step(retry, self._predict_linear(state))
-        return retry
+        return state.begin_step(retry, self._predict_linear(state)), retry
