@@ -127,6 +127,16 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         >>> res = PathTracker(f, torch.zeros(4, 1), TrackerOptions()).run(200, 1e-6, 'abs')
         >>> bool((res.abs_best < 1e-6).all())
         True
+
+        The same solve, driven by hand (what ``run`` does):
+
+        >>> tracker = PathTracker(f, torch.zeros(4, 1), TrackerOptions(newton_iters=0))
+        >>> loop = tracker.init(200, 1e-6, 'abs')
+        >>> while not tracker.terminate(loop):
+        ...     loop = tracker.step(loop)
+        >>> res = tracker.result(loop)
+        >>> bool((res.abs_best < 1e-6).all()), res.evals <= 200
+        (True, True)
     """
 
     def __init__(self, f: Callable[[Tensor], Tensor], x0: Tensor, options: TrackerOptions) -> None:
