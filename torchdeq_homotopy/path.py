@@ -317,8 +317,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         state, best = loop.state, loop.best
         running = state.status == Status.RUNNING
         status = state.status.masked_fill(running, int(Status.MAX_EVALS))
-        trajectory = loop.trajectory + [best.z.clone()] * (len(loop.indexing)
-                                                           - len(loop.trajectory))
+        missing = len(loop.indexing) - len(loop.trajectory)
+        trajectory = loop.trajectory + [best.z.clone() for _ in range(missing)]
         return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
                              step_best=best.step, abs_trace=loop.abs_trace,
                              rel_trace=loop.rel_trace, status=status,
