@@ -227,7 +227,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             endgame_failed = (state.phase == Phase.ENDGAME) & (
                 ~(h_norm < float("inf")) | state.jacobian.solve_failed)
             state = state.finish(endgame_failed, Status.NONFINITE)
-            state = self._solve_and_update(state, loop, H, h_norm, idle | judged)
+            state = self._solve_and_update(state, loop, H, h_norm, idle | judged, f_finite)
         loop.state = state
         self._evaluate(loop)
         return loop
@@ -255,13 +255,12 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                                 none, loop.abs_res)
 
     def _solve_and_update(self, state: _State, loop: Loop, H: Tensor, h_norm: Tensor,
-                          idle: Tensor) -> _State:
+                          idle: Tensor, f_finite: Tensor) -> _State:
         """The one batched bordered solve (:meth:`_bordered_system`; Broyden's steps for the
         secant model's NEWTON rows), then the Newton, corrector and tangent updates and
         restarts."""
         budget, n = loop.budget, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
-        f_finite = loop.abs_res < float("inf")
         newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
         y_eval = _where(f_finite, state.path.y, torch.cat([loop.best.z, state.path.y[:, n:]],
                                                           dim=1))
