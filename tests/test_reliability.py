@@ -98,18 +98,18 @@ def test_turning_points_are_traversed(record_tangent_lams):
     """On expansive cells the path turns back in λ (tangents with dλ/ds < 0, where
     I - λJ is singular); the bordered solves stay regular and every sample still ends on a
     true equilibrium."""
-    from torchdeq_homotopy.path import PathTracker, TrackerOptions
+    from torchdeq_homotopy.path import Budget, PathTracker, Record, TrackerOptions
 
     g = torch.Generator().manual_seed(3)
     W = torch.randn(10, 10, generator=g, dtype=torch.float64)
     W = W / torch.linalg.matrix_norm(W, 2) * 4.0
     x = 0.1 * torch.randn(16, 10, generator=g, dtype=torch.float64)
     f = lambda z: torch.tanh(z @ W.T + x)                             # noqa: E731
-    tracker = PathTracker(f, torch.zeros(16, 10, dtype=torch.float64),
-                          TrackerOptions(newton_iters=0))
+    x0 = torch.zeros(16, 10, dtype=torch.float64)
+    tracker = PathTracker(f, x0, TrackerOptions(newton_iters=0))
     tangent_lams = record_tangent_lams(tracker)
     with torch.no_grad():
-        result = tracker.run(4000, 1e-9, "abs")
+        result = tracker.run(Record.start(x0, Budget(4000), "abs"), 1e-9)
     assert (result.status == Status.CONVERGED).all()
     assert ((f(result.z_best) - result.z_best).norm(dim=1) <= 1e-9).all()
     backward = (torch.stack(tangent_lams) < 0).any(dim=0)
@@ -363,7 +363,7 @@ def test_driving_loop_steps_the_newton_homotopy_to_a_dense_solve_within_its_budg
     z = A z + b from torch.linalg.solve, for a divergent A (spectral radius 2). The Newton
     homotopy's path is regular here; the fixed-point homotopy's escapes to infinity at
     λ = 1/2, where I − λA is singular (README, Limitations)."""
-    from torchdeq_homotopy.path import PathTracker, TrackerOptions
+    from torchdeq_homotopy.path import Budget, PathTracker, Record, TrackerOptions
 
     g = torch.Generator().manual_seed(5)
     Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
@@ -372,10 +372,10 @@ def test_driving_loop_steps_the_newton_homotopy_to_a_dense_solve_within_its_budg
     b = torch.randn(4, 6, generator=g, dtype=torch.float64)
     f = lambda z: z @ A.T + b                                          # noqa: E731
     exact = torch.linalg.solve(torch.eye(6, dtype=torch.float64) - A, b.T).T
-    tracker = PathTracker(f, torch.zeros(4, 6, dtype=torch.float64),
-                          TrackerOptions(newton_iters=0, type="newton"))
+    x0 = torch.zeros(4, 6, dtype=torch.float64)
+    tracker = PathTracker(f, x0, TrackerOptions(newton_iters=0, type="newton"))
     with torch.no_grad():
-        loop = tracker.init(500, 1e-10, "abs")
+        loop = tracker.init(Record.start(x0, Budget(500), "abs"), 1e-10)
         used, lams = [loop.budget.used], []
         while not tracker.terminate(loop):
             loop = tracker.step(loop)

@@ -134,14 +134,14 @@ def fold_problem(n=512, seed=0):
 def test_path_through_turning_points_at_n_512(record_tangent_lams):
     """Pure path tracking with the secant solver: tangents with dλ/ds < 0 (the path turned
     back at a fold, where I - λJ_f is singular) and a true equilibrium at the end."""
-    from torchdeq_homotopy.path import PathTracker, TrackerOptions
+    from torchdeq_homotopy.path import Budget, PathTracker, Record, TrackerOptions
 
     f, z0, Q = fold_problem()
     tracker = PathTracker(f, z0, TrackerOptions(newton_iters=0, linear_solver="secant",
                                                 jvp="forward"))
     tangents = record_tangent_lams(tracker)
     with torch.no_grad():
-        result = tracker.run(3000, 1e-8, "abs")
+        result = tracker.run(Record.start(z0, Budget(3000), "abs"), 1e-8)
     assert result.status.tolist() == [Status.CONVERGED]
     z = result.z_best
     assert ((f(z) - z).norm(dim=1) <= 1e-8).all()

@@ -296,16 +296,16 @@ def test_readme_configuration_table_matches_defaults():
 
 def test_warm_up_iterates_while_contracting_then_hands_to_anderson(monkeypatch):
     from torchdeq_homotopy import warmup
-    from torchdeq_homotopy.warmup import warm_up
+    from torchdeq_homotopy.outcome import Budget, Record
 
     calls, anderson_runs = [], []
+    anderson_init = warmup.AndersonIteration.init
 
-    def spy(*args, **kwargs):
+    def spy(self, loop):
         anderson_runs.append(1)
-        return anderson_solver(*args, **kwargs)
+        return anderson_init(self, loop)
 
-    from torchdeq.solver.anderson import anderson_solver
-    monkeypatch.setattr(warmup, "anderson_solver", spy)
+    monkeypatch.setattr(warmup.AndersonIteration, "init", spy)
 
     def counted(f):
         def g(z):
@@ -313,27 +313,62 @@ def test_warm_up_iterates_while_contracting_then_hands_to_anderson(monkeypatch):
             return f(z)
         return g
 
+    def warm_up(f, budget):
+        x0 = torch.zeros(4, 6, dtype=torch.float64)
+        return warmup.warm_up(counted(f), x0, Record.start(x0, Budget(budget), "abs"), 1e-8)
+
     f, z_true = linear_problem(4, 6, 0.3)                  # contracts by 0.3 per step
-    warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
-    assert len(calls) == warm.evals <= 20                   # fixed-point iteration alone
+    warm = warm_up(f, 30)
+    record = warm.record
+    assert len(calls) == record.budget.used <= 20           # fixed-point iteration alone
     assert anderson_runs == []
-    torch.testing.assert_close(warm.best.z, z_true, rtol=0, atol=1e-7)
-    assert torch.equal(warm.newton_start, warm.best.z)      # it helped: Newton starts there
+    torch.testing.assert_close(record.best.z, z_true, rtol=0, atol=1e-7)
+    assert torch.equal(warm.newton_start, record.best.z)   # it helped: Newton starts there
     calls.clear()
     f, _ = linear_problem(4, 6, 0.95)                       # contracts, but too slowly
-    warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
-    assert warm.evals == len(calls) <= 30
+    warm = warm_up(f, 30)
+    record = warm.record
+    assert record.budget.used == len(calls) <= 30
     assert anderson_runs == [1]                             # after a few steps, Anderson
-    assert len(warm.abs_trace) == warm.evals                # one trace column per call
-    residual = (f(warm.best.z) - warm.best.z).norm(dim=1)
-    torch.testing.assert_close(warm.best.abs_res, residual)  # kept iterate matches its residual
+    assert len(record.abs_trace) == record.budget.used      # one trace column per call
+    residual = (f(record.best.z) - record.best.z).norm(dim=1)
+    torch.testing.assert_close(record.best.abs_res, residual)  # kept iterate's residual
     calls.clear()
     f = tanh_cell(4, 6, 5.0, seed=3, dtype=torch.float64)   # expansive: the residual grows
     z1 = f(torch.zeros(4, 6, dtype=torch.float64))
     assert ((f(z1) - z1).norm(dim=1) > z1.norm(dim=1)).float().mean() >= 0.5
-    warm = warm_up(counted(f), torch.zeros(4, 6, dtype=torch.float64), 30, 1e-8, "abs")
-    assert warm.evals == len(calls) == 2                    # no Anderson on an expanding map
+    warm = warm_up(f, 30)
+    assert warm.record.budget.used == len(calls) == 2       # no Anderson on an expanding map
     assert anderson_runs == [1]
+
+
+def test_warm_up_anderson_takes_torchdeqs_iterates():
+    """The warm-up's Anderson phase, run by the shared driving loop, evaluates f at the
+    iterates of TorchDEQ's own ``anderson_solver`` from the same start."""
+    from torchdeq.solver.anderson import anderson_solver
+
+    from torchdeq_homotopy.iteration import drive
+    from torchdeq_homotopy.outcome import Budget, Record
+    from torchdeq_homotopy.warmup import AndersonIteration, FixedPointIteration, ProgressRule
+
+    f = tanh_cell(3, 20, 1.2, seed=11, dtype=torch.float64)
+    x0 = torch.zeros(3, 20, dtype=torch.float64)
+
+    def spied(points):
+        def g(z):
+            points.append(z.clone())
+            return f(z)
+        return g
+
+    theirs, ours = [], []
+    anderson_solver(spied(theirs), x0, max_iter=25, tol=1e-300)
+    record = Record.start(x0, Budget(25), "abs")
+    warm = FixedPointIteration(spied(ours), rate=0.7, reserve=0).init(record, x0, 1e-300)
+    anderson = AndersonIteration(spied(ours), ProgressRule(25, 25, 1e-300))
+    drive(anderson, anderson.init(warm))
+    assert len(ours) == len(theirs) == 25
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("mode", ["forward", "finite_difference", "auto"])

@@ -1,5 +1,5 @@
 """Per-sample outcomes shared by every module: the status enum, residuals, the best
-iterate, and the evaluation budget.
+iterate, the evaluation budget, and the record every phase of a solve adds to.
 
 Everything here is independent of how a solve proceeds; the path tracker, the warm-up,
 the solvers and the HomoODE core all import it.
@@ -119,6 +119,8 @@ class BestIterate:
 
     def update(self, z: Tensor, abs_res: Tensor, rel_res: Tensor, stop_mode: str,
                used: int, fz: Tensor | None = None) -> None:
+        """Keep (z, f(z)) where its residual beats the best one so far; ``used``: the
+        evaluations spent when z was evaluated."""
         better = (by_stop_mode(stop_mode, abs_res, rel_res)
                   < by_stop_mode(stop_mode, self.abs_res, self.rel_res))
         if fz is not None:
@@ -152,3 +154,71 @@ class TrackerResult:
     restarts: Tensor | None = None
     krylov_solves: int = 0
     krylov_products: int = 0
+
+
+@dataclass
+class Record:
+    """What a solve records at each evaluation of f, whichever phase made it (the
+    warm-up hands its record on to the path tracker): the budget, the best iterate, one
+    trace column per evaluated iterate (abs and rel residuals, evaluations spent, λ) and
+    the best iterate at each requested 1-based evaluation count of ``indexing``.
+
+    Example:
+        >>> record = Record.start(torch.zeros(2, 1), Budget(5), 'abs', indexing=[1])
+        >>> record.budget.spend()
+        True
+        >>> abs_res, rel_res = record.add(torch.ones(2, 1), torch.ones(2, 1))
+        >>> abs_res.tolist(), record.best.step.tolist(), len(record.trajectory)
+        ([0.0, 0.0], [1.0, 1.0], 1)
+    """
+
+    budget: Budget
+    best: BestIterate
+    stop_mode: str
+    indexing: list[int]
+    trajectory: list[Tensor] = field(default_factory=list)
+    abs_trace: list[Tensor] = field(default_factory=list)
+    rel_trace: list[Tensor] = field(default_factory=list)
+    trace_nfe: list[int] = field(default_factory=list)
+    lam_trace: list[Tensor] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, x0: Tensor, budget: Budget, stop_mode: str,
+              indexing: list[int] | None = None) -> Record:
+        """An empty record: x0 as the best iterate, at an infinite residual."""
+        inf = torch.full((x0.shape[0],), float("inf"), dtype=x0.dtype, device=x0.device)
+        best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
+                           step=torch.zeros_like(inf))
+        return cls(budget=budget, best=best, stop_mode=stop_mode,
+                   indexing=sorted(indexing or []))
+
+    def add(self, z: Tensor, fz: Tensor, lam: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Record fz = f(z), already counted in the budget, at homotopy parameter ``lam``
+        (default 1): the residuals (returned), the traces, the best iterate and the
+        trajectory entries whose evaluation count is now reached."""
+        abs_res, rel_res = residuals(z, fz)
+        used = self.budget.used
+        self.abs_trace.append(abs_res)
+        self.rel_trace.append(rel_res)
+        self.trace_nfe.append(used)
+        self.lam_trace.append(torch.ones_like(abs_res) if lam is None else lam.clone())
+        self.best.update(z, abs_res, rel_res, self.stop_mode, used, fz=fz)
+        while (len(self.trajectory) < len(self.indexing)
+               and self.indexing[len(self.trajectory)] <= used):
+            self.trajectory.append(self.best.z.clone())
+        return abs_res, rel_res
+
+    def result(self, status: Tensor, lam: Tensor, restarts: Tensor | None = None,
+               krylov_solves: int = 0, krylov_products: int = 0) -> TrackerResult:
+        """The solve's result: the best iterate, the traces, and the trajectory completed
+        with the best iterate for counts never reached."""
+        best = self.best
+        missing = len(self.indexing) - len(self.trajectory)
+        return TrackerResult(
+            z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res, step_best=best.step,
+            abs_trace=self.abs_trace, rel_trace=self.rel_trace, status=status, lam=lam,
+            evals=self.budget.used,
+            trajectory=self.trajectory + [best.z.clone() for _ in range(missing)],
+            trace_nfe=self.trace_nfe, lam_trace=self.lam_trace,
+            restarts=torch.zeros_like(status) if restarts is None else restarts,
+            krylov_solves=krylov_solves, krylov_products=krylov_products)

@@ -67,14 +67,15 @@ there is no Python loop over samples. The best iterate by the fixed-point residu
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from .bordered import BorderedSolves
 from .homotopies import NewtonHomotopy
+from .iteration import drive
 from .linalg import SecantJacobian, batch_dot, eisenstat_walker
-from .outcome import BestIterate, Budget, Status, TrackerResult, _where, residuals
+from .outcome import Budget, Record, Status, TrackerResult, _where, residuals
 from .predictor import Predictor
 from .secant import InverseBroyden, LowRankJacobian
 from .tracker_state import (
@@ -88,7 +89,8 @@ from .tracker_state import (
 )
 from .transitions import PhaseTransitions
 
-__all__ = ["Loop", "PathTracker", "Phase", "TrackerOptions", "TrackerResult", "residuals"]
+__all__ = ["Budget", "Loop", "PathTracker", "Phase", "Record", "TrackerOptions",
+           "TrackerResult", "residuals"]
 
 Tensor = torch.Tensor
 
@@ -96,22 +98,18 @@ Tensor = torch.Tensor
 @dataclass
 class Loop:
     """What the tracker's driving loop carries between iterations: the per-sample state,
-    the best iterate, the budget, the request (tolerance, stop mode, recorded evaluation
-    counts) and what was recorded so far."""
+    the solve's record (budget, best iterate, traces), the tolerance, and f at the
+    current points."""
 
     state: _State
-    best: BestIterate
-    budget: Budget
+    record: Record
     tol: float
-    stop_mode: str
-    indexing: list[int]
-    trajectory: list[Tensor]
     fz: Tensor | None = None        # f at state.path.y; None once f could not be evaluated
     abs_res: Tensor | None = None   # ||z - f(z)|| there
-    abs_trace: list[Tensor] = field(default_factory=list)
-    rel_trace: list[Tensor] = field(default_factory=list)
-    trace_nfe: list[int] = field(default_factory=list)
-    lam_trace: list[Tensor] = field(default_factory=list)
+
+    @property
+    def budget(self) -> Budget:
+        return self.record.budget
 
 
 class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
@@ -123,15 +121,17 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         options: :class:`TrackerOptions`.
 
     Example:
-        >>> f = lambda z: torch.tanh(3 * z + 0.5)
-        >>> res = PathTracker(f, torch.zeros(4, 1), TrackerOptions()).run(200, 1e-6, 'abs')
+        >>> f, x0 = lambda z: torch.tanh(3 * z + 0.5), torch.zeros(4, 1)
+        >>> tracker = PathTracker(f, x0, TrackerOptions())
+        >>> res = tracker.run(Record.start(x0, Budget(200), 'abs'), 1e-6)
         >>> bool((res.abs_best < 1e-6).all())
         True
 
-        The same solve, driven by hand (what ``run`` does):
+        The same solve, driven by hand (what ``run`` does with
+        :func:`~torchdeq_homotopy.iteration.drive`):
 
-        >>> tracker = PathTracker(f, torch.zeros(4, 1), TrackerOptions(newton_iters=0))
-        >>> loop = tracker.init(200, 1e-6, 'abs')
+        >>> tracker = PathTracker(f, x0, TrackerOptions(newton_iters=0))
+        >>> loop = tracker.init(Record.start(x0, Budget(200), 'abs'), 1e-6)
         >>> while not tracker.terminate(loop):
         ...     loop = tracker.step(loop)
         >>> res = tracker.result(loop)
@@ -156,47 +156,31 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         self.fz0: Tensor | None = None
         self._gen: torch.Generator | None = None
 
-    def run(self, max_evals: int, tol: float, stop_mode: str,
-            indexing: list[int] | None = None, newton_start: Tensor | None = None,
-            used: int = 0, best: BestIterate | None = None,
-            trajectory: list[Tensor] | None = None,
+    def run(self, record: Record, tol: float, newton_start: Tensor | None = None,
             newton_start_fz: Tensor | None = None) -> TrackerResult:
-        """Track every sample until it converges, fails, or the budget is spent: the
-        driving loop ``init``, then ``step`` until ``terminate``.
+        """Track every sample until it converges, fails, or the budget of ``record`` is
+        spent: ``init``, then ``step`` until ``terminate``
+        (:func:`~torchdeq_homotopy.iteration.drive`).
 
-        ``newton_start`` (default ``x0``) is where the Newton phase starts; the path itself
-        always starts at (x0, 0). ``used`` evaluations were already spent by a warm-up,
-        whose best iterate ``best`` is kept unless a later iterate beats it, and whose
-        recorded states ``trajectory`` (for the first entries of ``indexing``) come first;
-        ``newton_start_fz``, f at ``newton_start`` if already known, saves its evaluation.
+        Every evaluation is added to ``record``, which may hold a warm-up's already: its
+        best iterate is kept unless a later iterate beats it. ``newton_start`` (default
+        ``x0``) is where the Newton phase starts; the path itself always starts at
+        (x0, 0). ``newton_start_fz``, f at ``newton_start`` if already known, saves its
+        evaluation.
         """
-        loop = self.init(max_evals, tol, stop_mode, indexing, newton_start, used, best,
-                         trajectory, newton_start_fz)
-        while not self.terminate(loop):
-            loop = self.step(loop)
-        return self.result(loop)
+        return self.result(drive(self, self.init(record, tol, newton_start, newton_start_fz)))
 
-    def init(self, max_evals: int, tol: float, stop_mode: str,
-             indexing: list[int] | None = None, newton_start: Tensor | None = None,
-             used: int = 0, best: BestIterate | None = None,
-             trajectory: list[Tensor] | None = None,
+    def init(self, record: Record, tol: float, newton_start: Tensor | None = None,
              newton_start_fz: Tensor | None = None) -> Loop:
         """Every sample at its start (see :meth:`run`), with f evaluated there."""
         opt, x0 = self.opt, self.x0
-        self.max_evals = max_evals
-        budget = Budget(max_evals)
-        budget.used = used
+        self.max_evals = record.budget.limit
         newton_first = opt.newton_iters > 0 or not opt.track
         start = x0 if newton_start is None or not newton_first else newton_start
         state = _State.start(start, newton_first=newton_first)
         if not newton_first:
-            self._build_homotopy(budget)
-        if best is None:
-            inf = torch.full_like(state.path.step, float("inf"))
-            best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
-                               step=torch.zeros_like(inf))
-        loop = Loop(state=state, best=best, budget=budget, tol=tol, stop_mode=stop_mode,
-                    indexing=sorted(indexing or []), trajectory=list(trajectory or []))
+            self._build_homotopy(record.budget)
+        loop = Loop(state=state, record=record, tol=tol)
         # f at the Newton start, when the warm-up already evaluated it, costs nothing here.
         known = newton_first and newton_start is not None and newton_start_fz is not None
         self._evaluate(loop, newton_start_fz if known else None)
@@ -262,13 +246,14 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         budget, n = loop.budget, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
-        y_eval = _where(f_finite, state.path.y, torch.cat([loop.best.z, state.path.y[:, n:]],
+        y_eval = _where(f_finite, state.path.y, torch.cat([loop.record.best.z, state.path.y[:, n:]],
                                                           dim=1))
         active = newton | tangent | correct
         fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
         secant = self._mode() == "secant"
         broyden = newton & (state.phase == Phase.NEWTON) if secant else torch.zeros_like(newton)
-        state, rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol, loop.stop_mode)
+        state, rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol,
+                                    loop.record.stop_mode)
         jacobian = state.jacobian
         delta, finite, exact = self._solve(
             y_eval, fz_safe, border, rhs, budget,
@@ -286,46 +271,33 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
 
     def _evaluate(self, loop: Loop, known_fz: Tensor | None = None) -> None:
         """f at every sample's current point (``known_fz`` if given, free; else one
-        evaluation, or none left: ``loop.fz`` is None); the residuals, the best iterate,
-        the traces, and the samples whose best iterate now meets the tolerance."""
-        state, budget, best, n = loop.state, loop.budget, loop.best, self.n
-        if known_fz is None and not budget.spend():
+        evaluation, or none left: ``loop.fz`` is None), added to the record; the samples
+        whose best iterate now meets the tolerance are done."""
+        state, record, n = loop.state, loop.record, self.n
+        if known_fz is None and not record.budget.spend():
             loop.fz = None
             return
         z, lam = state.path.y[:, :n], state.path.y[:, n]
         fz = self.f(z) if known_fz is None else known_fz
-        abs_res, rel_res = residuals(z, fz)
-        loop.fz, loop.abs_res = fz, abs_res
-        loop.abs_trace.append(abs_res)
-        loop.rel_trace.append(rel_res)
-        loop.trace_nfe.append(budget.used)
-        loop.lam_trace.append(lam.clone())
-        best.update(z, abs_res, rel_res, loop.stop_mode, budget.used)
+        record.add(z, fz, lam)
+        loop.fz, loop.abs_res = fz, record.abs_trace[-1]
         # A sample is done once its best iterate (the warm-up's included) meets tol.
-        converged = (state.phase != Phase.DONE) & (best.residual(loop.stop_mode) <= loop.tol)
+        converged = ((state.phase != Phase.DONE)
+                     & (record.best.residual(record.stop_mode) <= loop.tol))
         y = torch.cat([z, lam.masked_fill(converged, 1.0)[:, None]], dim=1)
         loop.state = replace(state.finish(converged, Status.CONVERGED),
                              path=replace(state.path, y=y))
-        indexing, trajectory = loop.indexing, loop.trajectory
-        while len(trajectory) < len(indexing) and indexing[len(trajectory)] <= budget.used:
-            trajectory.append(best.z.clone())
 
     def result(self, loop: Loop) -> TrackerResult:
         """The best iterate and per-sample statistics; samples still running ran out of
         evaluations (MAX_EVALS)."""
-        state, best = loop.state, loop.best
+        state = loop.state
         running = state.status == Status.RUNNING
-        status = state.status.masked_fill(running, int(Status.MAX_EVALS))
-        missing = len(loop.indexing) - len(loop.trajectory)
-        trajectory = loop.trajectory + [best.z.clone() for _ in range(missing)]
-        return TrackerResult(z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res,
-                             step_best=best.step, abs_trace=loop.abs_trace,
-                             rel_trace=loop.rel_trace, status=status,
-                             lam=state.path.y[:, self.n].clone(), evals=loop.budget.used,
-                             trajectory=trajectory, trace_nfe=loop.trace_nfe,
-                             lam_trace=loop.lam_trace, restarts=state.restarts,
-                             krylov_solves=self.krylov_solves,
-                             krylov_products=self.krylov_products)
+        return loop.record.result(status=state.status.masked_fill(running,
+                                                                  int(Status.MAX_EVALS)),
+                                  lam=state.path.y[:, self.n].clone(), restarts=state.restarts,
+                                  krylov_solves=self.krylov_solves,
+                                  krylov_products=self.krylov_products)
 
     def _forcing(self, state: _State, newton: Tensor, h_norm: Tensor, fz: Tensor, tol: float,
                  stop_mode: str) -> tuple[_State, Tensor | float]:

@@ -26,7 +26,7 @@ import torch
 from torchdeq.solver.stat import SolverStat
 
 from .config import SOLVER_KEYS, resolve
-from .outcome import Status, by_stop_mode
+from .outcome import Budget, Record, Status, by_stop_mode
 from .path import PathTracker, TrackerOptions, TrackerResult
 from .warmup import warm_up
 
@@ -169,24 +169,18 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
 def _solve(f: Callable[[Tensor], Tensor], x: Tensor, max_iter: int, tol: float,
            stop_mode: str, indexing: list[int], opts: dict[str, Any],
            track: bool) -> TrackerResult:
-    """The warm-up (homotopy only), then the tracker for what it left unsolved."""
+    """The warm-up (homotopy only), then the tracker for what it left unsolved; both add
+    their evaluations to one record."""
     tracker = PathTracker(f, x, TrackerOptions.from_keys(opts, track, max_iter))
+    record = Record.start(x, Budget(max_iter), stop_mode, indexing)
     if not track or opts["homo_warmup"] == 0:
-        return tracker.run(max_iter, tol, stop_mode, indexing or None)
-    warm = warm_up(f, x, max_iter, tol, stop_mode, indexing=indexing,
-                   guaranteed=min(opts["homo_warmup"], max_iter // 2),
+        return tracker.run(record, tol)
+    warm = warm_up(f, x, record, tol, guaranteed=min(opts["homo_warmup"], max_iter // 2),
                    reserve=opts["homo_warmup"])
-    if warm.solved(tol, stop_mode) or warm.evals >= max_iter:
-        return warm.result(indexing)
-    result = tracker.run(
-        max_iter, tol, stop_mode, indexing or None, newton_start=warm.newton_start,
-        used=warm.evals, best=warm.best, trajectory=warm.trajectory,
-        newton_start_fz=warm.newton_start_fz)
-    result.abs_trace[:0] = warm.abs_trace
-    result.rel_trace[:0] = warm.rel_trace
-    result.trace_nfe[:0] = warm.trace_nfe
-    result.lam_trace[:0] = [torch.ones_like(t) for t in warm.abs_trace]
-    return result
+    if warm.solved(tol) or record.budget.left <= 0:
+        return warm.result()
+    return tracker.run(record, tol, newton_start=warm.newton_start,
+                       newton_start_fz=warm.newton_start_fz)
 
 
 def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50,

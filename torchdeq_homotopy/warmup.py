@@ -1,52 +1,46 @@
 """The homotopy solver's cheap first phase: fixed-point iteration while it contracts fast,
-then TorchDEQ's Anderson acceleration.
+then Anderson acceleration with TorchDEQ's iterates.
 
 On benign cells this solves everything at the cost of the cheapest TorchDEQ solver; on
-the rest it leaves a best iterate (kept by the solver) and a start for Newton.
+the rest it leaves a best iterate (kept in the solve's :class:`~torchdeq_homotopy.outcome.Record`)
+and a start for Newton. Both phases are iterations (:class:`FixedPointIteration`,
+:class:`AndersonIteration`) run by the solve's one driving loop,
+:func:`~torchdeq_homotopy.iteration.drive`, over a :class:`WarmupLoop` carry.
 """
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torchdeq.solver.anderson import anderson_solver
 
-from .outcome import BestIterate, Budget, Status, TrackerResult, by_stop_mode, residuals
+from .iteration import drive
+from .outcome import Record, Status, TrackerResult, by_stop_mode
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class Warmup:
-    """What the warm-up leaves: where Newton starts, the best iterate, evaluations spent."""
+    """What the warm-up leaves: its record of every evaluation (the budget and best
+    iterate included), and where Newton starts, with f there (already evaluated)."""
 
+    record: Record
     newton_start: Tensor
-    newton_start_fz: Tensor   # f at newton_start (already evaluated)
-    best: BestIterate
-    evals: int
-    abs_trace: list[Tensor]   # residuals of the iterates evaluated, in order
-    rel_trace: list[Tensor]
-    trace_nfe: list[int]      # evaluations spent at each of them
-    trajectory: list[Tensor]  # best iterate at each requested evaluation count reached
+    newton_start_fz: Tensor
 
-    def solved(self, tol: float, stop_mode: str) -> bool:
+    def solved(self, tol: float) -> bool:
         """Whether every sample's best iterate meets the tolerance (one host sync)."""
-        return bool((self.best.residual(stop_mode) <= tol).all())
+        return bool((self.record.best.residual(self.record.stop_mode) <= tol).all())
 
-    def result(self, indexing: list[int]) -> TrackerResult:
+    def result(self) -> TrackerResult:
         """The solve's result when the warm-up left nothing for the tracker: every sample
         MAX_EVALS (the solver marks those whose best meets the tolerance CONVERGED) at λ = 1."""
-        best, ones = self.best, torch.ones_like(self.best.abs_res)
-        trajectory = self.trajectory + [best.z.clone()] * (len(indexing) - len(self.trajectory))
-        return TrackerResult(
-            z_best=best.z, abs_best=best.abs_res, rel_best=best.rel_res, step_best=best.step,
-            abs_trace=list(self.abs_trace), rel_trace=list(self.rel_trace),
-            status=torch.full_like(best.step, int(Status.MAX_EVALS), dtype=torch.long),
-            lam=ones, evals=self.evals, trajectory=trajectory, trace_nfe=list(self.trace_nfe),
-            lam_trace=[ones for _ in self.abs_trace],
-            restarts=torch.zeros_like(best.step, dtype=torch.long))
+        step = self.record.best.step
+        return self.record.result(
+            status=torch.full_like(step, int(Status.MAX_EVALS), dtype=torch.long),
+            lam=torch.ones_like(step))
 
 
 PROGRESS_WINDOW = 5
@@ -90,10 +84,6 @@ def on_time(history: list[Tensor], tol: float, within: float,
     return (now <= tol) | ((rate < 1) & (needed <= within))
 
 
-class _Handover(Exception):
-    """Raised from inside Anderson's loop when its progress no longer pays."""
-
-
 @dataclass
 class ProgressRule:
     """When Anderson hands the unconverged samples over to the next phase.
@@ -132,128 +122,211 @@ class ProgressRule:
         return bool(late.any() | ~open_.any())
 
 
-class _Counted:
-    """f, counting its calls; after each call the best iterate is updated and, at the
-    requested 1-based call counts ``indexing``, recorded in ``trajectory``. With a
-    ``rule`` set, a call after which the rule hands over raises :class:`_Handover`."""
 
-    def __init__(self, f: Callable[[Tensor], Tensor], best: BestIterate, stop_mode: str,
-                 indexing: list[int]) -> None:
-        self.f, self.evals = f, Budget(limit=None)
-        self.best, self.stop_mode, self.indexing = best, stop_mode, indexing
-        self.trajectory: list[Tensor] = []
-        self.best_recent: deque[Tensor] = deque(maxlen=PROGRESS_WINDOW + 1)
-        self.traces: tuple[list[Tensor], list[Tensor], list[int]] = ([], [], [])
-        self.rule: ProgressRule | None = None
-        self.cached: tuple[Tensor, Tensor] | None = None   # (z, f(z)) to serve once, free
 
-    def __call__(self, z: Tensor) -> Tensor:
-        if self.cached is not None and z.data_ptr() == self.cached[0].data_ptr():
-            fz, self.cached = self.cached[1], None     # Anderson's first call, at its start
-            return fz
-        self.cached = None
-        self.evals.spend()
-        fz = self.f(z)
-        if self.calls == 1:
-            self.first = (z, fz)
-        self.last_res = residuals(z, fz)        # (abs, rel) of this call
-        for trace, value in zip(self.traces, (*self.last_res, self.calls), strict=True):
-            trace.append(value)
-        self.best.update(z, *self.last_res, self.stop_mode, self.calls, fz=fz)
-        self.best_recent.append(self.best.residual(self.stop_mode))
-        while (len(self.trajectory) < len(self.indexing)
-               and self.indexing[len(self.trajectory)] <= self.calls):
-            self.trajectory.append(self.best.z.clone())
-        if self.rule is not None and self.rule.hand_over(self.calls, self.best_recent):
-            raise _Handover
-        return fz
+@dataclass
+class WarmupLoop:
+    """The warm-up's carry: the solve's record, the best residual after each of the last
+    calls, and the fixed-point phase's last image f(z) and verdicts (whether it is too
+    slow to go on, whether the map expands)."""
+
+    record: Record
+    tol: float
+    fz: Tensor                       # fixed-point phase: f at its last iterate
+    first_z: Tensor                  # x0, and f and the residual there
+    first_fz: Tensor
+    first_res: Tensor
+    best_recent: deque[Tensor] = field(
+        default_factory=lambda: deque(maxlen=PROGRESS_WINDOW + 1))
+    history: deque[Tensor] = field(  # fixed-point phase: residuals of its last iterates
+        default_factory=lambda: deque(maxlen=PROGRESS_WINDOW + 1))
+    open_any: bool = True            # fixed-point phase: some sample above tol
+    slow: bool = False
+    expanding: bool = False
 
     @property
     def calls(self) -> int:
-        """Evaluations of f so far (a cached call is free)."""
-        return self.evals.used
+        """Evaluations of f so far."""
+        return self.record.budget.used
 
 
-def _fixed_point_while_contracting(f: _Counted, x0: Tensor, budget: int, tol: float,
-                                   stop_mode: str, rate: float, reserve: int
-                                   ) -> tuple[Tensor, bool]:
+def _evaluate(f: Callable[[Tensor], Tensor], loop: WarmupLoop, z: Tensor
+              ) -> tuple[Tensor, Tensor]:
+    """f at z, counted and recorded; returns (f(z), the residual of the stop mode)."""
+    loop.record.budget.spend()
+    fz = f(z)
+    abs_res, rel_res = loop.record.add(z, fz)
+    loop.best_recent.append(loop.record.best.residual(loop.record.stop_mode))
+    return fz, by_stop_mode(loop.record.stop_mode, abs_res, rel_res)
+
+
+class FixedPointIteration:
     """z_{k+1} = f(z_k) while it pays, judged per step on each unconverged sample's
     residual r (one host sync per step, as TorchDEQ's own iteration): it goes on while
-    every open sample contracts fast, r_k <= rate · r_{k−1}, or at a rate that reaches the
-    tolerance within the calls left and their :func:`horizon` (:func:`on_time`).
+    every open sample contracts fast, r_k <= ``rate`` · r_{k−1}, or at a rate that
+    reaches the tolerance within the calls left and their :func:`horizon`
+    (:func:`on_time`). The map expands at x0 when the first step grew the residual,
+    r_1 > r_0 (judged on ||f(z) − z||), for at least half the open samples.
 
-    Returns the residual ||f(x0) - x0|| of the start, and whether the map expands there:
-    the first step grew the residual, r_1 > r_0, for at least half the unconverged samples.
+    Example:
+        >>> from torchdeq_homotopy.outcome import Budget
+        >>> record = Record.start(torch.zeros(1, 2), Budget(50), 'abs')
+        >>> fixed_point = FixedPointIteration(lambda z: 0.5 * z + 1, rate=0.7, reserve=0)
+        >>> loop = drive(fixed_point, fixed_point.init(record, torch.zeros(1, 2), 1e-6))
+        >>> loop.record.best.abs_res.item() <= 1e-6, loop.calls
+        (True, 22)
     """
-    fz = f(x0)
-    first, _ = f.last_res
-    history: deque[Tensor] = deque(maxlen=PROGRESS_WINDOW + 1)   # the last iterates' residuals
-    expanding = False
-    while True:
-        abs_res, rel_res = f.last_res           # of the last call, f(z) with z = f(previous z)
-        stop = by_stop_mode(stop_mode, abs_res, rel_res)
+
+    def __init__(self, f: Callable[[Tensor], Tensor], rate: float, reserve: int) -> None:
+        self.f, self.rate, self.reserve = f, rate, reserve
+
+    def init(self, record: Record, x0: Tensor, tol: float) -> WarmupLoop:
+        """f at x0."""
+        record.budget.spend()
+        fz = self.f(x0)
+        abs_res, rel_res = record.add(x0, fz)
+        loop = WarmupLoop(record=record, tol=tol, fz=fz, first_z=x0, first_fz=fz,
+                          first_res=abs_res)
+        loop.best_recent.append(record.best.residual(record.stop_mode))
+        return self._judge(loop, by_stop_mode(record.stop_mode, abs_res, rel_res), abs_res)
+
+    def step(self, loop: WarmupLoop) -> WarmupLoop:
+        """z ← f(z)."""
+        loop.fz, stop = _evaluate(self.f, loop, loop.fz)
+        return self._judge(loop, stop, loop.record.abs_trace[-1])
+
+    def terminate(self, loop: WarmupLoop) -> bool:
+        return not loop.open_any or loop.slow or loop.record.budget.left <= 0
+
+    def _judge(self, loop: WarmupLoop, stop: Tensor, abs_res: Tensor) -> WarmupLoop:
+        """Whether the last step left samples open, was too slow, or expanded the map."""
+        history, tol = loop.history, loop.tol
         history.append(stop)
         open_ = stop > tol
         if len(history) > 1:
-            fast = stop <= rate * history[-2]
+            fast = stop <= self.rate * history[-2]
+            left = loop.record.budget.left
             # the accelerator that follows beats slow iteration: no unbounded horizon
-            within = min(budget - f.calls, horizon(budget - f.calls, reserve))
-            slow = bool((open_ & ~fast & ~on_time(list(history), tol, within)).any())
-        else:
-            slow = False
-        if slow and f.calls == 2:     # judged on ||f(z) - z||, whatever the stop mode
-            expanding = 2 * int((open_ & (abs_res > first)).sum()) >= int(open_.sum())
-        if not bool(open_.any()) or slow or f.calls >= budget:
-            return first, expanding
-        fz = f(fz)
+            within = min(left, horizon(left, self.reserve))
+            loop.slow = bool((open_ & ~fast & ~on_time(list(history), tol, within)).any())
+        if loop.slow and loop.calls == 2:
+            loop.expanding = (2 * int((open_ & (abs_res > loop.first_res)).sum())
+                              >= int(open_.sum()))
+        loop.open_any = bool(open_.any())
+        return loop
 
 
-def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, budget: int, tol: float,
-            stop_mode: str, rate: float = FAST_CONTRACTION, indexing: list[int] | None = None,
-            guaranteed: int | None = None, reserve: int = 0) -> Warmup | None:
+@dataclass
+class AndersonLoop:
+    """Anderson's carry: the warm-up loop, TorchDEQ's ring buffers of the last ``m``
+    iterates X and their images F (written in place, as TorchDEQ's), and the count k of
+    iterates so far."""
+
+    warm: WarmupLoop
+    X: Tensor
+    F: Tensor
+    gram: Tensor       # the bordered Gram matrix [0 1ᵀ; 1 GGᵀ + λI]
+    rhs: Tensor        # e_0
+    k: int
+
+
+class AndersonIteration:
+    """Anderson acceleration with TorchDEQ's iterates (``anderson_solver`` at its
+    defaults: memory m = 6, regularization λ = 1e-4, undamped): with the residuals
+    G = F − X of the last n = min(k, m) iterates, the weights α solve
+
+        [0  1ᵀ; 1  GGᵀ + λI] [β; α] = [1; 0],     z_{k+1} = Σ_i α_i f(x_i),
+
+    after a first fixed-point step x_1 = f(x_0). It stops when the budget is spent or
+    ``rule`` hands the open samples over to the next phase (:class:`ProgressRule`).
+
+    Example:
+        >>> from torchdeq_homotopy.outcome import Budget
+        >>> f = lambda z: 0.95 * z + 0.05 * torch.arange(3.0)   # fixed-point: ~90 calls
+        >>> x0 = torch.zeros(1, 3)
+        >>> record = Record.start(x0, Budget(30), 'abs')
+        >>> warm = FixedPointIteration(f, rate=0.7, reserve=0).init(record, x0, 1e-3)
+        >>> anderson = AndersonIteration(f, ProgressRule(30, 30, 1e-3))
+        >>> loop = drive(anderson, anderson.init(warm))
+        >>> loop.warm.record.best.abs_res.item() <= 1e-3, loop.warm.calls
+        (True, 6)
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], rule: ProgressRule, m: int = 6,
+                 lam: float = 1e-4) -> None:
+        self.f, self.rule, self.m, self.lam = f, rule, m, lam
+
+    def init(self, warm: WarmupLoop) -> AndersonLoop:
+        """Anderson from the best iterate (f there is known: no call), and its first
+        fixed-point step."""
+        best = warm.record.best
+        bsz, dim = best.z.shape
+        X = best.z.new_zeros(bsz, self.m, dim)
+        F = torch.zeros_like(X)
+        X[:, 0], F[:, 0] = best.z, best.fz
+        X[:, 1] = F[:, 0]
+        F[:, 1], _ = _evaluate(self.f, warm, X[:, 1])
+        gram = best.z.new_zeros(bsz, self.m + 1, self.m + 1)
+        gram[:, 0, 1:] = gram[:, 1:, 0] = 1
+        rhs = best.z.new_zeros(bsz, self.m + 1, 1)
+        rhs[:, 0] = 1
+        return AndersonLoop(warm=warm, X=X, F=F, gram=gram, rhs=rhs, k=2)
+
+    def step(self, loop: AndersonLoop) -> AndersonLoop:
+        """The next iterate, x_k = α · F over the last n = min(k, m), and f there."""
+        X, F, k, m = loop.X, loop.F, loop.k, self.m
+        n = min(k, m)
+        G = F[:, :n] - X[:, :n]
+        eye = torch.eye(n, dtype=X.dtype, device=X.device)[None]
+        loop.gram[:, 1:n + 1, 1:n + 1] = torch.bmm(G, G.transpose(1, 2)) + self.lam * eye
+        alpha = torch.linalg.solve(loop.gram[:, :n + 1, :n + 1],
+                                   loop.rhs[:, :n + 1])[:, 1:n + 1, 0]
+        X[:, k % m] = (alpha[:, None] @ F[:, :n])[:, 0]
+        F[:, k % m], _ = _evaluate(self.f, loop.warm, X[:, k % m])
+        loop.k = k + 1
+        return loop
+
+    def terminate(self, loop: AndersonLoop) -> bool:
+        """The budget spent, or the open samples handed over (one host sync)."""
+        warm = loop.warm
+        return (warm.record.budget.left <= 0
+                or self.rule.hand_over(warm.calls, warm.best_recent))
+
+
+def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: float,
+            rate: float = FAST_CONTRACTION, guaranteed: int | None = None,
+            reserve: int = 0) -> Warmup | None:
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
-    acceleration (TorchDEQ's) from the best iterate, within ``budget`` calls of f.
-    Anderson is skipped where the first fixed-point step grew most residuals: on such
-    expansive maps it rarely converges, and Broyden's method or Newton does better.
-    After ``guaranteed`` calls (default: all of ``budget``) Anderson hands over to the
-    next phase once an open sample is no longer projected to converge within the budget
-    at its current rate (:class:`ProgressRule`).
+    acceleration (TorchDEQ's iterates) from the best iterate, within the budget of
+    ``record``, to which every evaluation is added. Anderson is skipped where the first
+    fixed-point step grew most residuals: on such expansive maps it rarely converges,
+    and Broyden's method or Newton does better. After ``guaranteed`` calls (default: the
+    whole budget) Anderson hands over to the next phase once an open sample is no longer
+    projected to converge within the budget at its current rate (:class:`ProgressRule`).
 
     Newton later starts from the best iterate where the warm-up cut the residual tenfold;
     elsewhere (expansive or divergent maps) from x0, the better Newton start there.
 
     Example:
-        >>> warm = warm_up(lambda z: 0.5 * z + 1, torch.zeros(2, 3), 30, 1e-6, 'abs')
-        >>> bool((warm.best.abs_res <= 1e-6).all()), warm.evals <= 25
+        >>> from torchdeq_homotopy.outcome import Budget
+        >>> record = Record.start(torch.zeros(2, 3), Budget(30), 'abs')
+        >>> warm = warm_up(lambda z: 0.5 * z + 1, torch.zeros(2, 3), record, 1e-6)
+        >>> warm.solved(1e-6), warm.record.budget.used <= 25
         (True, True)
     """
-    if budget <= 0:
+    budget = record.budget
+    if budget.left <= 0:
         return None
-    inf = torch.full((x0.shape[0],), float("inf"), dtype=x0.dtype, device=x0.device)
-    best = BestIterate(z=x0.clone(), abs_res=inf.clone(), rel_res=inf.clone(),
-                       step=torch.zeros_like(inf))
-    counted = _Counted(f, best, stop_mode, sorted(indexing or []))
-    first, expanding = _fixed_point_while_contracting(counted, x0, budget, tol, stop_mode,
-                                                      rate, reserve)
-    stop = best.abs_res if stop_mode == "abs" else best.rel_res
-    # TorchDEQ's Anderson calls f max(2, max_iter) times, the first at its start, whose f
-    # is known (served free by ``counted``). Every call is recorded by
-    # ``counted`` (the best iterate is the best verified one), so Anderson's own return
-    # value, whose residual it never evaluated, is not needed.
-    if not expanding and bool((stop > tol).any()) and budget - counted.calls >= 1:
-        counted.rule = ProgressRule(guaranteed if guaranteed is not None else budget,
-                                    budget, tol, reserve)
-        counted.cached = (best.z, best.fz)     # Anderson starts by evaluating its start
-        try:
-            anderson_solver(counted, best.z, max_iter=budget - counted.calls + 1, tol=tol,
-                            stop_mode=stop_mode)
-        except _Handover:
-            pass
-        counted.rule = None
-    helped = best.abs_res <= 0.1 * first
-    x0_evaluated, f_x0 = counted.first
-    return Warmup(newton_start=torch.where(helped[:, None], best.z, x0_evaluated),
-                  newton_start_fz=torch.where(helped[:, None], best.fz, f_x0), best=best,
-                  evals=counted.calls, abs_trace=counted.traces[0],
-                  rel_trace=counted.traces[1], trace_nfe=counted.traces[2],
-                  trajectory=counted.trajectory)
+    fixed_point = FixedPointIteration(f, rate, reserve)
+    loop = drive(fixed_point, fixed_point.init(record, x0, tol))
+    open_ = record.best.residual(record.stop_mode) > tol
+    if not loop.expanding and bool(open_.any()) and budget.left >= 1:
+        rule = ProgressRule(guaranteed if guaranteed is not None else budget.limit,
+                            budget.limit, tol, reserve)
+        anderson = AndersonIteration(f, rule)
+        drive(anderson, anderson.init(loop))
+    best = record.best
+    helped = (best.abs_res <= 0.1 * loop.first_res)[:, None]
+    return Warmup(record=record,
+                  newton_start=torch.where(helped, best.z, loop.first_z),
+                  newton_start_fz=torch.where(helped, best.fz, loop.first_fz))
