@@ -343,8 +343,9 @@ def test_warm_up_iterates_while_contracting_then_hands_to_anderson(monkeypatch):
 
 
 def test_warm_up_anderson_takes_torchdeqs_iterates():
-    """The warm-up's Anderson phase, run by the shared driving loop, evaluates f at the
-    iterates of TorchDEQ's own ``anderson_solver`` from the same start."""
+    """The warm-up's Anderson phase with TorchDEQ's absolute regularization, run by the
+    shared driving loop, evaluates f at the iterates of TorchDEQ's own ``anderson_solver``
+    from the same start."""
     from torchdeq.solver.anderson import anderson_solver
 
     from torchdeq_homotopy.iteration import drive
@@ -364,11 +365,39 @@ def test_warm_up_anderson_takes_torchdeqs_iterates():
     anderson_solver(spied(theirs), x0, max_iter=25, tol=1e-300)
     record = Record.start(x0, Budget(25), "abs")
     warm = FixedPointIteration(spied(ours), rate=0.7, reserve=0).init(record, x0, 1e-300)
-    anderson = AndersonIteration(spied(ours), ProgressRule(25, 25, 1e-300))
+    anderson = AndersonIteration(spied(ours), ProgressRule(25, 25, 1e-300), relative=False)
     drive(anderson, anderson.init(warm))
     assert len(ours) == len(theirs) == 25
     for mine, reference in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_warm_up_anderson_is_scale_free_with_relative_regularization(relative):
+    """With λ relative to the residuals' size the iterates of the scaled map
+    f_c(z) = c f(z / c) are c times those of f; TorchDEQ's absolute λ breaks this."""
+    from torchdeq_homotopy.iteration import drive
+    from torchdeq_homotopy.outcome import Budget, Record
+    from torchdeq_homotopy.warmup import AndersonIteration, FixedPointIteration, ProgressRule
+
+    f = tanh_cell(3, 20, 1.2, seed=11, dtype=torch.float64)
+    x0 = torch.zeros(3, 20, dtype=torch.float64)
+
+    def iterates(c):
+        points = []
+
+        def g(z):
+            points.append(z / c)
+            return c * f(z / c)
+        record = Record.start(x0, Budget(20), "abs")
+        warm = FixedPointIteration(g, rate=0.7, reserve=0).init(record, x0, 1e-300)
+        anderson = AndersonIteration(g, ProgressRule(20, 20, 1e-300), relative=relative)
+        drive(anderson, anderson.init(warm))
+        return torch.stack(points)
+
+    unit, scaled = iterates(1.0), iterates(1e-3)
+    gap = (unit - scaled).abs().max().item()
+    assert (gap < 1e-9) if relative else (gap > 1e-3)
 
 
 @pytest.mark.parametrize("mode", ["forward", "finite_difference", "auto"])
