@@ -12,9 +12,9 @@ def record_tangent_lams():
         recorded: list[torch.Tensor] = []
         original = tracker._set_tangent
 
-        def spy(state, tangent_ok, t, budget=None, exact=None):
+        def spy(state, models, tangent_ok, t, budget=None, exact=None):
             recorded.append(torch.where(tangent_ok, t[:, -1], torch.nan))
-            return original(state, tangent_ok, t, budget, exact)
+            return original(state, models, tangent_ok, t, budget, exact)
 
         tracker._set_tangent = spy
         return recorded

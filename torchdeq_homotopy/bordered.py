@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import torch
 
+from .homotopies import FixedPointHomotopy, NewtonHomotopy
 from .linalg import Linearization, batch_dot, dense_jacobian, gmres
 from .outcome import Budget, _where
 from .secant import LowRankJacobian
-from .tracker_state import _DENSE_REFRESHES, _maybe_any
+from .tracker_state import _DENSE_REFRESHES, JacobianModels, _maybe_any
 
 Tensor = torch.Tensor
 
 
 class BorderedSolves:
-    """The tracker's linear algebra (uses ``f``, ``n``, ``opt``, ``hom``, ``jac``,
-    ``model``, ``max_evals`` and the Krylov counters of the tracker)."""
+    """The tracker's linear algebra (uses the tracker's ``f``, ``n`` and ``opt``; the
+    homotopy and the Jacobian models come with each call, in ``models``)."""
 
-    def _solve(self, y: Tensor, fz: Tensor, border: Tensor, rhs: Tensor, budget: Budget,
-               need_exact: Tensor | None = None, rows: Tensor | None = None,
-               rtol: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _solve(self, models: JacobianModels, y: Tensor, fz: Tensor, border: Tensor,
+               rhs: Tensor, budget: Budget, need_exact: Tensor | None = None,
+               rows: Tensor | None = None, rtol: Tensor | float | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
         """Solve the bordered system  [H_z  H_λ; borderᵀ] δ = rhs  at y = (z, λ).
 
         The border row keeps the system regular at turning points of the path. Small
@@ -51,36 +53,38 @@ class BorderedSolves:
             ``(δ, finite, exact)``: the solution, the rows solved with finite values, and
             the rows whose Jacobian was exact.
         """
-        n = self.n
+        n, hom = self.n, models.homotopy
         z, lam = y[:, :n], y[:, n]
         rtol = self.opt.krylov_rtol if rtol is None else rtol
-        if self._mode() == "secant":
-            return self._solve_secant(z, lam, fz, border, rhs, budget, need_exact, rows, rtol)
-        if self._dense():
-            jac, exact = self._dense_jacobian(z, fz, budget, need_exact)
+        if models.linear_solver == "secant":
+            return self._solve_secant(models, z, lam, fz, border, rhs, budget, need_exact,
+                                      rows, rtol)
+        if models.linear_solver == "dense":
+            jac, exact = self._dense_jacobian(models, z, fz, budget, need_exact)
             if jac is not None:
-                h_lam = self.hom.d_lambda(z, fz)
-                return (*self._solve_dense(jac, h_lam, lam, border, rhs, rows), exact)
-        lin = Linearization(self.f, z, fz, self.jvp_mode)
-        h_lam = self.hom.d_lambda(z, fz)
+                h_lam = hom.d_lambda(z, fz)
+                return (*self._solve_dense(hom, jac, h_lam, lam, border, rhs, rows), exact)
+        lin = Linearization(self.f, z, fz, models.jvp_mode)
+        h_lam = hom.d_lambda(z, fz)
 
         def matvec(x: Tensor) -> Tensor:
             u, mu = x[:, :n], x[:, n]
-            top = self.hom.d_z(u, lin.jvp(u), lam) + h_lam * mu[:, None]
+            top = hom.d_z(u, lin.jvp(u), lam) + h_lam * mu[:, None]
             return torch.cat([top, batch_dot(border, x)[:, None]], dim=1)
 
         calls = budget.used
         sol, _ = gmres(matvec, rhs, rtol=rtol, max_iter=self.opt.krylov_dim,
                        on_matvec=budget.spend_leaving_one)
-        self.krylov_solves += 1
-        self.krylov_products += budget.used - calls
-        self.jvp_mode = lin.mode
+        models.krylov_solves += 1
+        models.krylov_products += budget.used - calls
+        models.jvp_mode = lin.mode
         finite = torch.isfinite(sol).all(dim=1)
         exact = torch.ones_like(finite)
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
 
-    def _mode(self) -> str:
-        """The linear solver in use: ``'dense'``, ``'secant'`` or ``'gmres'``.
+    def _linear_solver(self, max_evals: int) -> str:
+        """The linear solver for a budget of ``max_evals`` evaluations: ``'dense'``,
+        ``'secant'`` or ``'gmres'``.
 
         ``'auto'`` weighs what a dense Jacobian costs against the budget: dense when
         n <= ``homo_krylov_dim`` (one refresh then costs no more products than one GMRES
@@ -89,16 +93,14 @@ class BorderedSolves:
         cost one evaluation each."""
         choice = self.opt.linear_solver
         if choice == "auto":
-            affordable = self.max_evals >= _DENSE_REFRESHES * self.n
+            affordable = max_evals >= _DENSE_REFRESHES * self.n
             return "dense" if self.n <= self.opt.krylov_dim and affordable else "secant"
         return choice
 
-    def _dense(self) -> bool:
-        return self._mode() == "dense"
-
-    def _solve_secant(self, z: Tensor, lam: Tensor, fz: Tensor, border: Tensor, rhs: Tensor,
-                      budget: Budget, need_exact: Tensor | None, rows: Tensor | None,
-                      rtol: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    def _solve_secant(self, models: JacobianModels, z: Tensor, lam: Tensor, fz: Tensor,
+                      border: Tensor, rhs: Tensor, budget: Budget, need_exact: Tensor | None,
+                      rows: Tensor | None, rtol: Tensor | float
+                      ) -> tuple[Tensor, Tensor, Tensor]:
         """Bordered solves through the low-rank secant model B ≈ J_f
         (:class:`~torchdeq_homotopy.secant.LowRankJacobian`).
 
@@ -110,18 +112,19 @@ class BorderedSolves:
         update of the model; iterations in which every sample takes Broyden steps at λ = 1
         (``rows`` empty) leave the model untouched.
         """
-        n = self.n
+        n, hom = self.n, models.homotopy
         bsz = z.shape[0]
         if rows is not None and not _maybe_any(rows):   # only Broyden steps this iteration
             zeros = torch.zeros_like(rows)
             return torch.zeros_like(rhs), zeros, zeros
-        if self.model is None:
-            self.model = LowRankJacobian(bsz, n, self.opt.secant_rank, z.dtype, z.device)
+        if models.low_rank is None:
+            models.low_rank = LowRankJacobian(bsz, n, self.opt.secant_rank, z.dtype, z.device)
+        model = models.low_rank
         if need_exact is not None:
-            self.model.observe(z, fz)
-        scale = self.hom.jac_scale(lam)
-        h_lam = self.hom.d_lambda(z, fz)
-        model_solve = self.model.factor_bordered(scale, h_lam, border)
+            model.observe(z, fz)
+        scale = hom.jac_scale(lam)
+        h_lam = hom.d_lambda(z, fz)
+        model_solve = model.factor_bordered(scale, h_lam, border)
         sol, finite = model_solve(rhs)
         exact = torch.ones_like(finite) if need_exact is None else need_exact.clone()
         if rows is not None:
@@ -133,7 +136,7 @@ class BorderedSolves:
         required = exact
         if need_exact is not None and rows is not None:
             exact = rows.clone()
-        lin = Linearization(self.f, z, fz, self.jvp_mode)
+        lin = Linearization(self.f, z, fz, models.jvp_mode)
         products: list[tuple[Tensor, Tensor]] = []
 
         def precond(v: Tensor) -> Tensor:
@@ -143,27 +146,27 @@ class BorderedSolves:
             u, mu = x[:, :n], x[:, n]
             ju = lin.jvp(u)
             products.append((u, ju))
-            top = self.hom.d_z(u, ju, lam) + h_lam * mu[:, None]
+            top = hom.d_z(u, ju, lam) + h_lam * mu[:, None]
             return torch.cat([top, batch_dot(border, x)[:, None]], dim=1)
 
         exact_sol, _ = gmres(matvec, torch.where(exact[:, None], rhs, torch.zeros_like(rhs)),
                               rtol=rtol, max_iter=self.opt.krylov_dim,
                               on_matvec=budget.spend_leaving_one, precond=precond,
                               required=required)
-        self.jvp_mode = lin.mode
-        self.krylov_solves += 1
-        self.krylov_products += len(products)
+        models.jvp_mode = lin.mode
+        models.krylov_solves += 1
+        models.krylov_products += len(products)
         if products:
             S = torch.stack([u for u, _ in products], dim=2)
             Y = torch.stack([ju for _, ju in products], dim=2)
             keep = exact[:, None, None] & torch.isfinite(Y).all(dim=1, keepdim=True)
-            self.model.absorb(torch.where(keep, S, 0.0), torch.where(keep, Y, 0.0))
+            model.absorb(torch.where(keep, S, 0.0), torch.where(keep, Y, 0.0))
         exact_finite = torch.isfinite(exact_sol).all(dim=1) & (exact_sol.abs().sum(dim=1) > 0)
         sol = _where(exact, exact_sol, sol)
         finite = torch.where(exact, exact_finite, finite)
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
 
-    def _dense_jacobian(self, z: Tensor, fz: Tensor, budget: Budget,
+    def _dense_jacobian(self, models: JacobianModels, z: Tensor, fz: Tensor, budget: Budget,
                         need_exact: Tensor | None) -> tuple[Tensor | None, Tensor]:
         """J_f at z: fresh (n products) or the secant-updated cache; None if the budget
         cannot pay for a needed refresh."""
@@ -171,18 +174,20 @@ class BorderedSolves:
         if need_exact is None:
             if not budget.spend(self.n):
                 return None, every
-            jac, self.jvp_mode = dense_jacobian(self.f, z, fz, self.jvp_mode)
+            jac, models.jvp_mode = dense_jacobian(self.f, z, fz, models.jvp_mode)
             return jac, every
-        self.jac.observe(z, fz)
-        if self.jac.jac is None or bool((need_exact & ~self.jac.exact).any()):
+        cache = models.dense
+        cache.observe(z, fz)
+        if cache.jac is None or bool((need_exact & ~cache.exact).any()):
             if budget.spend(self.n):
-                self.jac.refresh()
-            elif self.jac.jac is None:
+                cache.refresh()
+            elif cache.jac is None:
                 return None, every
-        return self.jac.jac, self.jac.exact.clone()
+        return cache.jac, cache.exact.clone()
 
-    def _solve_dense(self, jac: Tensor, h_lam: Tensor, lam: Tensor, border: Tensor,
-                     rhs: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _solve_dense(self, hom: FixedPointHomotopy | NewtonHomotopy, jac: Tensor,
+                     h_lam: Tensor, lam: Tensor, border: Tensor, rhs: Tensor,
+                     rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """LU solve of the bordered matrix  M = [H_z  H_λ; borderᵀ],  (B, n+1, n+1).
 
         H_z = ∂H/∂z = ``d_z`` applied to the columns of (I, J_f) (I - λJ_f for the
@@ -193,11 +198,12 @@ class BorderedSolves:
             idx = rows.nonzero().squeeze(1)
             sol, finite = torch.zeros_like(rhs), torch.ones_like(rows)
             if idx.numel():
-                part = self._solve_dense(jac[idx], h_lam[idx], lam[idx], border[idx], rhs[idx])
+                part = self._solve_dense(hom, jac[idx], h_lam[idx], lam[idx], border[idx],
+                                         rhs[idx])
                 sol[idx], finite[idx] = part
             return sol, finite
         eye = torch.eye(self.n, dtype=jac.dtype, device=jac.device).expand_as(jac)
-        h_z = self.hom.d_z(eye, jac, lam[:, None])        # λ broadcast as (B, 1, 1)
+        h_z = hom.d_z(eye, jac, lam[:, None])        # λ broadcast as (B, 1, 1)
         top = torch.cat([h_z, h_lam[:, :, None]], dim=2)
         matrix = torch.cat([top, border[:, None, :]], dim=1)
         matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)

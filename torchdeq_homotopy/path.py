@@ -10,9 +10,13 @@ batched linear solve per iteration. The driving loop is
         loop = tracker.step(loop)          # transitions, one bordered solve, f at y
     result = tracker.result(loop)
 
-over an explicit, immutable per-sample state
-(:class:`~torchdeq_homotopy.tracker_state._State`: phase and status, path geometry,
-corrector, Newton phase, Jacobian flags); each transition returns a new state. The phases:
+(:func:`~torchdeq_homotopy.iteration.drive`, the warm-up's loop too) over an explicit,
+immutable per-sample state (:class:`~torchdeq_homotopy.tracker_state._State`: phase and
+status, path geometry, corrector, Newton phase, Jacobian flags); each transition returns a
+new state. Beside it the loop carries what the solve learns about f
+(:class:`~torchdeq_homotopy.tracker_state.JacobianModels`: the homotopy and the Jacobian
+models, buffers updated in place); the tracker object itself holds only f, x0 and the
+options. The phases:
 
 ``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first (from the warm-up's iterate
             where that helped, else from z0). A sample stalls when three exact-Jacobian
@@ -77,9 +81,9 @@ from .iteration import drive
 from .linalg import SecantJacobian, batch_dot, eisenstat_walker
 from .outcome import Budget, Record, Status, TrackerResult, _where, residuals
 from .predictor import Predictor
-from .secant import InverseBroyden, LowRankJacobian
 from .tracker_state import (
     _RETRY_FACTOR,
+    JacobianModels,
     Phase,
     TrackerOptions,
     _e_lambda,
@@ -98,10 +102,11 @@ Tensor = torch.Tensor
 @dataclass
 class Loop:
     """What the tracker's driving loop carries between iterations: the per-sample state,
-    the solve's record (budget, best iterate, traces), the tolerance, and f at the
-    current points."""
+    the models of f learnt so far (homotopy, Jacobian models), the solve's record (budget,
+    best iterate, traces), the tolerance, and f at the current points."""
 
     state: _State
+    models: JacobianModels
     record: Record
     tol: float
     fz: Tensor | None = None        # f at state.path.y; None once f could not be evaluated
@@ -142,19 +147,6 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
     def __init__(self, f: Callable[[Tensor], Tensor], x0: Tensor, options: TrackerOptions) -> None:
         self.f, self.x0, self.opt = f, x0, options
         self.n = x0.shape[1]
-        self.jvp_mode = options.jvp
-        self.jac = SecantJacobian(f, options.jvp)
-        self.model: LowRankJacobian | None = None      # the 'secant' linear solver's model
-        self.broyden: InverseBroyden | None = None     # its Broyden phase at λ = 1
-        self.max_evals = 0            # the budget of the current run
-        self.krylov_solves = 0        # GMRES solves run, and the products they made
-        self.krylov_products = 0
-        # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
-        # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
-        # more call f(z0), when the first sample starts tracking.
-        self.hom = NewtonHomotopy(x0, x0)
-        self.fz0: Tensor | None = None
-        self._gen: torch.Generator | None = None
 
     def run(self, record: Record, tol: float, newton_start: Tensor | None = None,
             newton_start_fz: Tensor | None = None) -> TrackerResult:
@@ -174,13 +166,18 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
              newton_start_fz: Tensor | None = None) -> Loop:
         """Every sample at its start (see :meth:`run`), with f evaluated there."""
         opt, x0 = self.opt, self.x0
-        self.max_evals = record.budget.limit
         newton_first = opt.newton_iters > 0 or not opt.track
         start = x0 if newton_start is None or not newton_first else newton_start
         state = _State.start(start, newton_first=newton_first)
+        # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
+        # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
+        # more call f(z0), when the first sample starts tracking.
+        models = JacobianModels(linear_solver=self._linear_solver(record.budget.limit),
+                                homotopy=NewtonHomotopy(x0, x0),
+                                dense=SecantJacobian(self.f, opt.jvp), jvp_mode=opt.jvp)
         if not newton_first:
-            self._build_homotopy(record.budget)
-        loop = Loop(state=state, record=record, tol=tol)
+            self._build_homotopy(models, record.budget)
+        loop = Loop(state=state, models=models, record=record, tol=tol)
         # f at the Newton start, when the warm-up already evaluated it, costs nothing here.
         known = newton_first and newton_start is not None and newton_start_fz is not None
         self._evaluate(loop, newton_start_fz if known else None)
@@ -197,17 +194,17 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         evaluation, one batched bordered solve (:meth:`_solve_and_update`), and f at the
         new points. While every open sample takes Broyden steps at λ = 1 (the secant
         model's NEWTON phase), only those are taken (:meth:`_broyden_update`)."""
-        state, budget, n = loop.state, loop.budget, self.n
+        state, models, budget, n = loop.state, loop.models, loop.budget, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
-        H = self.hom.residual(z, fz, lam)
+        H = models.homotopy.residual(z, fz, lam)
         h_norm = H.norm(dim=1)
         f_finite = loop.abs_res < float("inf")
-        state = self._mark_stale(state, loop.abs_res)
-        state, idle = self._leave_newton(state, f_finite, loop.abs_res, budget)
-        if self._only_broyden(state, idle):
+        state = self._mark_stale(state, models, loop.abs_res)
+        state, idle = self._leave_newton(state, models, f_finite, loop.abs_res, budget)
+        if self._only_broyden(state, models, idle):
             state = self._broyden_update(state, loop)
         else:
-            state, judged = self._judge_corrector(state, h_norm, idle)
+            state, judged = self._judge_corrector(state, models, h_norm, idle)
             endgame_failed = (state.phase == Phase.ENDGAME) & (
                 ~(h_norm < float("inf")) | state.jacobian.solve_failed)
             state = state.finish(endgame_failed, Status.NONFINITE)
@@ -216,11 +213,11 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         self._evaluate(loop)
         return loop
 
-    def _only_broyden(self, state: _State, idle: Tensor) -> bool:
+    def _only_broyden(self, state: _State, models: JacobianModels, idle: Tensor) -> bool:
         """Whether every open sample is in the secant model's NEWTON phase (Broyden's
         method) and none left it this iteration. Checked on CPU only (:func:`_maybe_any`):
         on accelerators the general iteration, which covers this case, runs without a sync."""
-        if self._mode() != "secant":
+        if models.linear_solver != "secant":
             return False
         elsewhere = (state.phase != Phase.NEWTON) & (state.phase != Phase.DONE)
         return not _maybe_any(elsewhere | idle)
@@ -231,8 +228,9 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         z, fz = state.path.y[:, :self.n], loop.fz
         newton = state.phase == Phase.NEWTON
         none = torch.zeros_like(newton)
-        delta, finite = self._broyden_step(z, fz, newton, torch.zeros_like(state.path.y), none,
-                                           self.max_evals)
+        delta, finite = self._broyden_step(loop.models, z, fz, newton,
+                                           torch.zeros_like(state.path.y), none,
+                                           loop.budget.limit)
         jacobian = replace(state.jacobian, solve_failed=~finite & newton,
                            exact=state.jacobian.exact & ~newton)
         return self._take_steps(replace(state, jacobian=jacobian), delta, finite, none, newton,
@@ -243,30 +241,31 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         """The one batched bordered solve (:meth:`_bordered_system`; Broyden's steps for the
         secant model's NEWTON rows), then the Newton, corrector and tangent updates and
         restarts."""
-        budget, n = loop.budget, self.n
+        budget, models, n = loop.budget, loop.models, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
         y_eval = _where(f_finite, state.path.y, torch.cat([loop.record.best.z, state.path.y[:, n:]],
                                                           dim=1))
         active = newton | tangent | correct
         fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
-        secant = self._mode() == "secant"
+        secant = models.linear_solver == "secant"
         broyden = newton & (state.phase == Phase.NEWTON) if secant else torch.zeros_like(newton)
         state, rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol,
                                     loop.record.stop_mode)
         jacobian = state.jacobian
         delta, finite, exact = self._solve(
-            y_eval, fz_safe, border, rhs, budget,
+            models, y_eval, fz_safe, border, rhs, budget,
             need_exact=active & jacobian.stale & ~broyden, rows=active & ~broyden, rtol=rtol)
         if secant:
-            delta, finite = self._broyden_step(z, fz, broyden, delta, finite, self.max_evals)
+            delta, finite = self._broyden_step(models, z, fz, broyden, delta, finite,
+                                               budget.limit)
         jacobian = replace(jacobian, solve_failed=~finite & active,
                            exact=torch.where(active, exact, jacobian.exact),
                            stale=jacobian.stale & ~exact)
         state = replace(state, jacobian=jacobian)
         state = self._take_steps(state, delta, finite, exact, newton, correct, loop.abs_res)
-        state = self._take_tangents(state, tangent, delta, finite, exact, budget)
-        state, _ = self._restart(state, budget)
+        state = self._take_tangents(state, models, tangent, delta, finite, exact, budget)
+        state, _ = self._restart(state, models, budget)
         return state
 
     def _evaluate(self, loop: Loop, known_fz: Tensor | None = None) -> None:
@@ -296,8 +295,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         return loop.record.result(status=state.status.masked_fill(running,
                                                                   int(Status.MAX_EVALS)),
                                   lam=state.path.y[:, self.n].clone(), restarts=state.restarts,
-                                  krylov_solves=self.krylov_solves,
-                                  krylov_products=self.krylov_products)
+                                  krylov_solves=loop.models.krylov_solves,
+                                  krylov_products=loop.models.krylov_products)
 
     def _forcing(self, state: _State, newton: Tensor, h_norm: Tensor, fz: Tensor, tol: float,
                  stop_mode: str) -> tuple[_State, Tensor | float]:
@@ -356,13 +355,13 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         path = replace(state.path, y=_where(move, state.path.y + delta, state.path.y))
         return replace(state, path=path, newton=record, corrector=corrector)
 
-    def _take_tangents(self, state: _State, tangent: Tensor, w: Tensor, finite: Tensor,
-                       exact: Tensor, budget: Budget) -> _State:
+    def _take_tangents(self, state: _State, models: JacobianModels, tangent: Tensor,
+                       w: Tensor, finite: Tensor, exact: Tensor, budget: Budget) -> _State:
         """t = w / ||w|| and the next prediction (:meth:`_set_tangent`); a failed tangent
         solve retries from the anchor with half the step."""
         tangent_ok = tangent & finite
         if bool(tangent_ok.any()):
-            state = self._set_tangent(state, tangent_ok, _unit(w), budget, exact)
+            state = self._set_tangent(state, models, tangent_ok, _unit(w), budget, exact)
         tangent_failed = tangent & ~finite
         if not _maybe_any(tangent_failed):
             return state

@@ -14,13 +14,14 @@ import torch
 
 from .linalg import batch_dot
 from .outcome import Budget, _where
-from .tracker_state import _TURN_FACTOR, _e_lambda, _State, _unit
+from .tracker_state import _TURN_FACTOR, JacobianModels, _e_lambda, _State, _unit
 
 Tensor = torch.Tensor
 
 
 class Predictor:
-    """Tangents and predicted points (uses ``f``, ``n``, ``opt`` and ``_solve``)."""
+    """Tangents and predicted points (uses the tracker's ``f``, ``n``, ``opt`` and
+    ``_solve``)."""
 
     def _predict_linear(self, state: _State) -> Tensor:
         """y_p = y_a + h t, with h shortened so that λ_p does not pass 1: h <= (1 - λ_a) / t_λ."""
@@ -30,13 +31,15 @@ class Predictor:
         h = torch.where((t_lam > 0) & (lam_a < 1) & (path.step > to_end), to_end, path.step)
         return path.anchor + h[:, None] * path.tangent
 
-    def _predict(self, state: _State, mask: Tensor, budget: Budget) -> Tensor:
+    def _predict(self, state: _State, models: JacobianModels, mask: Tensor,
+                 budget: Budget) -> Tensor:
         linear = self._predict_linear(state)
         if self.opt.predictor == "tangent":
             return linear
-        return self._predict_ode(state, linear, mask, budget)
+        return self._predict_ode(state, models, linear, mask, budget)
 
-    def _predict_ode(self, state: _State, linear: Tensor, mask: Tensor, budget: Budget) -> Tensor:
+    def _predict_ode(self, state: _State, models: JacobianModels, linear: Tensor,
+                     mask: Tensor, budget: Budget) -> Tensor:
         """Integrate the arclength Davidenko ODE  dy/ds = t(y),  s ∈ [0, h],  with odeint.
 
         t(y) solves [H_z H_λ; t_aᵀ] w = [0; 1], t = w / ||w|| (oriented like the anchor's
@@ -53,15 +56,16 @@ class Predictor:
             if not budget.spend():
                 return torch.zeros_like(y)
             fz = torch.nan_to_num(self.f(y[:, : self.n]))
-            w, finite, _ = self._solve(y, fz, state.path.tangent, e_lam, budget)
+            w, finite, _ = self._solve(models, y, fz, state.path.tangent, e_lam, budget)
             return torch.where((finite & mask)[:, None], _unit(w) * h[:, None],
                                torch.zeros_like(w))
 
         grid = torch.tensor([0.0, 1.0], device=state.path.y.device, dtype=state.path.y.dtype)
         return odeint(velocity, state.path.anchor, grid, method=self.opt.ode_method)[-1]
 
-    def _set_tangent(self, state: _State, tangent_ok: Tensor, t: Tensor,
-                     budget: Budget | None = None, exact: Tensor | None = None) -> _State:
+    def _set_tangent(self, state: _State, models: JacobianModels, tangent_ok: Tensor,
+                     t: Tensor, budget: Budget | None = None,
+                     exact: Tensor | None = None) -> _State:
         """Take ``t`` as the anchor's tangent and predict the next point. The first tangent
         sets the step scale, h_0 = ``homo_step_init`` / |t_λ| (λ rises by step_init). A
         tangent turning sharply (t · t_prev < ``max_turn``) means the step may have jumped
@@ -89,6 +93,6 @@ class Predictor:
         state = replace(state, path=path, jacobian=jacobian,
                         needs_restart=state.needs_restart | underflow)
         tangent_ok = tangent_ok & ~underflow
-        pred = (self._predict(state, tangent_ok, budget) if budget is not None
+        pred = (self._predict(state, models, tangent_ok, budget) if budget is not None
                 else self._predict_linear(state))
         return state.begin_step(tangent_ok, pred)

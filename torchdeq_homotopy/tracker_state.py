@@ -1,4 +1,5 @@
-"""The path tracker's per-sample state: phases, options and the state record.
+"""The path tracker's per-sample state: phases, options, the state record and the models
+of f it learns.
 
 Points of the path are y = (z, λ), shape ``(B, n + 1)``; every other field is one value per
 sample, so the tracker never loops over samples.
@@ -7,12 +8,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import SOLVER_KEYS
 from .outcome import Status, _where
+
+if TYPE_CHECKING:
+    from .homotopies import FixedPointHomotopy, NewtonHomotopy
+    from .linalg import SecantJacobian
+    from .secant import InverseBroyden, LowRankJacobian
 
 Tensor = torch.Tensor
 
@@ -221,3 +227,26 @@ class _State:
     def with_phase(self, mask: Tensor, phase: Phase) -> _State:
         """The samples in ``mask`` move to ``phase``."""
         return replace(self, phase=self.phase.masked_fill(mask, int(phase)))
+
+
+@dataclass
+class JacobianModels:
+    """What the tracker learns about f during one solve, carried by its loop beside the
+    state: the homotopy, and the models of J_f its linear solves use.
+
+    Unlike the state's records, these are buffers updated in place (O(m n) per sample for
+    the secant models, as TorchDEQ's Broyden keeps its own); each is built when a phase
+    first needs it.
+    """
+
+    linear_solver: str            # 'dense', 'secant' or 'gmres' ('auto' resolved)
+    homotopy: FixedPointHomotopy | NewtonHomotopy   # until a sample leaves λ = 1 a Newton
+    #                               homotopy with G(z0) = 0 stands in; built with f(z0)
+    dense: SecantJacobian         # dense solves: J_f, Broyden-updated between refreshes
+    jvp_mode: str                 # how Jacobian-vector products are taken (may fall back)
+    fz0: Tensor | None = None     # f(z0), once the path's homotopy is built
+    low_rank: LowRankJacobian | None = None   # secant solves: J_f ≈ U Vᵀ per sample
+    broyden: InverseBroyden | None = None     # secant solves' NEWTON phase (Broyden)
+    generator: torch.Generator | None = None  # the restarts' perturbations (fixed seed)
+    krylov_solves: int = 0        # GMRES solves run, and the products they made
+    krylov_products: int = 0

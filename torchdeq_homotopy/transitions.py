@@ -24,6 +24,7 @@ from .tracker_state import (
     _RETRY_FACTOR,
     _SHRINK_SLOW,
     _SLOW_CORRECTOR,
+    JacobianModels,
     Phase,
     _e_lambda,
     _maybe_any,
@@ -35,23 +36,26 @@ Tensor = torch.Tensor
 
 
 class PhaseTransitions:
-    """Decisions between phases (uses the tracker's ``f``, ``x0``, ``opt``, ``hom``,
-    ``broyden``, ``_solve``, ``_set_tangent`` and ``_predict_linear``)."""
+    """Decisions between phases (uses the tracker's ``f``, ``x0``, ``opt``,
+    ``_set_tangent`` and ``_predict_linear``; the homotopy and the Broyden pairs come
+    with each call, in ``models``)."""
 
-    def _build_homotopy(self, budget: Budget) -> bool:
-        if self.fz0 is None:
+    def _build_homotopy(self, models: JacobianModels, budget: Budget) -> bool:
+        """The path's homotopy, with f(z0) (one evaluation, once); False if the budget
+        cannot pay for it."""
+        if models.fz0 is None:
             if not budget.spend():
                 return False
-            self.fz0 = self.f(self.x0)
-            self.hom = HOMOTOPIES[self.opt.type](self.x0, self.fz0)
+            models.fz0 = self.f(self.x0)
+            models.homotopy = HOMOTOPIES[self.opt.type](self.x0, models.fz0)
         return True
 
-    def _mark_stale(self, state: _State, abs_res: Tensor) -> _State:
+    def _mark_stale(self, state: _State, models: JacobianModels, abs_res: Tensor) -> _State:
         """A Newton or endgame step under a secant Jacobian that did not halve the residual,
         r_k > ``_NEWTON_PROGRESS`` · r_{k−1} (or failed), asks for the exact Jacobian at the
         next solve."""
         at_lambda_one = (state.phase == Phase.ENDGAME) | (
-            (state.phase == Phase.NEWTON) & (self._mode() != "secant"))
+            (state.phase == Phase.NEWTON) & (models.linear_solver != "secant"))
         if not _maybe_any(at_lambda_one):
             return state
         jacobian = state.jacobian
@@ -59,8 +63,8 @@ class PhaseTransitions:
         stale = jacobian.stale | (at_lambda_one & ~jacobian.exact & slow)
         return replace(state, jacobian=replace(jacobian, stale=stale))
 
-    def _leave_newton(self, state: _State, f_finite: Tensor, abs_res: Tensor,
-                      budget: Budget) -> tuple[_State, Tensor]:
+    def _leave_newton(self, state: _State, models: JacobianModels, f_finite: Tensor,
+                      abs_res: Tensor, budget: Budget) -> tuple[_State, Tensor]:
         """NEWTON samples that stall restart on the path from (z0, 0); returns the new state
         and the samples that are idle this iteration (waiting or restarting).
 
@@ -74,8 +78,8 @@ class PhaseTransitions:
         if not opt.track:
             return state.finish(in_newton & ~f_finite, Status.NONFINITE), \
                 torch.zeros_like(in_newton)
-        if self._mode() == "secant":
-            return self._leave_broyden(state, in_newton, f_finite, abs_res, budget)
+        if models.linear_solver == "secant":
+            return self._leave_broyden(state, models, in_newton, f_finite, abs_res, budget)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         record, jacobian = state.newton, state.jacobian
         exact_step = in_newton & (record.steps > 0) & jacobian.exact
@@ -93,37 +97,38 @@ class PhaseTransitions:
         # start on the path together, so that their path steps share linear solves.
         if bool((in_newton & ~stalled).any()):
             return state, leave
-        return self._leave_together(state, leave, budget)
+        return self._leave_together(state, models, leave, budget)
 
-    def _leave_together(self, state: _State, leave: Tensor, budget: Budget
-                        ) -> tuple[_State, Tensor]:
+    def _leave_together(self, state: _State, models: JacobianModels, leave: Tensor,
+                        budget: Budget) -> tuple[_State, Tensor]:
         """The samples in ``leave`` start on the path from (z0, 0) (those whose f(z0) is not
         finite fail); nothing happens if none leaves or f(z0) cannot be paid for."""
-        if not bool(leave.any()) or not self._build_homotopy(budget):
+        if not bool(leave.any()) or not self._build_homotopy(models, budget):
             return state, torch.zeros_like(leave)
-        state = state.finish(leave & ~torch.isfinite(self.fz0).all(dim=1), Status.NONFINITE)
+        state = state.finish(leave & ~torch.isfinite(models.fz0).all(dim=1), Status.NONFINITE)
         leave = leave & (state.phase != Phase.DONE)
-        return self._start_path(state, leave, self.x0), leave
+        return self._start_path(state, models, leave, self.x0), leave
 
-    def _broyden_step(self, z: Tensor, fz: Tensor, rows: Tensor, delta: Tensor, finite: Tensor,
-                      max_evals: int) -> tuple[Tensor, Tensor]:
+    def _broyden_step(self, models: JacobianModels, z: Tensor, fz: Tensor, rows: Tensor,
+                      delta: Tensor, finite: Tensor, max_evals: int) -> tuple[Tensor, Tensor]:
         """Broyden's step δ = W (f(z) - z) (:class:`~torchdeq_homotopy.secant.InverseBroyden`,
         memory ``homo_broyden_memory``, default the budget as in TorchDEQ) for ``rows``;
         the model observes every evaluation, so its updates follow each sample's steps."""
         if not _maybe_any(rows):     # no sample returns to this phase: free the pairs
-            self.broyden = None
+            models.broyden = None
             return delta, finite
-        if self.broyden is None:
+        if models.broyden is None:
             memory = self.opt.broyden_memory or max_evals
-            self.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device)
-        self.broyden.observe(z, fz)
-        step = self.broyden.step()
+            models.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device)
+        models.broyden.observe(z, fz)
+        step = models.broyden.step()
         ok = torch.isfinite(step).all(dim=1) & torch.isfinite(fz).all(dim=1)
         step = torch.cat([step, torch.zeros_like(step[:, :1])], dim=1)
         return _where(rows, step, delta), torch.where(rows, ok, finite)
 
-    def _leave_broyden(self, state: _State, in_newton: Tensor, f_finite: Tensor,
-                       abs_res: Tensor, budget: Budget) -> tuple[_State, Tensor]:
+    def _leave_broyden(self, state: _State, models: JacobianModels, in_newton: Tensor,
+                       f_finite: Tensor, abs_res: Tensor, budget: Budget
+                       ) -> tuple[_State, Tensor]:
         """With the secant model the NEWTON phase is Broyden's method (see
         :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
         find no residual below its lowest, or when f or the step is not finite; once every
@@ -142,9 +147,10 @@ class PhaseTransitions:
         # evaluations from the samples that Broyden is still solving.
         if not _maybe_any(stalled) or bool((in_newton & ~stalled).any()):
             return state, torch.zeros_like(stalled)
-        return self._leave_together(state, stalled, budget)
+        return self._leave_together(state, models, stalled, budget)
 
-    def _start_path(self, state: _State, mask: Tensor, z0: Tensor) -> _State:
+    def _start_path(self, state: _State, models: JacobianModels, mask: Tensor,
+                    z0: Tensor) -> _State:
         """Put the samples in ``mask`` at (z0, 0), the start of their path, with the tangent
         there if the homotopy knows it in closed form (else phase TANGENT solves for it)."""
         start_y = torch.cat([z0, torch.zeros_like(z0[:, :1])], dim=1)
@@ -156,16 +162,17 @@ class PhaseTransitions:
                         jacobian=replace(state.jacobian, stale=state.jacobian.stale | mask),
                         corrector=replace(state.corrector,
                                           retried=state.corrector.retried & ~mask))
-        start = self.hom.start_tangent()
+        start = models.homotopy.start_tangent()
         if start is None:    # the tangent at λ = 0 needs a solve: do it at the next iteration
             e_lam = _e_lambda(start_y)
             path = replace(path, tangent=_where(mask, e_lam, path.tangent),
                            tangent_prev=_where(mask, e_lam, path.tangent_prev))
             return replace(state, path=path).with_phase(mask, Phase.TANGENT)
-        return self._set_tangent(state, mask, _unit(torch.cat([start[0], start[1][:, None]],
-                                                              dim=1)))
+        return self._set_tangent(state, models, mask,
+                                 _unit(torch.cat([start[0], start[1][:, None]], dim=1)))
 
-    def _restart(self, state: _State, budget: Budget) -> tuple[_State, Tensor]:
+    def _restart(self, state: _State, models: JacobianModels, budget: Budget
+                 ) -> tuple[_State, Tensor]:
         """Samples whose path step underflowed, or whose path went below λ = 0 (a jump to
         another branch), start a new path from a perturbed start
 
@@ -188,22 +195,18 @@ class PhaseTransitions:
             return state.finish(again, Status.STEP_UNDERFLOW), torch.zeros_like(again)
         state = replace(state, restarts=state.restarts + again.long())
         rms = (self.n ** -0.5)
-        sigma = torch.maximum((self.fz0 - self.x0).norm(dim=1) * rms,
+        sigma = torch.maximum((models.fz0 - self.x0).norm(dim=1) * rms,
                               0.01 * (1 + self.x0.norm(dim=1) * rms))
-        noise = torch.randn(self.x0.shape, generator=self._generator(), dtype=self.x0.dtype,
+        if models.generator is None:    # a fixed seed: restarts are reproducible
+            models.generator = torch.Generator(device=self.x0.device).manual_seed(0)
+        noise = torch.randn(self.x0.shape, generator=models.generator, dtype=self.x0.dtype,
                             device=self.x0.device)
         z0 = self.x0 + (state.restarts * sigma)[:, None] * noise
         z0 = _where(again, z0, self.x0)
         fz0 = self.f(z0)
         again = again & torch.isfinite(fz0).all(dim=1)
-        self.hom.restart(again, z0, fz0)
-        return self._start_path(state, again, z0), again
-
-    def _generator(self) -> torch.Generator:
-        """A fixed-seed generator: restarts are reproducible run to run."""
-        if self._gen is None:
-            self._gen = torch.Generator(device=self.x0.device).manual_seed(0)
-        return self._gen
+        models.homotopy.restart(again, z0, fz0)
+        return self._start_path(state, models, again, z0), again
 
     def _corrector_verdict(self, state: _State, h_norm: Tensor, in_corr: Tensor
                            ) -> tuple[Tensor, Tensor]:
@@ -225,8 +228,8 @@ class PhaseTransitions:
                                       | (corrector.steps >= opt.corrector_iters))
         return accept, reject
 
-    def _judge_corrector(self, state: _State, h_norm: Tensor, idle: Tensor
-                         ) -> tuple[_State, Tensor]:
+    def _judge_corrector(self, state: _State, models: JacobianModels, h_norm: Tensor,
+                         idle: Tensor) -> tuple[_State, Tensor]:
         """Accept, reject or continue each CORRECT sample (:meth:`_corrector_verdict`);
         returns the new state and the samples now idle.
 
@@ -258,7 +261,8 @@ class PhaseTransitions:
             return state, exact_retry | retry
         # Secant predictor: t = (y_k − y_{k−1}) / ||·||, no linear solve.
         secant = _unit(state.path.anchor - state.path.anchor_prev)
-        state, retry = self._retry(self._set_tangent(state, continuing, secant), reject)
+        state, retry = self._retry(self._set_tangent(state, models, continuing, secant),
+                                   reject)
         return state, continuing | exact_retry | retry
 
     def _advance_anchor(self, state: _State, continuing: Tensor) -> _State:
