@@ -55,6 +55,30 @@ def eisenstat_walker(h_norm: Tensor, h_prev: Tensor, eta_prev: Tensor, eta_first
     return torch.nan_to_num(eta, nan=eta_first).clamp(max=eta_max)
 
 
+def _hessenberg_column(h: Tensor, w: Tensor, inactive: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Column j of the Arnoldi Hessenberg matrix from the projections h = V_jᵀ A v_j and
+    the orthogonalized remainder w: h_{j+1,j} = ||w||, per row.
+
+    h_{j+1,j} ≈ 0 with a nonzero column is a breakdown: the Krylov space is invariant and
+    the solution exact. A zero column (A v_j = 0) is singular: A is singular on the space,
+    and the row stops unsolved. A stopped row (``inactive`` or singular) gets the column
+    e_{j+1}: below every real row of H, it keeps H full rank and gives y_j = 0.
+
+    Returns (h, h_{j+1,j}, stopped, breakdown, singular).
+    """
+    tiny = torch.finfo(w.dtype).tiny ** 0.5
+    h_next = w.norm(dim=1)
+    small = h_next <= 1e3 * torch.finfo(w.dtype).eps * h.norm(dim=1).clamp_min(tiny)
+    singular = h.norm(dim=1) <= tiny
+    breakdown = small & ~singular
+    stopped = inactive | singular
+    h = torch.where(stopped[:, None], torch.zeros_like(h), h)
+    h_next = torch.where(breakdown, torch.zeros_like(h_next), h_next)
+    h_next = torch.where(stopped, torch.ones_like(h_next), h_next)
+    return h, h_next, stopped, breakdown, singular
+
+
 def gmres(
     matvec: MatVec,
     b: Tensor,
@@ -125,18 +149,7 @@ def gmres(
             break
         w = matvec(basis[:, j] if precond is None else precond(basis[:, j]))
         h, w = _orthogonalize(basis[:, : j + 1], w)
-        h_next = w.norm(dim=1)
-        small = h_next <= 1e3 * torch.finfo(b.dtype).eps * h.norm(dim=1).clamp_min(tiny)
-        # h_{j+1,j} = 0 with a nonzero column: the space is invariant, the solution exact.
-        # A zero column (A v_j = 0): A is singular on the space; the row stops unsolved.
-        singular = h.norm(dim=1) <= tiny
-        breakdown = small & ~singular
-        # A stopped row gets the column e_{j+1}: below every real row of H, it keeps H
-        # full rank and gives y_j = 0.
-        stopped = done | ~finite | singular
-        h = torch.where(stopped[:, None], torch.zeros_like(h), h)
-        h_next = torch.where(breakdown, torch.zeros_like(h_next), h_next)
-        h_next = torch.where(stopped, torch.ones_like(h_next), h_next)
+        h, h_next, stopped, breakdown, singular = _hessenberg_column(h, w, done | ~finite)
         hess[:, : j + 1, j] = h
         hess[:, j + 1, j] = h_next
         basis[:, j + 1] = torch.where((stopped | breakdown)[:, None], torch.zeros_like(w),
