@@ -303,13 +303,24 @@ def check_known_keys(config: Mapping[str, Any], extra: Iterable[str] = ()) -> No
             )
 
 
-def _registered_solver(name: str) -> str:
+def registered_solvers() -> list[str]:
+    """The names TorchDEQ's ``get_solver`` accepts, sorted. TorchDEQ has no public listing;
+    its registry is read here, never written.
+
+    Example:
+        >>> import torchdeq_homotopy
+        >>> {'anderson', 'homotopy'} <= set(registered_solvers())
+        True
+    """
     from torchdeq.solver import _solvers
 
-    if name not in _solvers:
-        raise argparse.ArgumentTypeError(
-            f"unknown solver {name!r}; registered solvers: {sorted(map(str, _solvers))}"
-        )
+    return sorted(map(str, _solvers))
+
+
+def _registered_solver(name: str) -> str:
+    known = registered_solvers()
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown solver {name!r}; registered solvers: {known}")
     return name
 
 
@@ -342,9 +353,7 @@ def add_homotopy_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         >>> args.b_solver, args.homo_type
         ('homotopy', 'newton')
     """
-    from torchdeq.solver import _solvers
-
-    registered = ", ".join(sorted(map(str, _solvers)))
+    registered = ", ".join(registered_solvers())
     # A group whose conflict_handler is 'resolve' replaces TorchDEQ's two solver flags.
     solvers = parser.add_argument_group("solvers (any registered)", conflict_handler="resolve")
     for dest, direction in (("f_solver", "forward"), ("b_solver", "backward")):

@@ -27,7 +27,14 @@ from torchdeq.core import register_deq
 from torchdeq.solver import get_solver, register_solver
 from torchdeq.utils.config import DEQConfig
 
-from .config import ALL_KEYS, CORE_KEYS, SOLVER_KEYS, ConfigError, check_plugin_key
+from .config import (
+    ALL_KEYS,
+    CORE_KEYS,
+    SOLVER_KEYS,
+    ConfigError,
+    check_plugin_key,
+    registered_solvers,
+)
 from .solvers import homotopy_solver, newton_krylov_solver
 
 PLUGIN_SOLVERS: dict[str, Callable[..., Any]] = {
@@ -66,9 +73,8 @@ def check_solver_name(key: str, name: str) -> None:
     try:
         get_solver(name)
     except AssertionError:
-        known = sorted(map(str, torchdeq.solver._solvers))
         raise ConfigError(f"{key}={name!r} is not a registered solver; choose one of "
-                          f"{known}.") from None
+                          f"{registered_solvers()}.") from None
 
 
 def _changed(config: dict[str, Any], keys: dict) -> dict[str, Any]:

@@ -122,8 +122,6 @@ class ProgressRule:
         return bool(late.any() | ~open_.any())
 
 
-
-
 @dataclass
 class WarmupLoop:
     """The warm-up's carry: the solve's record, the best residual after each of the last
