@@ -69,6 +69,23 @@ def test_inverse_broyden_reproduces_dense_broyden_and_torchdeq():
     torch.testing.assert_close(z, z_torchdeq, rtol=1e-9, atol=1e-10)
 
 
+def test_inverse_broyden_merges_its_pairs_exactly_past_2n():
+    """Past 2n pairs the inverse model is merged into n columns (C Dᵀ, I): the iterates
+    stay those of dense Broyden, and the buffers stay at 2n columns."""
+    f = tanh_cell(3, 4, 6.0, seed=3)
+    z0 = torch.zeros(3, 4, dtype=F64)
+    steps = 14                               # merges after pairs 8 and 12
+    reference = dense_broyden(f, z0, steps)
+    model = InverseBroyden(3, 4, memory=100, dtype=F64, device="cpu", merge=True)
+    z = z0
+    for expected in reference:
+        model.observe(z, f(z))
+        z = z + model.step()
+        torch.testing.assert_close(z, expected, rtol=1e-8, atol=1e-9)
+        assert model.C.shape[2] <= 2 * 4 + 1
+    assert model.next_slot.max() < 2 * 4
+
+
 def test_bordered_woodbury_solve_matches_dense_solve():
     torch.manual_seed(0)
     bsz, n, m = 5, 11, 6

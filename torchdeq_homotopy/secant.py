@@ -223,6 +223,14 @@ class InverseBroyden:
     ``memory`` pairs are kept per sample, the oldest overwritten after that (TorchDEQ's
     ``LBFGS_thres``); the buffers grow as pairs arrive.
 
+    With ``merge=True`` (for a memory that drops nothing) the pairs are merged once 2n are
+    held: C Dᵀ is an n × n matrix however many pairs make it, so
+
+        C ← C Dᵀ,   D ← I,
+
+    is exact and leaves n columns. A product with W then never costs more than O(n²) per
+    sample, where k pairs cost O(n k) and k grows with the budget.
+
     Example:
         >>> A = torch.tensor([[0.5, 2.0], [0.0, 3.0]]); b = torch.ones(1, 2)
         >>> f = lambda z: z @ A.T + b                    # expansive: iteration diverges
@@ -234,10 +242,12 @@ class InverseBroyden:
     """
 
     def __init__(self, bsz: int, n: int, memory: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, merge: bool = False) -> None:
         self.memory = memory
+        # at most 2n columns before a merge (a merge needs memory above n to leave room)
+        self.columns = min(memory, 2 * n) if merge and memory > n else memory
         self.C = torch.zeros(bsz, n, 1, dtype=dtype, device=device)   # + scratch column
-        self.D = torch.zeros(bsz, n, 1, dtype=dtype, device=device)
+        self.Dt = torch.zeros(bsz, 1, n, dtype=dtype, device=device)  # Dᵀ, rows contiguous
         self.next_slot = torch.zeros(bsz, dtype=torch.long, device=device)
         self._written = 0              # an upper bound on any sample's pairs (no host sync)
         self._z: Tensor | None = None
@@ -245,19 +255,19 @@ class InverseBroyden:
         self._step: Tensor | None = None   # W (f(z) − z) at the recorded point
 
     def _used(self) -> tuple[Tensor, Tensor]:
-        """The columns that may hold pairs (no sample has written beyond them yet)."""
+        """C and Dᵀ over the columns that may hold pairs (no sample wrote beyond them)."""
         k = min(self._written, self.C.shape[2] - 1)
-        return self.C[..., :k], self.D[..., :k]
+        return self.C[..., :k], self.Dt[:, :k]
 
     def apply(self, r: Tensor) -> Tensor:
         """W r = r + C (Dᵀ r)."""
-        C, D = self._used()
-        return r + torch.bmm(C, torch.bmm(D.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
+        C, Dt = self._used()
+        return r + torch.bmm(C, torch.bmm(Dt, r.unsqueeze(-1))).squeeze(-1)
 
     def apply_t(self, r: Tensor) -> Tensor:
         """Wᵀ r = r + D (Cᵀ r)."""
-        C, D = self._used()
-        return r + torch.bmm(D, torch.bmm(C.transpose(1, 2), r.unsqueeze(-1))).squeeze(-1)
+        C, Dt = self._used()
+        return r + torch.bmm(r.unsqueeze(1), C).matmul(Dt).squeeze(1)
 
     def step(self) -> Tensor:
         """Broyden's step δ = W (f(z) − z) at the last recorded point (computed by
@@ -296,17 +306,37 @@ class InverseBroyden:
         scratch column that receives the zero pairs of the other samples, so it stays zero
         and every product may run over the whole buffer."""
         capacity = self.C.shape[2] - 1
-        if self._written >= capacity and capacity < self.memory:
-            # double the capacity (from 4 columns): amortised O(1) copies per pair, and a
-            # short Broyden phase on a large batch allocates only what it uses
-            grow = min(max(4, capacity), self.memory - capacity)
-            pad = c.new_zeros(*c.shape, grow + 1)
-            self.C = torch.cat([self.C[..., :capacity], pad], dim=2)
-            self.D = torch.cat([self.D[..., :capacity], pad], dim=2)
-            capacity += grow
+        if self._written >= capacity:
+            if capacity < self.columns:
+                self._grow(min(max(4, capacity), self.columns - capacity))
+            elif self.columns < self.memory:
+                self._merge()
+            capacity = self.C.shape[2] - 1
         self._written += 1
         slot = torch.where(ok, self.next_slot, torch.full_like(self.next_slot, capacity))
-        index = slot[:, None, None].expand(-1, c.shape[1], 1)
-        self.C.scatter_(2, index, c[..., None])
-        self.D.scatter_(2, index, d[..., None])
+        self.C.scatter_(2, slot[:, None, None].expand(-1, c.shape[1], 1), c[..., None])
+        self.Dt.scatter_(1, slot[:, None, None].expand(-1, 1, d.shape[1]), d[:, None])
         self.next_slot = (self.next_slot + ok.long()) % self.memory
+
+    def _grow(self, extra: int) -> None:
+        """``extra`` more columns (doubling from 4: amortised O(1) copies per pair, and a
+        short Broyden phase on a large batch allocates only what it uses)."""
+        capacity = self.C.shape[2] - 1
+        self.C = torch.cat([self.C[..., :capacity], self.C.new_zeros(
+            *self.C.shape[:2], extra + 1)], dim=2)
+        self.Dt = torch.cat([self.Dt[:, :capacity], self.Dt.new_zeros(
+            self.Dt.shape[0], extra + 1, self.Dt.shape[2])], dim=1)
+
+    def _merge(self) -> None:
+        """C ← C Dᵀ (n × n per sample), D ← I: the same W in n columns, the other n
+        columns free again (samples that skipped updates hold zero columns, which the
+        product leaves out)."""
+        C, Dt = self._used()
+        n = C.shape[1]
+        merged = torch.bmm(C, Dt)
+        self.C.zero_()
+        self.Dt.zero_()
+        self.C[..., :n] = merged
+        self.Dt[:, :n] = torch.eye(n, dtype=C.dtype, device=C.device)
+        self.next_slot.fill_(n)
+        self._written = n

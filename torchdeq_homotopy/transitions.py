@@ -119,7 +119,8 @@ class PhaseTransitions:
             return delta, finite
         if models.broyden is None:
             memory = self.opt.broyden_memory or max_evals
-            models.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device)
+            models.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device,
+                                            merge=memory >= max_evals)
         models.broyden.observe(z, fz)
         step = models.broyden.step()
         ok = torch.isfinite(step).all(dim=1) & torch.isfinite(fz).all(dim=1)
