@@ -447,13 +447,16 @@ def test_secant_update_meets_the_secant_condition(gather_rows):
     torch.testing.assert_close(cache.jac[3], exact_row3)
 
 
-def test_paths_restart_from_a_perturbed_start_after_underflow():
+@pytest.mark.parametrize("linear_solver", ["secant", "dense"])
+def test_paths_restart_from_a_perturbed_start_after_underflow(linear_solver):
     """homo_step_min so large that the first rejected step underflows: without restarts
     those samples fail with STEP_UNDERFLOW; with them, the samples that restarted and
-    converged have a recomputed residual within tol."""
+    converged have a recomputed residual within tol. Every sample starts on the path
+    (``homo_newton_iters=0``)."""
     f = tanh_cell(32, 12, 5.0, seed=5)
     x0 = torch.zeros(32, 12)
-    opts = dict(max_iter=3000, tol=1e-4, homo_step_min=0.9, homo_newton_iters=1)
+    opts = dict(max_iter=3000, tol=1e-4, homo_step_min=0.9, homo_newton_iters=0,
+                homo_linear_solver=linear_solver)
     _, _, info0 = th.homotopy_solver(f, x0, homo_restarts=0, **opts)
     failed0 = info0["status"] == Status.STEP_UNDERFLOW
     assert failed0.any() and (info0["restarts"] == 0).all()

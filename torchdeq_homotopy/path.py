@@ -45,14 +45,14 @@ options. The phases:
             step also moves λ onto 1) down to the requested tolerance.
 ``DONE``    converged or failed; the sample is frozen (its linear system is zero).
 
-Linear solves (``homo_linear_solver``): for states larger than ``homo_krylov_dim`` (the
-``'secant'`` solver), a low-rank secant model of J_f per sample
+Linear solves (``homo_linear_solver``): by default (``'auto'``, the ``'secant'`` solver at
+every size), a low-rank secant model of J_f per sample
 (:mod:`torchdeq_homotopy.secant`). There the NEWTON phase is Broyden's method in inverse
 form (TorchDEQ's iterates, no products); path and endgame solves use the model's Woodbury
 solve of the bordered system, and where an exact solve is needed (the same triggers as a
 dense refresh below) GMRES right-preconditioned by the model, whose products are absorbed
-into the model. Otherwise: matrix-free GMRES on Jacobian-vector products (``'gmres'``), or,
-for small states (n <= ``homo_krylov_dim``), LU on the dense bordered matrix. The dense
+into the model. Otherwise: matrix-free GMRES on Jacobian-vector products (``'gmres'``), or
+LU on the dense bordered matrix (``'dense'``, for small states). The dense
 Jacobian costs n products in one vmapped call; between refreshes it follows Broyden's
 secant update at no cost, and a sample asks for a refresh when a Newton step under the
 secant Jacobian does not halve its residual, when a corrector under it is rejected (the

@@ -198,12 +198,12 @@ def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int 
 
     (or the Newton homotopy, ``homo_type='newton'``) followed by a predictor–corrector
     tracker with pseudo-arclength and per-sample step control, and ends with a Newton
-    endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). For states of more than
-    ``homo_krylov_dim`` entries the phase at λ = 1 is Broyden's method and linear solves
-    with [I - λJ_f, ∂H/∂λ] go through a low-rank secant model of J_f (Woodbury), with GMRES
-    preconditioned by it where an exact solve is needed
-    (:mod:`torchdeq_homotopy.secant`); for smaller states, LU on a dense Jacobian (n
-    products in one vmapped call) kept current by Broyden updates between refreshes. A
+    endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). The phase at λ = 1 is Broyden's
+    method and linear solves with [I - λJ_f, ∂H/∂λ] go through a low-rank secant model of
+    J_f (Woodbury), with GMRES preconditioned by it where an exact solve is needed
+    (:mod:`torchdeq_homotopy.secant`); ``homo_linear_solver='dense'`` instead uses LU on a
+    dense Jacobian (n products in one vmapped call) kept current by Broyden updates between
+    refreshes. A
     sample whose path step underflows, or whose path jumps below λ = 0, restarts from a
     perturbed start.
 

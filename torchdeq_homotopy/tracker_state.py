@@ -24,8 +24,6 @@ Tensor = torch.Tensor
 
 # Corrector steps after which an accepted path step refreshes the dense Jacobian.
 _SLOW_CORRECTOR = 3
-# Dense refreshes (n products each) the budget must afford for 'auto' to choose dense solves.
-_DENSE_REFRESHES = 10
 # Exact-Jacobian Newton steps in a row that may end above the lowest residual met so far
 # before a sample counts as stalled. Newton on expansive cells often climbs before it
 # converges (up to hundreds of times its best residual, then quadratic convergence).
