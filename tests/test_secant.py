@@ -129,6 +129,39 @@ def test_secant_solver_is_the_default_above_the_dense_size_and_solves_expansive_
     assert info["krylov_solves"] == 0                       # Broyden alone, no products
 
 
+def test_auto_on_small_states_takes_broydens_steps_then_dense_path_solves(monkeypatch):
+    """Under ``homo_linear_solver='auto'`` at n <= homo_krylov_dim, the phase at λ = 1 is
+    Broyden's method: f is called at dense Broyden's iterates, with no product. Samples
+    that stall there (``homo_secant_patience`` 1 here) go on the path, whose solves use
+    the dense Jacobian (no GMRES), and end on a true equilibrium."""
+    f = tanh_cell(3, 12, 3.0, seed=2)
+    z0 = torch.zeros(3, 12, dtype=F64)
+    points = []
+
+    def recording(z):
+        points.append(z.clone())
+        return f(z)
+
+    th.homotopy_solver(recording, z0, max_iter=8, tol=1e-30, homo_warmup=0,
+                       homo_secant_patience=20)
+    reference = dense_broyden(f, z0, 6)
+    for got, expected in zip(points[1:7], reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    from torchdeq_homotopy.bordered import BorderedSolves
+    dense_solves = []
+    solve_dense = BorderedSolves._solve_dense
+
+    def spy(self, *args, **kwargs):
+        dense_solves.append(1)
+        return solve_dense(self, *args, **kwargs)
+
+    monkeypatch.setattr(BorderedSolves, "_solve_dense", spy)
+    z, _, info = th.homotopy_solver(f, z0, max_iter=2000, tol=1e-9, homo_warmup=0,
+                                    homo_secant_patience=1)
+    assert (info["lam"] == 1).all() and info["krylov_solves"] == 0 and dense_solves
+    assert ((f(z) - z).norm(dim=1) <= 1e-9).all()
+
+
 def fold_problem(n=512, seed=0):
     """f(z) = Q tanh(a ⊙ Qᵀz + b) with Q orthogonal, so that ∂f/∂z is dense. In the rotated
     coordinate w_0 the fixed-point homotopy from w_0 = 2 is the scalar path

@@ -37,10 +37,11 @@ class BorderedSolves:
                ) -> tuple[Tensor, Tensor, Tensor]:
         """Solve the bordered system  [H_z  H_λ; borderᵀ] δ = rhs  at y = (z, λ).
 
-        The border row keeps the system regular at turning points of the path. Under
-        ``homo_linear_solver='dense'`` the matrix is formed from a dense Jacobian and solved
-        by LU; under ``'gmres'`` (and for the exact solves of ``'secant'``) by GMRES, where
-        (H_z u + H_λ μ) costs one Jacobian-vector product.
+        The border row keeps the system regular at turning points of the path. Small
+        states (``n <= homo_krylov_dim`` under ``homo_linear_solver='auto'``, or ``'dense'``)
+        form the matrix from a dense Jacobian and solve it by LU; ``'secant'`` uses its
+        low-rank model; others use GMRES, where (H_z u + H_λ μ) costs one Jacobian-vector
+        product.
 
         ``need_exact`` (the main loop's solves) lets dense solves reuse the secant-updated
         Jacobian of :class:`~torchdeq_homotopy.linalg.SecantJacobian`, refreshed (``n``
@@ -82,19 +83,21 @@ class BorderedSolves:
         exact = torch.ones_like(finite)
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
 
-    def _linear_solver(self, max_evals: int) -> str:
-        """The linear solver: ``'dense'``, ``'secant'`` or ``'gmres'``.
-
-        ``'auto'`` is the secant model at every size. Dense Jacobians (n products per
-        refresh) used to be chosen for n <= 40; on the 32-wide selection cells (tanh,
-        ‖W‖₂ 3–6, bias 0.1 and 1, seeds 10–13 and 100–101) the secant solver solved every
-        sample where dense solves missed 5 of 2,048, at 0.1–0.5× their evaluations and a
-        similar total wall time (BENCHMARKS.md). ``max_evals`` is unused by this rule.
-        """
+    def _linear_solver(self) -> str:
+        """The solver of the path's bordered systems: ``'dense'``, ``'secant'`` or
+        ``'gmres'``. ``'auto'`` is dense when n <= ``homo_krylov_dim`` (a refresh costs no
+        more products than one GMRES solve may, in one vectorised call), else secant."""
         choice = self.opt.linear_solver
         if choice == "auto":
-            return "secant"
+            return "dense" if self.n <= self.opt.krylov_dim else "secant"
         return choice
+
+    def _broyden_newton(self) -> bool:
+        """Whether the phase at λ = 1 is Broyden's method (one evaluation a step, no
+        products) rather than exact Newton: under ``'secant'`` and ``'auto'``. On the 32-wide
+        selection cells (tanh, ‖W‖₂ 3–6, bias 0.1 and 1) exact Newton from z0 often climbs
+        and hands the sample to the path, where Broyden's steps converge; see BENCHMARKS.md."""
+        return self.opt.linear_solver in ("auto", "secant")
 
     def _solve_secant(self, models: JacobianModels, z: Tensor, lam: Tensor, fz: Tensor,
                       border: Tensor, rhs: Tensor, budget: Budget, need_exact: Tensor | None,

@@ -137,8 +137,8 @@ SOLVER_KEYS: dict[str, Key] = {
             "Broyden model of J_f per sample, solved by Woodbury; GMRES preconditioned by it "
             "where an exact solve is needed, its products fed back into the model), 'gmres' "
             "(unpreconditioned matrix-free Krylov), 'dense' (J from n products in one vmapped "
-            "call, LU) or 'auto' (secant at every size; see BENCHMARKS.md for the "
-            "measurements behind it)",
+            "call, LU; its λ = 1 phase is exact Newton) or 'auto' (Broyden's method at λ = 1 "
+            "at every size; path solves dense when n <= homo_krylov_dim, else secant)",
             choices=("auto", "secant", "gmres", "dense")),
         Key("homo_secant_rank", 32, "columns of the secant model per sample (memory "
             "2 n · rank); the oldest is dropped when all are in use",

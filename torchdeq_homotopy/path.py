@@ -45,14 +45,15 @@ options. The phases:
             step also moves λ onto 1) down to the requested tolerance.
 ``DONE``    converged or failed; the sample is frozen (its linear system is zero).
 
-Linear solves (``homo_linear_solver``): by default (``'auto'``, the ``'secant'`` solver at
-every size), a low-rank secant model of J_f per sample
+Linear solves (``homo_linear_solver``): for states larger than ``homo_krylov_dim`` (the
+``'secant'`` solver, and ``'auto'``), a low-rank secant model of J_f per sample
 (:mod:`torchdeq_homotopy.secant`). There the NEWTON phase is Broyden's method in inverse
 form (TorchDEQ's iterates, no products); path and endgame solves use the model's Woodbury
 solve of the bordered system, and where an exact solve is needed (the same triggers as a
 dense refresh below) GMRES right-preconditioned by the model, whose products are absorbed
 into the model. Otherwise: matrix-free GMRES on Jacobian-vector products (``'gmres'``), or
-LU on the dense bordered matrix (``'dense'``, for small states). The dense
+LU on the dense bordered matrix (``'dense'``, and ``'auto'`` for n <= ``homo_krylov_dim``,
+whose NEWTON phase is still Broyden's method). The dense
 Jacobian costs n products in one vmapped call; between refreshes it follows Broyden's
 secant update at no cost, and a sample asks for a refresh when a Newton step under the
 secant Jacobian does not halve its residual, when a corrector under it is rejected (the
@@ -172,7 +173,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         # Until a sample leaves λ = 1, H(z, 1) = z - f(z) needs no z0: a Newton homotopy
         # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
         # more call f(z0), when the first sample starts tracking.
-        models = JacobianModels(linear_solver=self._linear_solver(record.budget.limit),
+        models = JacobianModels(linear_solver=self._linear_solver(),
+                                broyden_newton=self._broyden_newton(),
                                 homotopy=NewtonHomotopy(x0, x0),
                                 dense=SecantJacobian(self.f, opt.jvp), jvp_mode=opt.jvp)
         if not newton_first:
@@ -217,7 +219,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         """Whether every open sample is in the secant model's NEWTON phase (Broyden's
         method) and none left it this iteration. Checked on CPU only (:func:`_maybe_any`):
         on accelerators the general iteration, which covers this case, runs without a sync."""
-        if models.linear_solver != "secant":
+        if not models.broyden_newton:
             return False
         elsewhere = (state.phase != Phase.NEWTON) & (state.phase != Phase.DONE)
         return not _maybe_any(elsewhere | idle)
@@ -248,7 +250,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                                                           dim=1))
         active = newton | tangent | correct
         fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
-        secant = models.linear_solver == "secant"
+        secant = models.broyden_newton
         broyden = newton & (state.phase == Phase.NEWTON) if secant else torch.zeros_like(newton)
         state, rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol,
                                     loop.record.stop_mode)

@@ -201,9 +201,9 @@ def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int 
     endgame at λ = 1 (see :mod:`torchdeq_homotopy.path`). The phase at λ = 1 is Broyden's
     method and linear solves with [I - λJ_f, ∂H/∂λ] go through a low-rank secant model of
     J_f (Woodbury), with GMRES preconditioned by it where an exact solve is needed
-    (:mod:`torchdeq_homotopy.secant`); ``homo_linear_solver='dense'`` instead uses LU on a
-    dense Jacobian (n products in one vmapped call) kept current by Broyden updates between
-    refreshes. A
+    (:mod:`torchdeq_homotopy.secant`); for states of at most ``homo_krylov_dim`` entries
+    the path's solves use LU on a dense Jacobian (n products in one vmapped call) kept
+    current by Broyden updates between refreshes. A
     sample whose path step underflows, or whose path jumps below λ = 0, restarts from a
     perturbed start.
 

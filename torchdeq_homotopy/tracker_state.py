@@ -237,7 +237,8 @@ class JacobianModels:
     first needs it.
     """
 
-    linear_solver: str            # 'dense', 'secant' or 'gmres' ('auto' resolved)
+    linear_solver: str            # path solves: 'dense', 'secant' or 'gmres' ('auto' resolved)
+    broyden_newton: bool          # the NEWTON phase is Broyden's method (else exact Newton)
     homotopy: FixedPointHomotopy | NewtonHomotopy   # until a sample leaves λ = 1 a Newton
     #                               homotopy with G(z0) = 0 stands in; built with f(z0)
     dense: SecantJacobian         # dense solves: J_f, Broyden-updated between refreshes

@@ -55,7 +55,7 @@ class PhaseTransitions:
         r_k > ``_NEWTON_PROGRESS`` · r_{k−1} (or failed), asks for the exact Jacobian at the
         next solve."""
         at_lambda_one = (state.phase == Phase.ENDGAME) | (
-            (state.phase == Phase.NEWTON) & (models.linear_solver != "secant"))
+            (state.phase == Phase.NEWTON) & (not models.broyden_newton))
         if not _maybe_any(at_lambda_one):
             return state
         jacobian = state.jacobian
@@ -78,7 +78,7 @@ class PhaseTransitions:
         if not opt.track:
             return state.finish(in_newton & ~f_finite, Status.NONFINITE), \
                 torch.zeros_like(in_newton)
-        if models.linear_solver == "secant":
+        if models.broyden_newton:
             return self._leave_broyden(state, models, in_newton, f_finite, abs_res, budget)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         record, jacobian = state.newton, state.jacobian
