@@ -102,7 +102,7 @@ def test_learned_start_cuts_function_evaluations():
 
 
 def test_info_reports_endpoint_residual_against_recomputation():
-    deq = get_deq(core="homoode")
+    deq = get_deq(core="homoode").eval()            # the default measures outside training
     x = torch.randn(3, 2, 4, 4)
     func = lambda z: torch.tanh(z + x)                          # noqa: E731
     z_out, info = deq(func, torch.zeros_like(x))
@@ -295,8 +295,12 @@ def test_step_callbacks_on_func_see_the_same_steps_as_plain_odeint():
     assert info["nstep"][0] == 2 + 6 * len(ours)
 
 
-@pytest.mark.parametrize("measure", [True, False])
-def test_endpoint_residual_costs_exactly_one_evaluation_and_can_be_skipped(measure):
+@pytest.mark.parametrize("setting, training, measure",
+                         [(True, True, True), (False, False, False), (None, True, False),
+                          (None, False, True)])
+def test_endpoint_residual_costs_exactly_one_evaluation_and_can_be_skipped(setting, training,
+                                                                           measure):
+    """homo_residual: True always measures, False never, None (default) outside training."""
     x = torch.randn(3, 2, 4, 4)
     calls = [0]
 
@@ -304,7 +308,8 @@ def test_endpoint_residual_costs_exactly_one_evaluation_and_can_be_skipped(measu
         calls[0] += 1
         return torch.tanh(z + x)
 
-    deq = get_deq(core="homoode", homo_init="zeros", homo_residual=measure)
+    deq = get_deq(core="homoode", homo_init="zeros", homo_residual=setting)
+    deq.train(training)
     z_out, info = deq(func, torch.zeros_like(x))
     assert calls[0] == int(info["nstep"][0]) + int(measure)
     if measure:

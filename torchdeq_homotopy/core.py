@@ -150,7 +150,7 @@ class HomoODECore(DEQBase):
     ``info`` holds ``nstep`` (evaluations of ``func`` in the solve), ``abs_lowest`` and
     ``rel_lowest`` (the endpoint's ||func(z) - z|| and its relative form: how far z(1) is
     from an equilibrium of the same cell; one more evaluation, not counted in ``nstep``,
-    NaN under ``homo_residual=False``), ``status`` per sample, and ``init_loss``.
+    NaN where ``homo_residual`` skips it), ``status`` per sample, and ``init_loss``.
 
     ``status`` is the integrator's outcome, not a statement about equilibrium: CONVERGED
     means the adaptive integration reached λ = 1 within its tolerances (the endpoint z(1)
@@ -305,7 +305,9 @@ class HomoODECore(DEQBase):
         init_loss = torch.zeros((), device=z_end.device)
         if self.training and options["homo_init"] == "learned" and z_end.dim() >= 2:
             init_loss = self._train_init_point(z_end)
-        info = self._endpoint_stat(deq_func, z_end, nfe, options["homo_residual"])
+        measure = options["homo_residual"]
+        info = self._endpoint_stat(deq_func, z_end, nfe,
+                                   not self.training if measure is None else measure)
         info.update(status=status, init_loss=init_loss,
                     sradius=torch.zeros(1, device=z_end.device))
         return [deq_func.vec2list(z_end)], info
