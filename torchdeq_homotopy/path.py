@@ -194,8 +194,9 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
     def step(self, loop: Loop) -> Loop:
         """One iteration for the whole batch: the phase transitions decided on the last
         evaluation, one batched bordered solve (:meth:`_solve_and_update`), and f at the
-        new points. While every open sample takes Broyden steps at λ = 1 (the secant
-        model's NEWTON phase), only those are taken (:meth:`_broyden_update`)."""
+        new points. While every open sample takes Broyden steps at λ = 1 (the NEWTON
+        phase under ``'auto'`` and ``'secant'``), only those are taken
+        (:meth:`_broyden_update`)."""
         state, models, budget, n = loop.state, loop.models, loop.budget, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         H = models.homotopy.residual(z, fz, lam)
@@ -216,9 +217,9 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         return loop
 
     def _only_broyden(self, state: _State, models: JacobianModels, idle: Tensor) -> bool:
-        """Whether every open sample is in the secant model's NEWTON phase (Broyden's
-        method) and none left it this iteration. Checked on CPU only (:func:`_maybe_any`):
-        on accelerators the general iteration, which covers this case, runs without a sync."""
+        """Whether every open sample is in the NEWTON phase of Broyden's method and none
+        left it this iteration. Checked on CPU only (:func:`_maybe_any`): on accelerators
+        the general iteration, which covers this case, runs without a sync."""
         if not models.broyden_newton:
             return False
         elsewhere = (state.phase != Phase.NEWTON) & (state.phase != Phase.DONE)
@@ -241,8 +242,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
     def _solve_and_update(self, state: _State, loop: Loop, H: Tensor, h_norm: Tensor,
                           idle: Tensor, f_finite: Tensor) -> _State:
         """The one batched bordered solve (:meth:`_bordered_system`; Broyden's steps for the
-        secant model's NEWTON rows), then the Newton, corrector and tangent updates and
-        restarts."""
+        NEWTON rows under ``'auto'`` and ``'secant'``), then the Newton, corrector and
+        tangent updates and restarts."""
         budget, models, n = loop.budget, loop.models, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
@@ -250,15 +251,15 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                                                           dim=1))
         active = newton | tangent | correct
         fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
-        secant = models.broyden_newton
-        broyden = newton & (state.phase == Phase.NEWTON) if secant else torch.zeros_like(newton)
+        broyden = (newton & (state.phase == Phase.NEWTON) if models.broyden_newton
+                   else torch.zeros_like(newton))
         state, rtol = self._forcing(state, newton, h_norm, fz_safe, loop.tol,
                                     loop.record.stop_mode)
         jacobian = state.jacobian
         delta, finite, exact = self._solve(
             models, y_eval, fz_safe, border, rhs, budget,
             need_exact=active & jacobian.stale & ~broyden, rows=active & ~broyden, rtol=rtol)
-        if secant:
+        if models.broyden_newton:
             delta, finite = self._broyden_step(models, z, fz, broyden, delta, finite,
                                                budget.limit)
         jacobian = replace(jacobian, solve_failed=~finite & active,
