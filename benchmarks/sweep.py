@@ -148,7 +148,8 @@ def wall_ratios(rows: list[dict]) -> str:
             size = name.split()[1] if name.startswith("tanh") else "conv"
             hard.setdefault(size, []).append(c["homotopy"]["wall_s"] / c["broyden"]["wall_s"])
     text = (f"Benign cells: homotopy within 1.2× the fastest TorchDEQ solver on "
-            f"{sum(x <= 1.2 for x in benign)} of {len(benign)} (max {max(benign):.2f}×).")
+            f"{sum(x <= 1.2 for x in benign)} of {len(benign)} (max {max(benign):.2f}×)."
+            if benign else "No benign cells.")
     for size, ratios in hard.items():
         mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
         text += f" Hard cells, {size}: {mean:.2f}× Broyden's wall time ({len(ratios)} cells)."
