@@ -143,11 +143,12 @@ SOLVER_KEYS: dict[str, Key] = {
         Key("homo_secant_rank", 32, "columns of the secant model per sample (memory "
             "2 n · rank); the oldest is dropped when all are in use",
             kind=int, check=_positive, check_doc="> 0"),
-        Key("homo_broyden_memory", None, "with the secant solver: secant pairs kept by its "
+        Key("homo_broyden_memory", None, "under 'auto' and 'secant': secant pairs kept by the "
             "Broyden phase at λ = 1 (None: the evaluation budget, as TorchDEQ's broyden keeps "
-            "max_iter of them)", kind=int, check=lambda x: x is None or x > 0,
+            "max_iter of them; none are dropped then, and past 2n they are merged exactly into n "
+            "columns)", kind=int, check=lambda x: x is None or x > 0,
             check_doc="> 0 or None"),
-        Key("homo_secant_patience", None, "with the secant solver: Broyden steps at λ = 1 "
+        Key("homo_secant_patience", None, "under 'auto' and 'secant': Broyden steps at λ = 1 "
             "without a new lowest residual before a sample counts as stalled; the stalled "
             "samples start on the path once every sample of the batch has stalled (None: a "
             "third of the budget)", kind=int, check=lambda x: x is None or x > 0,
