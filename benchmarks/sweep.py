@@ -4,6 +4,7 @@
     python benchmarks/sweep.py --quick --seeds 200 --only "conv 16" "conv 32×16×16 gain 1"
     python benchmarks/sweep.py --quick --seeds 100 --solvers newton_krylov \
         --options homo_forcing=constant --out /tmp/ab
+    python benchmarks/sweep.py --quick --seeds 200 --solvers homotopy   # rerun one solver
 
 Cells (batch 8, float32, start z = 0, stop mode 'rel'):
   tanh(W z + x), W Gaussian scaled to ‖W‖₂ = gain, x ~ bias · N(0, 1), width n;
@@ -213,7 +214,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                         help="run only the cells whose label contains one of these texts, and "
                              "merge them into the existing results (replacing their rows)")
-    parser.add_argument("--solvers", nargs="+", default=SOLVERS, choices=SOLVERS)
+    parser.add_argument("--solvers", nargs="+", default=SOLVERS, choices=SOLVERS,
+                        help="run only these solvers; a subset merges into the existing "
+                             "results (replacing these solvers' rows of the cells run)")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="homo_* keys for newton_krylov and homotopy (an A/B run: give "
                              "--out elsewhere)")
@@ -233,9 +236,11 @@ def main() -> None:
     rerun = {(label(dict(family=c[0], **c[2])), t, s) for c in chosen for t in tols
              for s in seeds}
     rows: list[dict] = []
-    if args.only and (out / f"{name}.json").exists():
+    # With --only or a subset of --solvers, earlier rows of the other cells and solvers stay.
+    partial = args.only or set(args.solvers) != set(SOLVERS)
+    if partial and (out / f"{name}.json").exists():
         rows = [r for r in json.loads((out / f"{name}.json").read_text())
-                if (label(r), r["tol"], r["seed"]) not in rerun]
+                if (label(r), r["tol"], r["seed"]) not in rerun or r["solver"] not in args.solvers]
     for tol in tols:
         for seed in seeds:
             for family, _, params in chosen:

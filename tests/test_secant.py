@@ -129,23 +129,32 @@ def test_secant_solver_is_the_default_above_the_dense_size_and_solves_expansive_
     assert info["krylov_solves"] == 0                       # Broyden alone, no products
 
 
-def test_auto_on_small_states_takes_broydens_steps_then_dense_path_solves(monkeypatch):
+def test_auto_on_small_states_takes_newton_then_broyden_then_dense_path_solves(monkeypatch):
     """Under ``homo_linear_solver='auto'`` at n <= homo_krylov_dim, the phase at λ = 1 is
-    Broyden's method: f is called at dense Broyden's iterates, with no product. Samples
-    that stall there (``homo_secant_patience`` 1 here) go on the path, whose solves use
-    the dense Jacobian (no GMRES), and end on a true equilibrium."""
+    exact Newton first: its first step is z0 + (I - J_f)⁻¹ (f(z0) - z0) (J_f by autograd).
+    Samples on which it stalls (``homo_newton_iters`` 1 here) restart at z0 under Broyden's
+    method: f is then called at dense Broyden's iterates from z0. Samples that stall there
+    too (``homo_secant_patience`` 1) go on the path, whose solves use the dense Jacobian
+    (no GMRES), and end on a true equilibrium."""
     f = tanh_cell(3, 12, 3.0, seed=2)
     z0 = torch.zeros(3, 12, dtype=F64)
     points = []
 
     def recording(z):
-        points.append(z.clone())
+        if not torch._C._functorch.is_functorch_wrapped_tensor(z):   # not a product's call
+            points.append(z.clone())
         return f(z)
 
-    th.homotopy_solver(recording, z0, max_iter=8, tol=1e-30, homo_warmup=0,
-                       homo_secant_patience=20)
+    th.homotopy_solver(recording, z0, max_iter=40, tol=1e-30, homo_warmup=0,
+                       homo_newton_iters=1, homo_secant_patience=20, homo_jvp="forward")
+    full = torch.func.jacrev(f)(z0)                         # (3, 12, 3, 12)
+    jac = torch.stack([full[b, :, b] for b in range(3)])
+    newton = z0 + torch.linalg.solve(torch.eye(12, dtype=F64) - jac, f(z0) - z0)
+    assert torch.allclose(points[1], newton, rtol=1e-9, atol=1e-10)
+    again = [k for k in range(2, len(points)) if torch.equal(points[k], z0)]
+    assert again, "the samples did not restart at z0 under Broyden's method"
     reference = dense_broyden(f, z0, 6)
-    for got, expected in zip(points[1:7], reference, strict=True):
+    for got, expected in zip(points[again[0] + 1:again[0] + 7], reference, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     from torchdeq_homotopy.bordered import BorderedSolves
     dense_solves = []
@@ -157,8 +166,9 @@ def test_auto_on_small_states_takes_broydens_steps_then_dense_path_solves(monkey
 
     monkeypatch.setattr(BorderedSolves, "_solve_dense", spy)
     z, _, info = th.homotopy_solver(f, z0, max_iter=2000, tol=1e-9, homo_warmup=0,
-                                    homo_secant_patience=1)
+                                    homo_newton_iters=1, homo_secant_patience=1)
     assert (info["lam"] == 1).all() and info["krylov_solves"] == 0 and dense_solves
+    assert (info["lam_trace"] < 1).any()                    # some went on the path
     assert ((f(z) - z).norm(dim=1) <= 1e-9).all()
 
 
@@ -244,3 +254,38 @@ def test_tracker_keeps_no_state_between_solves(linear_solver):
     solved = first.status == Status.CONVERGED
     assert solved.float().mean() >= 0.5
     assert ((f(first.z_best) - first.z_best).norm(dim=1)[solved] <= 1e-8).all()
+
+
+def test_broyden_stall_extrapolates_the_last_windows_rate_to_the_budget():
+    """A sample in Broyden's phase stalls when its last window's rate, extrapolated, would
+    not reach the tolerance within the evaluations left: ln(r / tol) / ρ > left with
+    ρ = ln(r_c / r) / w. Here residuals fall by a known factor per step (0.8: reaches
+    tol; 0.999: would need about 14,000 evaluations; 1: a plateau); the verdicts after the
+    second window are checked against that formula, and the stalled sample starts on the
+    path only once the sample still converging has finished."""
+    from torchdeq_homotopy.path import Budget, PathTracker, Phase, Record, TrackerOptions
+
+    x0 = torch.zeros(3, 4, dtype=F64)
+    window, tol, limit = 10, 1e-6, 1000
+    tracker = PathTracker(lambda z: 0.5 * z + 1, x0,
+                          TrackerOptions(linear_solver="secant", secant_patience=window))
+    loop = tracker.init(Record.start(x0, Budget(limit), "abs"), tol)
+    factor = torch.tensor([0.8, 0.999, 1.0], dtype=F64)
+    every = torch.ones(3, dtype=torch.bool)
+    for step in range(1, 2 * window + 1):
+        loop.budget.spend()
+        loop.abs_res = factor ** step
+        loop.state, idle = tracker._leave_broyden(loop.state, loop.models, every, every, loop)
+        assert not idle.any() and (loop.state.phase == Phase.NEWTON).all()
+    r, r_c = factor ** (2 * window), factor ** window
+    rate = torch.log(r_c / r) / window
+    expected = ~(torch.log(r / tol) / rate <= loop.budget.left)
+    assert expected.tolist() == [False, True, True]
+    assert loop.state.newton.stalled.tolist() == expected.tolist()
+    # once the converging sample is done, the two stalled ones start on the path together
+    loop.state = loop.state.finish(torch.tensor([True, False, False]), Status.CONVERGED)
+    in_newton = loop.state.phase == Phase.NEWTON
+    loop.budget.spend()
+    loop.state, idle = tracker._leave_broyden(loop.state, loop.models, in_newton, every, loop)
+    assert idle.tolist() == [False, True, True]
+    assert (loop.state.phase[1:] != Phase.NEWTON).all()

@@ -93,11 +93,19 @@ class BorderedSolves:
         return choice
 
     def _broyden_newton(self) -> bool:
-        """Whether the phase at λ = 1 is Broyden's method (one evaluation a step, no
-        products) rather than exact Newton: under ``'secant'`` and ``'auto'``. On the 32-wide
-        selection cells (tanh, ‖W‖₂ 3–6, bias 0.1 and 1) exact Newton from z0 often climbs
-        and hands the sample to the path, where Broyden's steps converge; see BENCHMARKS.md."""
-        return self.opt.linear_solver in ("auto", "secant")
+        """Whether the phase at λ = 1 starts as Broyden's method (one evaluation a step, no
+        products) rather than exact Newton: under ``'secant'``, and under ``'auto'`` when
+        the path's solves are not dense (n > ``homo_krylov_dim``)."""
+        choice = self.opt.linear_solver
+        return choice == "secant" or (choice == "auto" and self._linear_solver() != "dense")
+
+    def _broyden_next(self) -> bool:
+        """Whether stalled exact Newton hands its samples to Broyden's method at λ = 1,
+        restarted from z0, before the path: under ``'auto'`` with dense solves. There a
+        Newton step costs n products in one vectorised call; on 32-wide cells exact Newton
+        solves some cells that Broyden's method does not, and Broyden's method others that
+        the path does not (see BENCHMARKS.md, "Small states")."""
+        return self.opt.linear_solver == "auto" and not self._broyden_newton()
 
     def _solve_secant(self, models: JacobianModels, z: Tensor, lam: Tensor, fz: Tensor,
                       border: Tensor, rhs: Tensor, budget: Budget, need_exact: Tensor | None,

@@ -137,8 +137,9 @@ SOLVER_KEYS: dict[str, Key] = {
             "Broyden model of J_f per sample, solved by Woodbury; GMRES preconditioned by it "
             "where an exact solve is needed, its products fed back into the model), 'gmres' "
             "(unpreconditioned matrix-free Krylov), 'dense' (J from n products in one vmapped "
-            "call, LU; its λ = 1 phase is exact Newton) or 'auto' (Broyden's method at λ = 1 "
-            "at every size; path solves dense when n <= homo_krylov_dim, else secant)",
+            "call, LU; its λ = 1 phase is exact Newton) or 'auto' (n > homo_krylov_dim: as "
+            "'secant'; n <= homo_krylov_dim: dense path solves, and at λ = 1 exact Newton, "
+            "then Broyden's method from z0 for the samples where Newton stalled)",
             choices=("auto", "secant", "gmres", "dense")),
         Key("homo_secant_rank", 32, "columns of the secant model per sample (memory "
             "2 n · rank); the oldest is dropped when all are in use",
@@ -148,10 +149,12 @@ SOLVER_KEYS: dict[str, Key] = {
             "max_iter of them; none are dropped then, and past 2n they are merged exactly into n "
             "columns)", kind=int, check=lambda x: x is None or x > 0,
             check_doc="> 0 or None"),
-        Key("homo_secant_patience", None, "under 'auto' and 'secant': Broyden steps at λ = 1 "
-            "without a new lowest residual before a sample counts as stalled; the stalled "
-            "samples start on the path once every sample of the batch has stalled (None: a "
-            "third of the budget)", kind=int, check=lambda x: x is None or x > 0,
+        Key("homo_secant_patience", None, "under 'auto' and 'secant': the window w of "
+            "Broyden's steps at λ = 1 after which a sample's progress is judged: it stalls when "
+            "the window's rate, ln(r_start / r_end) / w, extrapolated to the tolerance needs more "
+            "evaluations than are left; the stalled samples start on the path once every sample "
+            "of the batch has stalled (None: 2n, within a tenth and a third of the budget)",
+            kind=int, check=lambda x: x is None or x > 0,
             check_doc="> 0 or None"),
         Key("homo_strict", False, "raise HomotopyConvergenceError when any sample fails "
             "instead of reporting it in info['status']", kind=bool),

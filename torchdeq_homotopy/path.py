@@ -18,13 +18,16 @@ new state. Beside it the loop carries what the solve learns about f
 models, buffers updated in place); the tracker object itself holds only f, x0 and the
 options. The phases:
 
-``NEWTON``  Newton–Krylov on z = f(z) at λ = 1, tried first (from the warm-up's iterate
-            where that helped, else from z0). A sample stalls when three exact-Jacobian
-            steps in a row end above the lowest residual it has met (Newton may climb
-            before it converges) or when it exceeds its Newton budget. Stalled samples
-            wait until no sample is still converging under Newton; then all of them
-            start on the path from (z0, 0) together, so that their path steps share
-            linear solves.
+``NEWTON``  z = f(z) at λ = 1, tried first (from the warm-up's iterate where that
+            helped, else from z0): exact Newton (dense, or Newton–Krylov), or Broyden's
+            method (``'secant'``, and ``'auto'`` when n > ``homo_krylov_dim``). Exact
+            Newton stalls after three steps in a row above the lowest residual it has met
+            (Newton may climb before it converges) or past its Newton budget; Broyden's
+            method when its last window's rate would not reach the tolerance within the
+            budget left. Stalled samples wait until no sample of the phase is still
+            converging; then all of them go on together: under ``'auto'`` with dense
+            solves from exact Newton to Broyden's method restarted at z0, otherwise to
+            the path from (z0, 0), so that their path steps share linear solves.
 ``TANGENT`` at an accepted point y_a, the unit tangent t of the path solves the bordered
             system   [H_z  H_λ; t_prevᵀ] w = [0; 1],  t = w / ||w||,
             which stays regular at turning points (where H_z = I - λJ is singular) and
@@ -175,6 +178,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         # more call f(z0), when the first sample starts tracking.
         models = JacobianModels(linear_solver=self._linear_solver(),
                                 broyden_newton=self._broyden_newton(),
+                                broyden_next=self._broyden_next(),
                                 homotopy=NewtonHomotopy(x0, x0),
                                 dense=SecantJacobian(self.f, opt.jvp), jvp_mode=opt.jvp)
         if not newton_first:
@@ -197,13 +201,13 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         new points. While every open sample takes Broyden steps at λ = 1 (the NEWTON
         phase under ``'auto'`` and ``'secant'``), only those are taken
         (:meth:`_broyden_update`)."""
-        state, models, budget, n = loop.state, loop.models, loop.budget, self.n
+        state, models, n = loop.state, loop.models, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         H = models.homotopy.residual(z, fz, lam)
         h_norm = H.norm(dim=1)
         f_finite = loop.abs_res < float("inf")
         state = self._mark_stale(state, models, loop.abs_res)
-        state, idle = self._leave_newton(state, models, f_finite, loop.abs_res, budget)
+        state, idle = self._leave_newton(state, models, f_finite, loop)
         if self._only_broyden(state, models, idle):
             state = self._broyden_update(state, loop)
         else:

@@ -150,8 +150,10 @@ class NewtonState:
     res_prev: Tensor      # residual before the last Newton step
     h_prev: Tensor        # ||H|| at the last Newton step, and that step's GMRES
     forcing: Tensor       # tolerance η (Eisenstat–Walker)
-    lowest: Tensor        # lowest residual met in this phase
+    lowest: Tensor        # lowest residual met in this phase (Broyden's: in the stop mode)
     worse_in_row: Tensor  # steps in a row that ended above ``lowest``
+    checkpoint: Tensor    # Broyden's lowest residual when its progress window began
+    stalled: Tensor       # Broyden's verdict at the end of its last progress window
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,8 @@ class _State:
                                      dnorm_prev=inf.clone(), retried=false.clone()),
             newton=NewtonState(steps=zeros_i.clone(), res_prev=inf.clone(), h_prev=inf.clone(),
                                forcing=torch.zeros_like(inf), lowest=inf.clone(),
-                               worse_in_row=zeros_i.clone()),
+                               worse_in_row=zeros_i.clone(), checkpoint=inf.clone(),
+                               stalled=false.clone()),
             jacobian=JacobianState(solve_failed=false.clone(), exact=~false, stale=~false),
             needs_restart=false.clone(), restarts=zeros_i.clone())
 
@@ -243,6 +246,7 @@ class JacobianModels:
     #                               homotopy with G(z0) = 0 stands in; built with f(z0)
     dense: SecantJacobian         # dense solves: J_f, Broyden-updated between refreshes
     jvp_mode: str                 # how Jacobian-vector products are taken (may fall back)
+    broyden_next: bool = False    # stalled exact Newton hands over to Broyden's method
     fz0: Tensor | None = None     # f(z0), once the path's homotopy is built
     low_rank: LowRankJacobian | None = None   # secant solves: J_f ≈ U Vᵀ per sample
     broyden: InverseBroyden | None = None     # secant solves' NEWTON phase (Broyden)

@@ -9,6 +9,7 @@ not changed.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from .tracker_state import (
     _State,
     _unit,
 )
+
+if TYPE_CHECKING:
+    from .path import Loop
 
 Tensor = torch.Tensor
 
@@ -64,13 +68,15 @@ class PhaseTransitions:
         return replace(state, jacobian=replace(jacobian, stale=stale))
 
     def _leave_newton(self, state: _State, models: JacobianModels, f_finite: Tensor,
-                      abs_res: Tensor, budget: Budget) -> tuple[_State, Tensor]:
-        """NEWTON samples that stall restart on the path from (z0, 0); returns the new state
-        and the samples that are idle this iteration (waiting or restarting).
+                      loop: Loop) -> tuple[_State, Tensor]:
+        """NEWTON samples that stall restart on the path from (z0, 0), or first at (z0, 1)
+        under Broyden's method when ``models.broyden_next`` (:meth:`_newton_to_broyden`);
+        returns the new state and the samples that are idle this iteration (waiting or
+        restarting).
 
         A sample stalls when f is not finite, its exact solve failed, ``_PATIENCE`` exact
         steps in a row ended above its lowest residual, or it took ``homo_newton_iters``
-        exact steps."""
+        exact steps (Broyden's method: :meth:`_leave_broyden`)."""
         opt = self.opt
         in_newton = state.phase == Phase.NEWTON
         if not _maybe_any(in_newton):
@@ -79,7 +85,8 @@ class PhaseTransitions:
             return state.finish(in_newton & ~f_finite, Status.NONFINITE), \
                 torch.zeros_like(in_newton)
         if models.broyden_newton:
-            return self._leave_broyden(state, models, in_newton, f_finite, abs_res, budget)
+            return self._leave_broyden(state, models, in_newton, f_finite, loop)
+        abs_res, budget = loop.abs_res, loop.budget
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         record, jacobian = state.newton, state.jacobian
         exact_step = in_newton & (record.steps > 0) & jacobian.exact
@@ -94,10 +101,30 @@ class PhaseTransitions:
         state = replace(state, newton=replace(record, worse_in_row=worse_in_row,
                                               lowest=lowest, steps=steps))
         # Stalled samples wait until no sample is still converging under Newton, then all
-        # start on the path together, so that their path steps share linear solves.
+        # go on together (to Broyden's method, or the path, whose steps share linear solves).
         if bool((in_newton & ~stalled).any()):
             return state, leave
+        if models.broyden_next and bool(leave.any()):
+            return self._newton_to_broyden(state, models, leave), leave
         return self._leave_together(state, models, leave, budget)
+
+    def _newton_to_broyden(self, state: _State, models: JacobianModels, leave: Tensor
+                           ) -> _State:
+        """The samples in ``leave`` (every sample still in NEWTON: exact Newton stalled on
+        all of them) restart at (z0, 1) under Broyden's method, as TorchDEQ's ``broyden``
+        starts, with a fresh stall record (:meth:`_leave_broyden`); they are idle this
+        iteration and f is evaluated at z0 next."""
+        models.broyden_newton, models.broyden_next = True, False
+        record = state.newton
+        inf = torch.full_like(record.lowest, float("inf"))
+        newton = replace(record, steps=record.steps.masked_fill(leave, 0),
+                         lowest=torch.where(leave, inf, record.lowest),
+                         checkpoint=torch.where(leave, inf, record.checkpoint),
+                         stalled=record.stalled & ~leave,
+                         worse_in_row=record.worse_in_row.masked_fill(leave, 0))
+        y = state.path.y
+        start = torch.cat([self.x0, torch.ones_like(y[:, -1:])], dim=1)
+        return replace(state, newton=newton, path=replace(state.path, y=_where(leave, start, y)))
 
     def _leave_together(self, state: _State, models: JacobianModels, leave: Tensor,
                         budget: Budget) -> tuple[_State, Tensor]:
@@ -128,21 +155,38 @@ class PhaseTransitions:
         return _where(rows, step, delta), torch.where(rows, ok, finite)
 
     def _leave_broyden(self, state: _State, models: JacobianModels, in_newton: Tensor,
-                       f_finite: Tensor, abs_res: Tensor, budget: Budget
-                       ) -> tuple[_State, Tensor]:
+                       f_finite: Tensor, loop: Loop) -> tuple[_State, Tensor]:
         """With the secant model the NEWTON phase is Broyden's method (see
-        :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
-        find no residual below its lowest, or when f or the step is not finite; once every
-        sample of the phase has stalled, the stalled ones start on the path together."""
-        record = state.newton
-        progress = in_newton & (abs_res < record.lowest)
-        worse_in_row = torch.where(
-            progress, 0, torch.where(in_newton, record.worse_in_row + 1, record.worse_in_row))
-        lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res), record.lowest)
-        state = replace(state, newton=replace(record, worse_in_row=worse_in_row, lowest=lowest))
-        patience = self.opt.secant_patience or max(1, budget.limit // 3)
-        stalled = in_newton & (~f_finite | state.jacobian.solve_failed
-                               | (worse_in_row >= patience))
+        :meth:`_broyden_step`). A sample stalls when f or its step is not finite, or when
+        its progress is too slow for the budget left. Every w steps
+        (``homo_secant_patience``; None: 2n, the steps Broyden's method may take to learn a
+        linear map (Gay 1979), within a tenth and a third of the budget) its lowest residual
+        r (in the stop mode) is compared with r_c, the lowest at the start of the window
+        (the first residual, for the first window):
+
+            ρ = ln(r_c / r) / w,      stalled  ⇔  ln(r / tol) / ρ > evaluations left,
+
+        the last window's rate extrapolated to the tolerance (a window without a new lowest,
+        ρ = 0, stalls). The verdict holds until the next window ends; Broyden's steps go on
+        meanwhile. Once every sample of the phase has stalled, the stalled ones start on the
+        path together."""
+        record, budget = state.newton, loop.budget
+        res = loop.record.rel_trace[-1] if loop.record.stop_mode == "rel" else loop.abs_res
+        steps = record.steps + in_newton.long()
+        lowest = torch.where(in_newton, torch.minimum(record.lowest, res), record.lowest)
+        limit = budget.limit
+        window = self.opt.secant_patience or min(max(2 * self.n, limit // 10), limit // 3)
+        window = max(window, 1)
+        window_end = in_newton & (steps % window == 0)
+        checkpoint = torch.where(in_newton & (steps == 1), res, record.checkpoint)
+        rate = torch.log(checkpoint / lowest) / window
+        needed = torch.log(lowest / loop.tol).clamp_min(0) / rate
+        slow = ~(needed <= budget.left)                           # NaN (no finite r) too
+        state = replace(state, newton=replace(
+            record, steps=steps, lowest=lowest,
+            checkpoint=torch.where(window_end, lowest, checkpoint),
+            stalled=torch.where(window_end, slow, record.stalled)))
+        stalled = in_newton & (~f_finite | state.jacobian.solve_failed | state.newton.stalled)
         # Stalled samples go on with (free) Broyden steps until every sample in this phase
         # has stalled: a path step's products are batched calls of f, and would take
         # evaluations from the samples that Broyden is still solving.
