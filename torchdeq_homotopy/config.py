@@ -149,12 +149,10 @@ SOLVER_KEYS: dict[str, Key] = {
             "max_iter of them; none are dropped then, and past 2n they are merged exactly into n "
             "columns)", kind=int, check=lambda x: x is None or x > 0,
             check_doc="> 0 or None"),
-        Key("homo_secant_patience", None, "under 'auto' and 'secant': the window w of "
-            "Broyden's steps at λ = 1 after which a sample's progress is judged: it stalls when "
-            "the window's rate, ln(r_start / r_end) / w, extrapolated to the tolerance needs more "
-            "evaluations than are left; the stalled samples start on the path once every sample "
-            "of the batch has stalled (None: 2n, within a tenth and a third of the budget)",
-            kind=int, check=lambda x: x is None or x > 0,
+        Key("homo_secant_patience", None, "under 'auto' and 'secant': Broyden steps at λ = 1 "
+            "without a new lowest residual before a sample counts as stalled; the stalled "
+            "samples start on the path once every sample of the batch has stalled (None: a "
+            "third of the budget)", kind=int, check=lambda x: x is None or x > 0,
             check_doc="> 0 or None"),
         Key("homo_strict", False, "raise HomotopyConvergenceError when any sample fails "
             "instead of reporting it in info['status']", kind=bool),

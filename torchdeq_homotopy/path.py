@@ -23,8 +23,8 @@ options. The phases:
             method (``'secant'``, and ``'auto'`` when n > ``homo_krylov_dim``). Exact
             Newton stalls after three steps in a row above the lowest residual it has met
             (Newton may climb before it converges) or past its Newton budget; Broyden's
-            method when its last window's rate would not reach the tolerance within the
-            budget left. Stalled samples wait until no sample of the phase is still
+            method after ``homo_secant_patience`` steps (a third of the budget) without a
+            new lowest residual. Stalled samples wait until no sample of the phase is still
             converging; then all of them go on together: under ``'auto'`` with dense
             solves from exact Newton to Broyden's method restarted at z0, otherwise to
             the path from (z0, 0), so that their path steps share linear solves.

@@ -150,10 +150,8 @@ class NewtonState:
     res_prev: Tensor      # residual before the last Newton step
     h_prev: Tensor        # ||H|| at the last Newton step, and that step's GMRES
     forcing: Tensor       # tolerance η (Eisenstat–Walker)
-    lowest: Tensor        # lowest residual met in this phase (Broyden's: in the stop mode)
+    lowest: Tensor        # lowest residual met in this phase
     worse_in_row: Tensor  # steps in a row that ended above ``lowest``
-    checkpoint: Tensor    # Broyden's lowest residual when its progress window began
-    stalled: Tensor       # Broyden's verdict at the end of its last progress window
 
 
 @dataclass(frozen=True)
@@ -201,8 +199,7 @@ class _State:
                                      dnorm_prev=inf.clone(), retried=false.clone()),
             newton=NewtonState(steps=zeros_i.clone(), res_prev=inf.clone(), h_prev=inf.clone(),
                                forcing=torch.zeros_like(inf), lowest=inf.clone(),
-                               worse_in_row=zeros_i.clone(), checkpoint=inf.clone(),
-                               stalled=false.clone()),
+                               worse_in_row=zeros_i.clone()),
             jacobian=JacobianState(solve_failed=false.clone(), exact=~false, stale=~false),
             needs_restart=false.clone(), restarts=zeros_i.clone())
 
