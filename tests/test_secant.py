@@ -145,7 +145,7 @@ def test_auto_on_small_states_takes_newton_then_broyden_then_dense_path_solves(m
             points.append(z.clone())
         return f(z)
 
-    th.homotopy_solver(recording, z0, max_iter=40, tol=1e-30, homo_warmup=0,
+    th.homotopy_solver(recording, z0, max_iter=60, tol=1e-30, homo_warmup=0,
                        homo_newton_iters=1, homo_secant_patience=20, homo_jvp="forward")
     full = torch.func.jacrev(f)(z0)                         # (3, 12, 3, 12)
     jac = torch.stack([full[b, :, b] for b in range(3)])

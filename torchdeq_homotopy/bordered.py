@@ -92,20 +92,25 @@ class BorderedSolves:
             return "dense" if self.n <= self.opt.krylov_dim else "secant"
         return choice
 
-    def _broyden_newton(self) -> bool:
+    def _broyden_newton(self, budget_left: int | float) -> bool:
         """Whether the phase at λ = 1 starts as Broyden's method (one evaluation a step, no
-        products) rather than exact Newton: under ``'secant'``, and under ``'auto'`` when
-        the path's solves are not dense (n > ``homo_krylov_dim``)."""
+        products) rather than exact Newton: under ``'secant'``, and under ``'auto'`` unless
+        the path's solves are dense (n <= ``homo_krylov_dim``) and exact Newton is cheap
+        there: its ``homo_newton_iters`` steps of n + 1 evaluations each fit in a quarter of
+        the ``budget_left``, leaving the rest to Broyden's method and the path."""
         choice = self.opt.linear_solver
-        return choice == "secant" or (choice == "auto" and self._linear_solver() != "dense")
+        if choice != "auto":
+            return choice == "secant"
+        newton_cost = self.opt.newton_iters * (self.n + 1)
+        return self._linear_solver() != "dense" or 4 * newton_cost > budget_left
 
-    def _broyden_next(self) -> bool:
+    def _broyden_next(self, budget_left: int | float) -> bool:
         """Whether stalled exact Newton hands its samples to Broyden's method at λ = 1,
-        restarted from z0, before the path: under ``'auto'`` with dense solves. There a
-        Newton step costs n products in one vectorised call; on 32-wide cells exact Newton
-        solves some cells that Broyden's method does not, and Broyden's method others that
-        the path does not (see BENCHMARKS.md, "Small states")."""
-        return self.opt.linear_solver == "auto" and not self._broyden_newton()
+        restarted from z0, before the path: under ``'auto'`` when exact Newton comes
+        first. On 32-wide cells exact Newton solves some cells that Broyden's method does
+        not, and Broyden's method others that the path does not (BENCHMARKS.md, "Small
+        states")."""
+        return self.opt.linear_solver == "auto" and not self._broyden_newton(budget_left)
 
     def _solve_secant(self, models: JacobianModels, z: Tensor, lam: Tensor, fz: Tensor,
                       border: Tensor, rhs: Tensor, budget: Budget, need_exact: Tensor | None,

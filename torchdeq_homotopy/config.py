@@ -138,8 +138,10 @@ SOLVER_KEYS: dict[str, Key] = {
             "where an exact solve is needed, its products fed back into the model), 'gmres' "
             "(unpreconditioned matrix-free Krylov), 'dense' (J from n products in one vmapped "
             "call, LU; its λ = 1 phase is exact Newton) or 'auto' (n > homo_krylov_dim: as "
-            "'secant'; n <= homo_krylov_dim: dense path solves, and at λ = 1 exact Newton, "
-            "then Broyden's method from z0 for the samples where Newton stalled)",
+            "'secant'; n <= homo_krylov_dim: dense path solves, and at λ = 1 exact Newton "
+            "when homo_newton_iters steps of n + 1 evaluations fit in a quarter of the budget, "
+            "then Broyden's method from z0 for the samples where Newton stalled; else "
+            "Broyden's method first)",
             choices=("auto", "secant", "gmres", "dense")),
         Key("homo_secant_rank", 32, "columns of the secant model per sample (memory "
             "2 n · rank); the oldest is dropped when all are in use",

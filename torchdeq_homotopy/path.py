@@ -177,8 +177,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         # with G(z0) = 0 stands in (H = G(z), ∂H/∂λ = 0). The real one is built, with one
         # more call f(z0), when the first sample starts tracking.
         models = JacobianModels(linear_solver=self._linear_solver(),
-                                broyden_newton=self._broyden_newton(),
-                                broyden_next=self._broyden_next(),
+                                broyden_newton=self._broyden_newton(record.budget.left),
+                                broyden_next=self._broyden_next(record.budget.left),
                                 homotopy=NewtonHomotopy(x0, x0),
                                 dense=SecantJacobian(self.f, opt.jvp), jvp_mode=opt.jvp)
         if not newton_first:
