@@ -54,8 +54,7 @@ def cells(quick: bool) -> list[tuple[str, int, dict]]:
     out = []
     widths = (32, 128, 512) if quick else (32, 128, 512, 2048)
     for n in widths:
-        gains = (1.5, 3.0, 6.0) if n == 2048 else (1.5, 3.0, 4.5, 6.0, 8.0)
-        for gain in gains:
+        for gain in (1.5, 3.0, 4.5, 6.0, 8.0):
             for bias in (0.1, 1.0):
                 out.append(("tanh", n, dict(n=n, gain=gain, bias=bias)))
     for width, side in ((16, 8), (32, 16)) if quick else ((16, 8), (32, 16), (64, 16)):
