@@ -255,3 +255,25 @@ def test_tracker_keeps_no_state_between_solves(linear_solver):
     assert solved.float().mean() >= 0.5
     assert ((f(first.z_best) - first.z_best).norm(dim=1)[solved] <= 1e-8).all()
 
+
+
+def test_merge_sums_cancelling_float32_factors_in_double():
+    """Broyden's inverse factors grow large with cancelling terms; the merge must give the
+    exact C Dᵀ of the stored float32 factors (computed here in float64) rounded once,
+    not a float32 sum whose rounding error (eps · |C| |D| · 2n) swamps the result."""
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    P = 1e3 * torch.randn(2, n, n, generator=g)
+    Q = 1e3 * torch.randn(2, n, n, generator=g)
+    R = 1e-2 * torch.randn(2, n, n, generator=g)
+    C = torch.cat([P, P], dim=2)                                 # (2, n, 2n)
+    Dt = torch.cat([Q, R - Q], dim=1)                            # (2, 2n, n), float32
+    exact = torch.bmm(C.double(), Dt.double())                   # P Rᵀ-sized, |.| ~ 1e2
+    model = InverseBroyden(2, n, memory=1000, dtype=torch.float32, device="cpu", merge=True)
+    model.C = torch.cat([C, torch.zeros(2, n, 1)], dim=2)
+    model.Dt = torch.cat([Dt, torch.zeros(2, 1, n)], dim=1)
+    model._written = 2 * n
+    model._merge()
+    merged = model.C[..., :n].double()
+    assert (merged - exact).abs().max() <= 1e-6 * exact.abs().max()
+    assert torch.equal(model.Dt[:, :n], torch.eye(n).expand(2, n, n))
