@@ -207,7 +207,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         h_norm = H.norm(dim=1)
         f_finite = loop.abs_res < float("inf")
         state = self._mark_stale(state, models, loop.abs_res)
-        state, idle = self._leave_newton(state, models, f_finite, loop)
+        state, idle = self._leave_newton(state, models, f_finite, loop.abs_res,
+                                          loop.budget)
         if self._only_broyden(state, models, idle):
             state = self._broyden_update(state, loop)
         else:

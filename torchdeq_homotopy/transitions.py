@@ -9,7 +9,6 @@ not changed.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,9 +31,6 @@ from .tracker_state import (
     _State,
     _unit,
 )
-
-if TYPE_CHECKING:
-    from .path import Loop
 
 Tensor = torch.Tensor
 
@@ -68,7 +64,7 @@ class PhaseTransitions:
         return replace(state, jacobian=replace(jacobian, stale=stale))
 
     def _leave_newton(self, state: _State, models: JacobianModels, f_finite: Tensor,
-                      loop: Loop) -> tuple[_State, Tensor]:
+                      abs_res: Tensor, budget: Budget) -> tuple[_State, Tensor]:
         """NEWTON samples that stall restart on the path from (z0, 0), or first at (z0, 1)
         under Broyden's method when ``models.broyden_next`` (:meth:`_newton_to_broyden`);
         returns the new state and the samples that are idle this iteration (waiting or
@@ -85,8 +81,7 @@ class PhaseTransitions:
             return state.finish(in_newton & ~f_finite, Status.NONFINITE), \
                 torch.zeros_like(in_newton)
         if models.broyden_newton:
-            return self._leave_broyden(state, models, in_newton, f_finite, loop)
-        abs_res, budget = loop.abs_res, loop.budget
+            return self._leave_broyden(state, models, in_newton, f_finite, abs_res, budget)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         record, jacobian = state.newton, state.jacobian
         exact_step = in_newton & (record.steps > 0) & jacobian.exact
@@ -153,7 +148,8 @@ class PhaseTransitions:
         return _where(rows, step, delta), torch.where(rows, ok, finite)
 
     def _leave_broyden(self, state: _State, models: JacobianModels, in_newton: Tensor,
-                       f_finite: Tensor, loop: Loop) -> tuple[_State, Tensor]:
+                       f_finite: Tensor, abs_res: Tensor, budget: Budget
+                       ) -> tuple[_State, Tensor]:
         """With the secant model the NEWTON phase is Broyden's method (see
         :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
         find no residual below its lowest, or when f or the step is not finite; once every
@@ -162,7 +158,7 @@ class PhaseTransitions:
         Broyden's progress is not extrapolated: on 128-wide cells its residual falls
         slowly for hundreds of steps before it converges, and a rule that judged the rate
         handed such samples to the path too early (BENCHMARKS.md, "Small states")."""
-        record, budget, abs_res = state.newton, loop.budget, loop.abs_res
+        record = state.newton
         progress = in_newton & (abs_res < record.lowest)
         worse_in_row = torch.where(
             progress, 0, torch.where(in_newton, record.worse_in_row + 1, record.worse_in_row))
