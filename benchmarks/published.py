@@ -110,8 +110,10 @@ class Published(Side):
 OURS = {
     "ours": {},
     "ours-adjoint": {"homo_adjoint": True},
+    "ours-heuristic": {"homo_step_memory": False},
 }
-"""Our side's settings: the defaults, and the adjoint backward pass."""
+"""Our side's settings: the defaults, the adjoint backward pass, and torchdiffeq's
+initial-step heuristic on every forward (the published code's integration)."""
 
 
 class Ours(Side):

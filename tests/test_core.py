@@ -26,8 +26,10 @@ def small_problem(seed=0):
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_gradcheck_wrt_input_features_and_parameters(adjoint):
     conv, gn, _ = small_problem()
+    # Step memory off: each call of gradcheck's finite differences must integrate with the
+    # same steps (with it, a training forward starts where the last one's controller left).
     deq = get_deq(core="homoode", homo_adjoint=adjoint, homo_rtol=1e-10, homo_atol=1e-10,
-                  homo_init="zeros")
+                  homo_init="zeros", homo_step_memory=False)
     x = torch.randn(1, 2, 3, 3, dtype=F64, requires_grad=True)
     weight = conv.weight.detach().clone().requires_grad_()
 
@@ -318,3 +320,109 @@ def test_endpoint_residual_costs_exactly_one_evaluation_and_can_be_skipped(setti
                                    (torch.tanh(z + x) - z).flatten(1).norm(dim=1))
     else:
         assert torch.isnan(info["abs_lowest"]).all() and torch.isnan(info["rel_lowest"]).all()
+
+
+def _tried_steps(func_or_field, log):
+    """Record (λ, h) of every step torchdiffeq tries, and which were accepted."""
+    func_or_field.callback_step = lambda t, y, dt: log.append([float(t), float(dt), None])
+
+    def accepted(t, y, dt):
+        log[-1][2] = True
+
+    func_or_field.callback_accept_step = accepted
+    return func_or_field
+
+
+def test_step_memory_starts_the_next_training_forward_where_the_controller_left_off():
+    """With homo_step_memory (default) a training forward starts with the step torchdiffeq
+    tried right after the first accepted step of the previous training forward (read off a
+    plain odeint of the same field), skips the heuristic's extra evaluation, and its
+    endpoint still agrees with a tight-tolerance solve to the integrator's tolerance."""
+    from torchdiffeq import odeint
+
+    x = torch.randn(3, 2, 4, 4, dtype=F64)
+    grid = torch.tensor([0.0, 1.0], dtype=F64)
+    reference = []
+    odeint(_tried_steps(lambda _t, z: torch.tanh(2.0 * z + x), reference), torch.zeros_like(x),
+           grid, method="dopri5", rtol=1e-3, atol=1e-3)
+    first_accepted = next(i for i, (_, _, ok) in enumerate(reference) if ok)
+    proposal = min(reference[first_accepted + 1][1], 1.0)
+
+    deq = get_deq(core="homoode", homo_init="zeros")
+    deq.train()
+    deq(lambda z: torch.tanh(2.0 * z + x), torch.zeros_like(x))
+    ours = []
+    z_out, info = deq(_tried_steps(lambda z: torch.tanh(2.0 * z + x), ours),
+                      torch.zeros_like(x))
+    assert ours[0][:2] == [0.0, pytest.approx(proposal)]
+    assert info["nstep"][0] == 1 + 6 * len(ours)        # no first-step probe
+    exact = odeint(lambda _t, z: torch.tanh(2.0 * z + x), torch.zeros_like(x), grid,
+                   method="dopri5", rtol=1e-10, atol=1e-10)[-1]
+    assert float((z_out[-1] - exact).abs().max()) < 1e-2
+
+
+def test_step_memory_learns_in_training_only_and_yields_to_a_given_first_step():
+    """Evaluation forwards use the step but do not change it; homo_options' first_step
+    wins; homo_step_memory=False and fixed-grid methods learn none."""
+    x = torch.randn(2, 2, 3, 3)
+    func = lambda z: torch.tanh(z + x)                           # noqa: E731
+    deq = get_deq(core="homoode", homo_init="zeros")
+    deq.eval()
+    deq(func, torch.zeros_like(x))
+    assert deq.first_step.numel() == 0
+    deq.train()
+    deq(func, torch.zeros_like(x))
+    learnt = deq.first_step.clone()
+    assert learnt.numel() == 1 and 0 < float(learnt) <= 1
+    deq.eval()
+    deq(func, torch.zeros_like(x))
+    assert torch.equal(deq.first_step, learnt)
+    tried = []
+    deq.train()
+    deq(_tried_steps(lambda z: torch.tanh(z + x), tried), torch.zeros_like(x),
+        solver_kwargs={"homo_options": {"first_step": 0.125}})
+    assert tried[0][1] == 0.125
+    for kwargs in ({"homo_step_memory": False}, {"homo_method": "rk4",
+                                                  "homo_options": {"step_size": 0.5}}):
+        deq = get_deq(core="homoode", homo_init="zeros", **kwargs)
+        deq.train()
+        deq(func, torch.zeros_like(x))
+        assert deq.first_step.numel() == 0
+
+
+def test_step_memory_is_saved_and_loaded_and_old_checkpoints_still_load():
+    """The learnt step is in state_dict, so a loaded model gives the saved model's output
+    exactly; a state_dict saved before the buffer existed loads with no step known."""
+    x = torch.randn(2, 4, 3, 3)
+    func = lambda z: torch.tanh(2.0 * z + x)                     # noqa: E731
+    deq = get_deq(core="homoode")
+    deq.train()
+    for _ in range(3):
+        deq(func, torch.zeros_like(x))
+    deq.eval()
+    expected = deq(func, torch.zeros_like(x))[0][-1]
+    fresh = get_deq(core="homoode").eval()
+    fresh.load_state_dict(deq.state_dict())
+    torch.testing.assert_close(fresh(func, torch.zeros_like(x))[0][-1], expected,
+                               rtol=0, atol=0)
+    old = deq.state_dict()           # an OrderedDict with the per-module versions
+    del old["first_step"]
+    old._metadata[""]["version"] = 1
+    legacy = get_deq(core="homoode").eval()
+    legacy.load_state_dict(old)
+    assert legacy.first_step.numel() == 0
+
+
+def test_failed_integration_forgets_the_step():
+    """An integration that fails (torchdiffeq's max_num_steps) falls back to RK4, reports
+    MAX_EVALS, and the next forward starts from torchdiffeq's heuristic again."""
+    x = torch.randn(2, 2, 3, 3)
+    deq = get_deq(core="homoode", homo_init="zeros")
+    deq.train()
+    deq(lambda z: torch.tanh(z + x), torch.zeros_like(x))
+    assert deq.first_step.numel() == 1
+    _, info = deq(lambda z: torch.tanh(z + x), torch.zeros_like(x),
+                  solver_kwargs={"homo_rtol": 1e-12, "homo_atol": 1e-12,
+                                 "homo_options": {"max_num_steps": 2}})
+    assert bool((info["status"] == th.Status.MAX_EVALS).all())
+    assert deq.first_step.numel() == 0

@@ -173,6 +173,11 @@ CORE_KEYS: dict[str, Key] = {
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_options", None, "torchdiffeq options dict of the integrator "
             "(e.g. {'first_step': 0.005}, or {'step_size': 0.25} for fixed-grid methods)"),
+        Key("homo_step_memory", True, "adaptive methods start each forward with the step "
+            "their controller proposed after the first step of the last training forward "
+            "(torchdiffeq's first_step; a homo_options first_step wins) instead of "
+            "torchdiffeq's initial-step heuristic, which costs one evaluation and starts "
+            "short; False: the heuristic on every forward (the published code's)", kind=bool),
         Key("homo_field", "direct", "vector field: 'direct' dz/dλ = func(z) (the paper's), "
             "'residual' func(z) - z, 'fixed_point' func(z) - z0",
             choices=("direct", "residual", "fixed_point")),

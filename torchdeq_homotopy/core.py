@@ -38,7 +38,16 @@ Monitoring steps: a ``func`` with torchdiffeq's step callbacks (``callback_step`
 ``callback_accept_step``, ``callback_reject_step``, each called as ``callback(λ, z, h)``)
 has them called at every step the integrator tries.
 
-Integration cost: with a GroupNorm inside ``func`` the field's sensitivity ||J_f|| falls
+Integration cost: torchdiffeq starts every adaptive integration with a heuristic first
+step (one more evaluation, and on the paper's classifier h ≈ 0.11, so dopri5 takes three
+steps, 20 evaluations). With ``homo_step_memory`` (default) each forward instead starts
+with the step the controller proposed after the first step of the last training forward
+(:mod:`~torchdeq_homotopy.step_memory`): on the paper's classifier dopri5 then covers
+[0, 1] in one accepted step (7 evaluations) from the third training step on, under the
+same error control. The step is the buffer ``first_step`` (empty until a training forward
+has run; in ``state_dict``, so a loaded model integrates as the saved one did).
+
+With a GroupNorm inside ``func`` the field's sensitivity ||J_f|| falls
 as 1/||z||, and an adaptive step h keeps h·||J_f|| roughly constant, so most steps from
 z0 = 0 are spent near λ = 0. On the reference classifier ``homo_method='bosh3'`` with
 ``homo_options={'first_step': 0.005}`` integrates the zero start as exactly as dopri5 with
@@ -59,6 +68,7 @@ from torchdeq.utils.layer_utils import deq_decorator
 from .adjoint import closure_inputs, integrate
 from .config import CORE_KEYS, resolve, validate
 from .outcome import Budget, Status
+from .step_memory import StepWatch, adaptive, with_first_step
 
 Tensor = torch.Tensor
 STEP_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -145,7 +155,7 @@ class HomoODECore(DEQBase):
     cores and returns ``(z_out, info)`` with ``z_out = [z(1)]``. Keys (defaults in
     :data:`torchdeq_homotopy.config.CORE_KEYS`): ``homo_method``, ``homo_rtol``,
     ``homo_atol``, ``homo_options``, ``homo_field``, ``homo_init``, ``homo_init_lr``,
-    ``homo_init_every``, ``homo_adjoint``, ``homo_residual``.
+    ``homo_init_every``, ``homo_adjoint``, ``homo_residual``, ``homo_step_memory``.
 
     ``info`` holds ``nstep`` (evaluations of ``func`` in the solve), ``abs_lowest`` and
     ``rel_lowest`` (the endpoint's ||func(z) - z|| and its relative form: how far z(1) is
@@ -178,14 +188,20 @@ class HomoODECore(DEQBase):
         for name in _INIT_BUFFERS:
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("init_count", torch.zeros((), dtype=torch.long))
+        # homo_step_memory: the next forward's first integration step (empty: none known)
+        self.register_buffer("first_step", torch.zeros(0))
 
     # ---------------------------------------------------------------- initial point
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in _INIT_BUFFERS:           # sized at the first forward: adopt saved sizes
+    _version = 2      # 2: the ``first_step`` buffer (homo_step_memory)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if (local_metadata.get("version") or 1) < 2:    # saved before step memory existed
+            state_dict.setdefault(prefix + "first_step", torch.zeros(0))
+        for name in (*_INIT_BUFFERS, "first_step"):   # sized at runtime: adopt saved sizes
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     @property
     def init_point(self) -> Tensor:
@@ -256,18 +272,35 @@ class HomoODECore(DEQBase):
 
     def _integrate(self, func: Callable[[Tensor], Tensor], z_start: Tensor, evals: Budget,
                    opt: dict[str, Any], callbacks_from: object) -> tuple[Tensor, Tensor]:
-        """z(1), and a per-sample status (integrator failure is reported, not raised)."""
+        """z(1), and a per-sample status (integrator failure is reported, not raised).
+
+        With ``homo_step_memory`` an adaptive method starts from the step its controller
+        proposed after the first step of the last training forward (:mod:`.step_memory`);
+        training forwards update that step, a failed integration forgets it."""
         field = self._field(func, z_start, evals, opt["homo_field"], callbacks_from)
         adjoint = opt["homo_adjoint"] and torch.is_grad_enabled()
         params = closure_inputs(func, z_start) if adjoint else ()
         status = torch.full((z_start.shape[0],), int(Status.CONVERGED), device=z_start.device)
+        options, memory, watch = opt["homo_options"], False, None
+        if opt["homo_step_memory"] and adaptive(opt["homo_method"]):
+            memory = True
+            options = with_first_step(options, self.first_step if self.first_step.numel()
+                                      else None)
+            if self.training:
+                watch = StepWatch(field)
         try:
             z_end = integrate(field, z_start, method=opt["homo_method"], rtol=opt["homo_rtol"],
-                              atol=opt["homo_atol"], options=opt["homo_options"],
+                              atol=opt["homo_atol"], options=options,
                               adjoint=adjoint, adjoint_params=params)
+            learnt = watch.next_first_step() if watch is not None else None
+            if learnt is not None:
+                self.first_step = learnt.to(self.first_step)
         except AssertionError as err:   # torchdiffeq: 'underflow in dt' / 'max_num_steps'
+            if memory:
+                self.first_step = self.first_step.new_zeros(0)
             failure = Status.STEP_UNDERFLOW if "underflow" in str(err) else Status.MAX_EVALS
             status.fill_(int(failure))
+            field = self._field(func, z_start, evals, opt["homo_field"], callbacks_from)
             z_end = integrate(field, z_start, method="rk4", rtol=0.0, atol=0.0,
                               options={"step_size": 0.25}, adjoint=adjoint,
                               adjoint_params=params)
