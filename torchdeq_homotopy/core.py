@@ -43,7 +43,7 @@ step (one more evaluation, and on the paper's classifier h ≈ 0.11, so dopri5 t
 steps, 20 evaluations). With ``homo_step_memory`` (default) each forward instead starts
 with the step the controller proposed after the first step of the last training forward
 (:mod:`~torchdeq_homotopy.step_memory`): on the paper's classifier dopri5 then covers
-[0, 1] in one accepted step (7 evaluations) from the third training step on, under the
+[0, 1] in one accepted step (7 evaluations) after the first few training steps, under the
 same error control. The step is the buffer ``first_step`` (empty until a training forward
 has run; in ``state_dict``, so a loaded model integrates as the saved one did).
 
