@@ -44,7 +44,7 @@ steps, 20 evaluations). With ``homo_step_memory`` (default) each forward instead
 with the step the controller proposed after the first step of the last training forward
 (:mod:`~torchdeq_homotopy.step_memory`): on the paper's classifier dopri5 then covers
 [0, 1] in one accepted step (7 evaluations) after the first few training steps, under the
-same error control. The step is the buffer ``first_step`` (empty until a training forward
+same error control. The step is the buffer ``first_step`` (NaN until a training forward
 has run; in ``state_dict``, so a loaded model integrates as the saved one did).
 
 With a GroupNorm inside ``func`` the field's sensitivity ||J_f|| falls
@@ -188,16 +188,17 @@ class HomoODECore(DEQBase):
         for name in _INIT_BUFFERS:
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("init_count", torch.zeros((), dtype=torch.long))
-        # homo_step_memory: the next forward's first integration step (empty: none known)
-        self.register_buffer("first_step", torch.zeros(0))
+        # homo_step_memory: the next forward's first integration step (NaN: none known). Its
+        # shape never changes, so DistributedDataParallel can broadcast it from rank 0.
+        self.register_buffer("first_step", torch.tensor(math.nan))
 
     # ---------------------------------------------------------------- initial point
     _version = 2      # 2: the ``first_step`` buffer (homo_step_memory)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         if (local_metadata.get("version") or 1) < 2:    # saved before step memory existed
-            state_dict.setdefault(prefix + "first_step", torch.zeros(0))
-        for name in (*_INIT_BUFFERS, "first_step"):   # sized at runtime: adopt saved sizes
+            state_dict.setdefault(prefix + "first_step", torch.tensor(math.nan))
+        for name in _INIT_BUFFERS:           # sized at the first forward: adopt saved sizes
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
@@ -284,8 +285,8 @@ class HomoODECore(DEQBase):
         options, memory, watch = opt["homo_options"], False, None
         if opt["homo_step_memory"] and adaptive(opt["homo_method"]):
             memory = True
-            options = with_first_step(options, self.first_step if self.first_step.numel()
-                                      else None)
+            known = bool(torch.isfinite(self.first_step))      # one host sync per forward
+            options = with_first_step(options, self.first_step.clone() if known else None)
             if self.training:
                 watch = StepWatch(field)
         try:
@@ -294,10 +295,10 @@ class HomoODECore(DEQBase):
                               adjoint=adjoint, adjoint_params=params)
             learnt = watch.next_first_step() if watch is not None else None
             if learnt is not None:
-                self.first_step = learnt.to(self.first_step)
+                self.first_step.copy_(learnt)
         except AssertionError as err:   # torchdiffeq: 'underflow in dt' / 'max_num_steps'
             if memory:
-                self.first_step = self.first_step.new_zeros(0)
+                self.first_step.fill_(math.nan)
             failure = Status.STEP_UNDERFLOW if "underflow" in str(err) else Status.MAX_EVALS
             status.fill_(int(failure))
             field = self._field(func, z_start, evals, opt["homo_field"], callbacks_from)
