@@ -426,3 +426,30 @@ def test_failed_integration_forgets_the_step():
                                  "homo_options": {"max_num_steps": 2}})
     assert bool((info["status"] == th.Status.MAX_EVALS).all())
     assert torch.isnan(deq.first_step)
+
+
+def test_step_watch_passes_on_no_more_than_the_accepted_step_after_a_rejected_start():
+    """A start torchdiffeq rejects (too long for dy/dλ = −20 y at 1e-3) is not passed on:
+    the next first step is at most the step accepted in its place; without a rejection it
+    is the step tried after the first accepted one."""
+    from torchdiffeq import odeint
+
+    from torchdeq_homotopy.step_memory import StepWatch
+
+    log = []
+    field = _tried_steps(lambda _t, y: -20.0 * y, log)
+    watch = StepWatch(field)
+    odeint(field, torch.ones(1), torch.tensor([0.0, 1.0]), rtol=1e-3, atol=1e-3,
+           options={"first_step": 1.0})
+    assert log[0][1] == 1.0 and log[0][2] is None             # the start was rejected
+    first_ok = next(i for i, (_, _, ok) in enumerate(log) if ok)
+    assert log[first_ok + 1][1] > log[first_ok][1]            # the controller grew it
+    assert float(watch.next_first_step()) == pytest.approx(log[first_ok][1])
+
+    log.clear()
+    watch = StepWatch(field)
+    odeint(field, torch.ones(1), torch.tensor([0.0, 1.0]), rtol=1e-3, atol=1e-3,
+           options={"first_step": 0.01})
+    first_ok = next(i for i, (_, _, ok) in enumerate(log) if ok)
+    assert first_ok == 0
+    assert float(watch.next_first_step()) == pytest.approx(min(log[1][1], 1.0))

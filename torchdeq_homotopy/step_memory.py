@@ -16,7 +16,10 @@ proposal is the step torchdiffeq tries right after that accepted step, read from
 ``callback_step``; when the first accepted step already reached λ = 1 there is none, and
 the next forward tries the whole interval. Starts are clipped to the interval. Each
 forward's error control is unchanged: a start that is too long is rejected and shrunk by
-the controller as any other step (costing that step's evaluations).
+the controller as any other step (costing that step's evaluations). As after a rejection
+within one integration (Hairer, Nørsett & Wanner, *Solving ODEs I*, II.4: no step increase
+right after a rejected step), a forward whose start was rejected passes on no more than
+the step it then accepted, so a start that fails is not tried again at once.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 
 Tensor = torch.Tensor
 
-_CALLBACKS = ("callback_step", "callback_accept_step")
+_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 
 
 def adaptive(method: str) -> bool:
@@ -82,30 +85,40 @@ class StepWatch:
     """
 
     def __init__(self, field: Callable[..., Any]) -> None:
-        self.accepted = False
+        self.accepted: Tensor | None = None      # the first accepted step
+        self.rejected_first = False               # a step was rejected before it
         self.proposal: Tensor | None = None
         before = {name: getattr(field, name, None) for name in _CALLBACKS}
 
-        def callback_step(t: Tensor, y: Tensor, dt: Tensor) -> None:
-            if before["callback_step"] is not None:
-                before["callback_step"](t, y, dt)
-            if self.accepted and self.proposal is None:
-                self.proposal = dt.detach()
+        def chained(name: str, observe: Callable[[Tensor], None]) -> Callable[..., None]:
+            def callback(t: Tensor, y: Tensor, dt: Tensor) -> None:
+                if before[name] is not None:
+                    before[name](t, y, dt)
+                observe(dt.detach())
+            return callback
 
-        def callback_accept_step(t: Tensor, y: Tensor, dt: Tensor) -> None:
-            if before["callback_accept_step"] is not None:
-                before["callback_accept_step"](t, y, dt)
-            self.accepted = True
+        def on_try(dt: Tensor) -> None:
+            if self.accepted is not None and self.proposal is None:
+                self.proposal = dt
 
-        field.callback_step = callback_step
-        field.callback_accept_step = callback_accept_step
+        def on_accept(dt: Tensor) -> None:
+            if self.accepted is None:
+                self.accepted = dt
+
+        def on_reject(dt: Tensor) -> None:
+            self.rejected_first |= self.accepted is None
+
+        field.callback_step = chained("callback_step", on_try)
+        field.callback_accept_step = chained("callback_accept_step", on_accept)
+        field.callback_reject_step = chained("callback_reject_step", on_reject)
 
     def next_first_step(self, span: float = 1.0) -> Tensor | None:
-        """The first step for the next integration: the proposal clipped to ``span``, the
-        whole span where the first accepted step reached its end, None if no step was
-        accepted."""
-        if not self.accepted:
+        """The first step for the next integration: the controller's proposal after the
+        first accepted step h (the whole ``span`` where h reached its end), at most h if a
+        step was rejected before it, clipped to ``span``; None if no step was accepted."""
+        if self.accepted is None:
             return None
-        if self.proposal is None:
-            return torch.tensor(span)
-        return self.proposal.clamp(max=span)
+        step = torch.full_like(self.accepted, span) if self.proposal is None else self.proposal
+        if self.rejected_first:
+            step = torch.minimum(step, self.accepted)
+        return step.clamp(max=span)
