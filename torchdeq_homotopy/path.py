@@ -203,15 +203,15 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         (:meth:`_broyden_update`)."""
         state, models, n = loop.state, loop.models, self.n
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
-        H = models.homotopy.residual(z, fz, lam)
-        h_norm = H.norm(dim=1)
         f_finite = loop.abs_res < float("inf")
         state = self._mark_stale(state, models, loop.abs_res)
         state, idle = self._leave_newton(state, models, f_finite, loop.abs_res,
                                           loop.budget)
         if self._only_broyden(state, models, idle):
             state = self._broyden_update(state, loop)
-        else:
+        else:   # H at the evaluated points (before the transitions moved any sample)
+            H = models.homotopy.residual(z, fz, lam)
+            h_norm = H.norm(dim=1)
             state, judged = self._judge_corrector(state, models, h_norm, idle)
             endgame_failed = (state.phase == Phase.ENDGAME) & (
                 ~(h_norm < float("inf")) | state.jacobian.solve_failed)
@@ -232,17 +232,20 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
 
     def _broyden_update(self, state: _State, loop: Loop) -> _State:
         """Broyden's step z ← z + W (f(z) − z) for every NEWTON sample
-        (:meth:`_broyden_step`); no linear solve and no product."""
-        z, fz = state.path.y[:, :self.n], loop.fz
+        (:meth:`_broyden_direction`); no linear solve and no product. What
+        :meth:`_take_steps` does for Newton rows, without the corrector's bookkeeping: the
+        residual before the step is kept, and a step that is not finite is not taken."""
+        n, path = self.n, state.path
+        z = path.y[:, :n]
         newton = state.phase == Phase.NEWTON
-        none = torch.zeros_like(newton)
-        delta, finite = self._broyden_step(loop.models, z, fz, newton,
-                                           torch.zeros_like(state.path.y), none,
-                                           loop.budget.limit)
-        jacobian = replace(state.jacobian, solve_failed=~finite & newton,
+        step, ok = self._broyden_direction(loop.models, z, loop.fz, loop.budget.limit)
+        move = (newton & ok)[:, None]
+        y = torch.cat([torch.where(move, z + step, z), path.y[:, n:]], dim=1)
+        record = replace(state.newton,
+                         res_prev=torch.where(newton, loop.abs_res, state.newton.res_prev))
+        jacobian = replace(state.jacobian, solve_failed=newton & ~ok,
                            exact=state.jacobian.exact & ~newton)
-        return self._take_steps(replace(state, jacobian=jacobian), delta, finite, none, newton,
-                                none, loop.abs_res)
+        return replace(state, path=replace(path, y=y), newton=record, jacobian=jacobian)
 
     def _solve_and_update(self, state: _State, loop: Loop, H: Tensor, h_norm: Tensor,
                           idle: Tensor, f_finite: Tensor) -> _State:

@@ -137,15 +137,21 @@ class PhaseTransitions:
         if not _maybe_any(rows):     # no sample returns to this phase: free the pairs
             models.broyden = None
             return delta, finite
+        step, ok = self._broyden_direction(models, z, fz, max_evals)
+        step = torch.cat([step, torch.zeros_like(step[:, :1])], dim=1)
+        return _where(rows, step, delta), torch.where(rows, ok, finite)
+
+    def _broyden_direction(self, models: JacobianModels, z: Tensor, fz: Tensor,
+                           max_evals: int) -> tuple[Tensor, Tensor]:
+        """The model observes f(z) (built at the first call), and Broyden's step
+        δ = W (f(z) − z) for every sample, ``(B, n)``, with where it is finite."""
         if models.broyden is None:
             memory = self.opt.broyden_memory or max_evals
             models.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device,
                                             merge=memory >= max_evals)
         models.broyden.observe(z, fz)
         step = models.broyden.step()
-        ok = torch.isfinite(step).all(dim=1) & torch.isfinite(fz).all(dim=1)
-        step = torch.cat([step, torch.zeros_like(step[:, :1])], dim=1)
-        return _where(rows, step, delta), torch.where(rows, ok, finite)
+        return step, torch.isfinite(step).all(dim=1) & torch.isfinite(fz).all(dim=1)
 
     def _leave_broyden(self, state: _State, models: JacobianModels, in_newton: Tensor,
                        f_finite: Tensor, abs_res: Tensor, budget: Budget
