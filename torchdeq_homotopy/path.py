@@ -201,10 +201,12 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         new points. While every open sample takes Broyden steps at λ = 1 (the NEWTON
         phase under ``'auto'`` and ``'secant'``), only those are taken
         (:meth:`_broyden_update`)."""
-        state, models, n = loop.state, loop.models, self.n
+        models, n = loop.models, self.n
+        state = self._mark_stale(loop.state, models, loop.abs_res)
+        state, loop.fz, loop.abs_res = self._judge_endgame(state, loop.record, loop.fz,
+                                                           loop.abs_res)
         z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         f_finite = loop.abs_res < float("inf")
-        state = self._mark_stale(state, models, loop.abs_res)
         state, idle = self._leave_newton(state, models, f_finite, loop.abs_res,
                                           loop.budget)
         if self._only_broyden(state, models, idle):
@@ -352,11 +354,18 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
     @staticmethod
     def _take_steps(state: _State, delta: Tensor, finite: Tensor, exact: Tensor, newton: Tensor,
                     correct: Tensor, abs_res: Tensor) -> _State:
-        """Newton and corrector updates, y ← y + δ, and their per-sample counters (a Newton
-        step counts against ``homo_newton_iters`` when its Jacobian was exact)."""
+        """Newton and corrector updates, y ← y + δ (the endgame's z-part α δ), and their
+        per-sample counters (a Newton step counts against ``homo_newton_iters`` when its
+        Jacobian was exact)."""
         move = (newton | correct) & finite
         record, corrector = state.newton, state.corrector
+        endgame = newton & (state.phase == Phase.ENDGAME)
+        # The endgame's z-step is damped by α (``_judge_endgame``); λ still goes onto 1.
+        alpha = torch.where(endgame, record.damping, torch.ones_like(record.damping))
+        delta = torch.cat([delta[:, :-1] * alpha[:, None], delta[:, -1:]], dim=1)
         record = replace(record, res_prev=torch.where(newton, abs_res, record.res_prev),
+                         endgame_step=torch.where(newton, endgame & finite,
+                                                  record.endgame_step),
                          steps=torch.where(newton & (state.phase == Phase.NEWTON) & exact,
                                            record.steps + 1, record.steps))
         corrector = replace(corrector,

@@ -41,6 +41,8 @@ _RETRY_FACTOR, _TURN_FACTOR = 0.5, 0.25
 _NEWTON_PROGRESS = 0.5
 # A path within this distance of λ = 1 goes to the endgame.
 _END_GAP = 1e-3
+# The endgame's step length α halves after each rejected exact step, down to this.
+_MIN_DAMPING = 2.0 ** -10
 
 
 class Phase(enum.IntEnum):
@@ -152,6 +154,8 @@ class NewtonState:
     forcing: Tensor       # tolerance η (Eisenstat–Walker)
     lowest: Tensor        # lowest residual met in this phase
     worse_in_row: Tensor  # steps in a row that ended above ``lowest``
+    endgame_step: Tensor  # the last step was an endgame step (judged at its evaluation)
+    damping: Tensor       # endgame step length α ∈ [_MIN_DAMPING, 1]
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,8 @@ class _State:
                                      dnorm_prev=inf.clone(), retried=false.clone()),
             newton=NewtonState(steps=zeros_i.clone(), res_prev=inf.clone(), h_prev=inf.clone(),
                                forcing=torch.zeros_like(inf), lowest=inf.clone(),
-                               worse_in_row=zeros_i.clone()),
+                               worse_in_row=zeros_i.clone(), endgame_step=false.clone(),
+                               damping=torch.ones_like(inf)),
             jacobian=JacobianState(solve_failed=false.clone(), exact=~false, stale=~false),
             needs_restart=false.clone(), restarts=zeros_i.clone())
 

@@ -13,12 +13,13 @@ from dataclasses import replace
 import torch
 
 from .homotopies import HOMOTOPIES
-from .outcome import Budget, Status, _where
+from .outcome import Budget, Record, Status, _where, by_stop_mode
 from .secant import InverseBroyden
 from .tracker_state import (
     _END_GAP,
     _GROW_FAST,
     _GROW_SLOW,
+    _MIN_DAMPING,
     _NEWTON_PROGRESS,
     _PATIENCE,
     _RETRY_FACTOR,
@@ -62,6 +63,44 @@ class PhaseTransitions:
         slow = ~(abs_res <= _NEWTON_PROGRESS * state.newton.res_prev) | jacobian.solve_failed
         stale = jacobian.stale | (at_lambda_one & ~jacobian.exact & slow)
         return replace(state, jacobian=replace(jacobian, stale=stale))
+
+    @staticmethod
+    def _judge_endgame(state: _State, record: Record, fz: Tensor, abs_res: Tensor
+                       ) -> tuple[_State, Tensor, Tensor]:
+        """The endgame is monotone: Newton at λ = 1 from the end of a path starts close to
+        a solution, where it converges without climbing. An endgame step that ends above
+        the sample's best residual (or where f is not finite) is rejected, and the sample
+        goes back to its best iterate z_b, where f is known (no evaluation), to retry:
+
+            under a secant Jacobian:  with the exact one (``_mark_stale`` asked for it);
+            under the exact Jacobian: z ← z_b + α δ with α ← α / 2 (at least
+                                      ``_MIN_DAMPING``), δ from the secant model, which has
+                                      absorbed the exact solve's products (no new solve).
+
+        An accepted endgame step doubles α again (at most 1). Without this rule, inexact
+        Newton steps at n = 128 took a sample from residual 6.7e-4 at the end of its path
+        to 2.1 and never back (BENCHMARKS.md, "Endgame").
+
+        Returns the state and f and ||z - f(z)|| at the (possibly restored) points."""
+        judged = (state.phase == Phase.ENDGAME) & state.newton.endgame_step
+        if not _maybe_any(judged):
+            return state, fz, abs_res
+        best = record.best
+        current = by_stop_mode(record.stop_mode, abs_res, record.rel_trace[-1])
+        reject = judged & ~(current <= best.residual(record.stop_mode))
+        newton, jacobian = state.newton, state.jacobian
+        damp = reject & jacobian.exact
+        damping = torch.where(damp, (newton.damping / 2).clamp_min(_MIN_DAMPING),
+                              torch.where(judged & ~reject, (2 * newton.damping).clamp_max(1.0),
+                                          newton.damping))
+        z_back = torch.cat([best.z, torch.ones_like(best.z[:, :1])], dim=1)
+        path = replace(state.path, y=_where(reject, z_back, state.path.y))
+        state = replace(state, path=path,
+                        newton=replace(newton, damping=damping,
+                                       endgame_step=newton.endgame_step & ~judged),
+                        jacobian=replace(jacobian, solve_failed=jacobian.solve_failed & ~reject))
+        fz = _where(reject, best.fz, fz)
+        return state, fz, torch.where(reject, best.abs_res, abs_res)
 
     def _leave_newton(self, state: _State, models: JacobianModels, f_finite: Tensor,
                       abs_res: Tensor, budget: Budget) -> tuple[_State, Tensor]:
