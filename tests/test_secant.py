@@ -277,3 +277,54 @@ def test_merge_sums_cancelling_float32_factors_in_double():
     merged = model.C[..., :n].double()
     assert (merged - exact).abs().max() <= 1e-6 * exact.abs().max()
     assert torch.equal(model.Dt[:, :n], torch.eye(n).expand(2, n, n))
+
+
+def test_endgame_rejects_steps_above_the_best_residual():
+    """A judged endgame step that ends above the best residual returns to the best iterate
+    (with f there, no evaluation); after an exact step its step length halves, after a
+    secant one it stays (the exact Jacobian comes next); an accepted step doubles it."""
+    from dataclasses import replace
+
+    from torchdeq_homotopy.outcome import Budget, Record
+    from torchdeq_homotopy.path import PathTracker, Phase
+    from torchdeq_homotopy.tracker_state import _State
+
+    f = tanh_cell(3, 5, 0.5, seed=1)
+    z_best, z_now = torch.randn(3, 5, dtype=F64) * 0.1, torch.randn(3, 5, dtype=F64)
+    record = Record.start(z_best, Budget(10), "abs")
+    record.add(z_best, f(z_best))
+    z_now[1] = f(z_best)[1]                   # one fixed-point step: a lower residual
+    record.add(z_now, f(z_now))
+    state = _State.start(z_now, newton_first=True).with_phase(torch.ones(3, dtype=torch.bool),
+                                                              Phase.ENDGAME)
+    half = torch.tensor([1.0, 0.5, 1.0], dtype=F64)
+    state = replace(state, newton=replace(state.newton, endgame_step=torch.ones(3, dtype=bool),
+                                          damping=half),
+                    jacobian=replace(state.jacobian, exact=torch.tensor([True, True, False])))
+    abs_now = (f(z_now) - z_now).norm(dim=1)
+    new, fz, abs_res = PathTracker._judge_endgame(state, record, f(z_now), abs_now)
+
+    rejected = torch.tensor([True, False, True])
+    expect_z = torch.where(rejected[:, None], record.best.z, z_now)
+    torch.testing.assert_close(new.path.y[:, :5], expect_z)
+    torch.testing.assert_close(fz, f(expect_z))
+    torch.testing.assert_close(abs_res, (f(expect_z) - expect_z).norm(dim=1))
+    assert new.path.y[:, 5].tolist() == [1.0, 1.0, 1.0]
+    assert new.newton.damping.tolist() == [0.5, 1.0, 1.0]
+    assert not new.newton.endgame_step.any()
+
+
+def test_endgame_converges_where_the_path_reaches_lambda_one():
+    """On a 64-wide expansive cell, inexact Newton steps at the end of the path once
+    climbed away from the equilibrium (4 of 4 samples reached λ = 1, none converged);
+    with the monotone endgame every sample that reaches λ = 1 converges."""
+    f = tanh_cell(4, 64, 6.0, seed=3, dtype=torch.float32)
+    z, _, info = th.homotopy_solver(f, torch.zeros(4, 64), max_iter=6000, tol=1e-5,
+                                    stop_mode="rel", homo_linear_solver="secant",
+                                    homo_secant_patience=10, homo_warmup=0)
+    fz = f(z)
+    relative = (fz - z).norm(dim=1) / fz.norm(dim=1)
+    reached = info["lam"] >= 1
+    assert reached.sum() >= 2
+    assert (relative[reached] <= 1e-5).all()
+    assert info["converged"][reached].all()
