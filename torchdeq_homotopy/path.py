@@ -45,7 +45,9 @@ options. The phases:
             (||δ_k|| > θ ||δ_{k-1}||) or meets non-finite values. Accepted steps grow h
             by a factor set by the corrector's iteration count.
 ``ENDGAME`` once the path reaches λ >= 1: Newton at λ = 1 (border row e_λ, so the first
-            step also moves λ onto 1) down to the requested tolerance.
+            step also moves λ onto 1) down to the requested tolerance, kept monotone: a
+            step that ends above the best residual goes back to the best iterate and
+            retries with the exact Jacobian, or with half the step if it had it.
 ``DONE``    converged or failed; the sample is frozen (its linear system is zero).
 
 Linear solves (``homo_linear_solver``): for states larger than ``homo_krylov_dim`` (the
