@@ -4,7 +4,8 @@
 
 Runs examples/train_classifier.py once per row and seed (default: seed 0) and writes
 benchmarks/results/training.json and training.md (a rerun overwrites them), plus the plots
-in benchmarks/results/training/. ``--rows`` picks rows by label, ``--seeds`` repeats them.
+in benchmarks/results/training/. ``--rows`` picks rows by label (and merges them into the
+results already in ``--out``), ``--seeds`` repeats them.
 """
 from __future__ import annotations
 
@@ -76,8 +77,12 @@ def main() -> None:
     common = ["--dataset", "fashion-mnist", "--epochs", str(args.epochs), "--train-size",
               str(args.train_size), "--test-size", str(args.test_size), "--width",
               str(args.width), "--no-plots", "--out", str(out / "training")]
-    results = []
     rows = {k: v for k, v in ROWS.items() if not args.rows or any(r in k for r in args.rows)}
+    # With --rows, the other rows already in --out stay (one model per session fits a CPU).
+    results = []
+    if args.rows and (out / "training.json").exists():
+        results = [r for r in json.loads((out / "training.json").read_text())
+                   if not any(r["label"].split(", seed")[0] == label for label in rows)]
     for label, extra in rows.items():
         for seed in args.seeds:
             (result,) = train_classifier.main(common + extra + ["--seed", str(seed)])
