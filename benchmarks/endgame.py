@@ -17,16 +17,13 @@ endgame, run the script from a checkout of each (``git worktree add /tmp/old REV
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
+from sweep import relative_residual, tanh_cell
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import relative_residual, tanh_cell  # noqa: E402
-
-from torchdeq_homotopy import homotopy_solver  # noqa: E402
+from torchdeq_homotopy import homotopy_solver
 
 TOL = 1e-5
 PATH_ONLY = dict(homo_linear_solver="secant", homo_secant_patience=10, homo_warmup=0)
