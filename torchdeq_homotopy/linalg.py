@@ -55,6 +55,51 @@ def eisenstat_walker(h_norm: Tensor, h_prev: Tensor, eta_prev: Tensor, eta_first
     return torch.nan_to_num(eta, nan=eta_first).clamp(max=eta_max)
 
 
+class LaggedAll:
+    """``bool(mask.all())`` for a loop's stopping test, without stalling an accelerator.
+
+    On CPU (or with ``lagged=False``) the answer is read at once. On CUDA reading it would
+    wait for every queued kernel (a host sync per iteration), so the reduction is copied to
+    pinned host memory asynchronously instead, and read once its copy has landed
+    (``torch.cuda.Event.query``), one iteration or more later. For masks that only gain True
+    entries (rows that stop stay stopped) a stale answer is never a wrong True: the loop may
+    run past the iteration where it could have stopped, never stop early. ``lagged=True``
+    on CPU reads each answer exactly one call late (tests).
+
+    Example:
+        >>> flag = LaggedAll(torch.device('cpu'), lagged=True)
+        >>> flag(torch.tensor([True])), flag(torch.tensor([True]))
+        (False, True)
+    """
+
+    def __init__(self, device: torch.device, lagged: bool | None = None) -> None:
+        self.lagged = device.type == "cuda" if lagged is None else lagged
+        self._pending: tuple[Callable[[], bool], Tensor] | None = None
+
+    def __call__(self, mask: Tensor) -> bool:
+        if not self.lagged:
+            return bool(mask.all())
+        if self._pending is not None and self._pending[0]():
+            if bool(self._pending[1]):
+                return True
+            self._pending = None
+        if self._pending is None:
+            self._pending = self._copy_to_host(mask.all())
+        return False
+
+    @staticmethod
+    def _copy_to_host(flag: Tensor) -> tuple[Callable[[], bool], Tensor]:
+        """(landed, host copy): an asynchronous copy and the query of its event on CUDA; an
+        immediate copy elsewhere."""
+        if flag.device.type != "cuda":
+            return (lambda: True), flag.clone()
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event.query, host
+
+
 def _hessenberg_column(h: Tensor, w: Tensor, inactive: Tensor
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Column j of the Arnoldi Hessenberg matrix from the projections h = V_jᵀ A v_j and
@@ -88,6 +133,7 @@ def gmres(
     on_matvec: Callable[[], bool] | None = None,
     precond: MatVec | None = None,
     required: Tensor | None = None,
+    lagged_stop: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solve ``A x_i = b_i`` for every row of ``b`` by GMRES(m) without restarts, from x = 0.
 
@@ -118,6 +164,9 @@ def gmres(
         required: optional ``(B,)`` mask; the iteration ends once these rows are done, and
             the other rows (riding along on the same batched products) keep the iterate
             they reached by then.
+        lagged_stop: read the stopping test one iteration or more late, without a host
+            sync (:class:`LaggedAll`); None: on CUDA. A stopped row's later columns are
+            e_{j+1} and leave its solution unchanged, so a late stop costs only products.
 
     Returns:
         ``(x, ok)``: solutions ``(B, n)`` and a ``(B,)`` bool mask of rows that reached
@@ -143,9 +192,10 @@ def gmres(
     null[:, 0] = 1
     residual = beta.clone()
     steps = 0
+    all_finished = LaggedAll(b.device, lagged_stop)
     for j in range(max_iter):
         finished = done if required is None else done | ~required
-        if bool(finished.all()) or (on_matvec is not None and not on_matvec()):
+        if all_finished(finished) or (on_matvec is not None and not on_matvec()):
             break
         w = matvec(basis[:, j] if precond is None else precond(basis[:, j]))
         h, w = _orthogonalize(basis[:, : j + 1], w)
