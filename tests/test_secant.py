@@ -117,6 +117,24 @@ def test_model_memory_is_cyclic_per_sample():
     torch.testing.assert_close(model.gram, model.V.transpose(1, 2) @ model.U)
 
 
+def test_more_products_than_rank_keep_each_samples_newest_nonzero_ones():
+    """A Krylov solve with more products than the model's rank, where one row stopped
+    early (zeros after its third product): each row's model agrees with J on its newest
+    ``rank`` nonzero products, checked against the true matrix."""
+    n, rank, k = 8, 4, 7
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(2, n, n, generator=g, dtype=F64)
+    S = torch.randn(2, n, k, generator=g, dtype=F64)
+    S[1, :, 3:] = 0                                     # row 1 stopped after 3 products
+    model = LowRankJacobian(2, n, rank=rank, dtype=F64, device="cpu")
+    model.absorb(S, A @ S)
+    kept = [S[0, :, k - rank:], S[1, :, :3]]             # row 0: newest 4; row 1: its 3
+    for row, cols in enumerate(kept):
+        B = model.U[row] @ model.V[row].T
+        torch.testing.assert_close(B @ cols, A[row] @ cols)
+    assert model.next_slot.tolist() == [0, 3]
+
+
 def test_secant_solver_is_the_default_above_the_dense_size_and_solves_expansive_cells():
     f = tanh_cell(6, 96, 3.0, seed=4, dtype=torch.float32)
     x0 = torch.zeros(6, 96)

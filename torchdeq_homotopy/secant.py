@@ -138,8 +138,10 @@ class LowRankJacobian:
             B ← B + (Y' − B Q) Qᵀ,
 
         so that afterwards B Q = Y' = J Q. Columns after the first with
-        |R_jj| <= ``tol`` · ||s_j|| (zero or dependent products) are ignored.
+        |R_jj| <= ``tol`` · ||s_j|| (zero or dependent products) are ignored; of more than
+        ``rank`` columns, each sample keeps its newest ``rank`` nonzero ones.
         """
+        S, Y = self._newest_products(S, Y)
         Q, R = torch.linalg.qr(S)
         diag = R.diagonal(dim1=1, dim2=2).abs()                           # (B, k)
         valid = torch.cumprod((diag > tol * S.norm(dim=1)).to(torch.int8), dim=1).bool()
@@ -151,6 +153,22 @@ class LowRankJacobian:
         Q = torch.where(valid[:, None, :], Q, torch.zeros_like(Q))
         BQ = torch.bmm(self.U, torch.bmm(self.V.transpose(1, 2), Q))
         self._write(Yq - BQ, Q, valid)
+
+    def _newest_products(self, S: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """At most ``rank`` columns per sample: its newest nonzero products. A sample's
+        nonzero products come first (a row whose Krylov solve stopped early multiplies
+        zeros from then on), so its newest ``rank`` of them are the columns
+        [c − rank, c) of its count c; they are gathered to the front. Keeping the batch's
+        last ``rank`` columns instead would keep mostly zeros for a row that stopped early,
+        and drop its products from the model."""
+        k = S.shape[2]
+        if k <= self.rank:
+            return S, Y
+        count = (S.norm(dim=1) > 0).long().sum(dim=1)                    # (B,)
+        first = (count - self.rank).clamp_min(0)
+        index = first[:, None] + torch.arange(self.rank, device=S.device)   # (B, rank) < k
+        index = index[:, None, :].expand(-1, S.shape[1], -1)
+        return S.gather(2, index), Y.gather(2, index)
 
     # ---------------------------------------------------------------- solves
     def solve_bordered(self, scale: Tensor, h_lam: Tensor, border: Tensor,
