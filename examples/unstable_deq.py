@@ -1,6 +1,6 @@
 """A DEQ whose equilibria are hard, trained with each forward solver at the same budget.
 
-    python examples/unstable_deq.py [--seeds 0 1 2] [--epochs 10] [--f_max_iter 100]
+    python examples/unstable_deq.py [--seeds 0 1 2 3 4] [--epochs 10] [--f_max_iter 100]
 
 The cell z ← tanh(W z + U x + b), 64 wide, on scikit-learn's 8 × 8 digits (embedded, no
 network), with no spectral normalisation or Jacobian regularisation and W initialised at
@@ -96,7 +96,7 @@ def interval(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--f_max_iter", type=int, default=100)
     parser.add_argument("--gain", type=float, default=2.5)
