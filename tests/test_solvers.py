@@ -571,3 +571,23 @@ def test_newton_krylov_gmres_tolerance_is_the_forcing_term_of_each_step(monkeypa
             eta = min(0.9, max(eta, 0.5 * 1e-10 / h))
             assert rtol == pytest.approx(eta, rel=1e-9)
             eta_prev = eta
+
+
+def test_anderson_guarantee_yields_when_the_budget_cannot_be_met():
+    """Within Anderson's guaranteed calls, with budget to spare (at least twice the
+    reserve left), a sample whose rate would miss the whole budget hands over; a rate that
+    makes it keeps Anderson, and at training budgets the guarantee holds regardless."""
+    from torchdeq_homotopy.warmup import ProgressRule
+
+    def history(rate, start=0.1, calls=6):
+        return [torch.tensor([start * rate ** k]) for k in range(calls)]
+
+    # now 0.1 · 0.95⁵ = 0.077: 1e-4 needs log(1.3e-3) / log(0.95) ≈ 130 more calls
+    slow, fast = history(0.95), history(0.5)            # fast: about 5 more calls
+    plenty = ProgressRule(guaranteed=30, budget=100, tol=1e-4, reserve=30)
+    assert plenty.hand_over(6, slow)                    # 94 left < 130 needed
+    assert not plenty.hand_over(6, fast)
+    generous = ProgressRule(guaranteed=30, budget=400, tol=1e-4, reserve=30)
+    assert not generous.hand_over(6, slow)              # 394 left: it makes it
+    training = ProgressRule(guaranteed=30, budget=40, tol=1e-4, reserve=30)
+    assert not training.hand_over(6, slow)              # 34 left < 2 · 30: guaranteed

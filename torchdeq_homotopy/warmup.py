@@ -88,11 +88,14 @@ def on_time(history: list[Tensor], tol: float, within: float,
 class ProgressRule:
     """When Anderson hands the unconverged samples over to the next phase.
 
-    Anderson always gets ``guaranteed`` calls of f. After that it continues while every
-    open sample's best residual is projected to reach ``tol`` (:func:`on_time`) within the
-    :func:`horizon` of the calls left: a benign cell keeps the accelerator that is solving
-    it, as TorchDEQ's Anderson would with the whole budget; a stalled or slow one hands
-    over to Broyden's method and the path.
+    Anderson gets ``guaranteed`` calls of f, unless at least 2 · ``reserve`` > 0 calls are
+    left and an open sample is projected (:func:`on_time`, over the last ``window`` calls) not to
+    reach ``tol`` within all of them: then the budget is better spent by the next phase.
+    After the guarantee it continues while every open sample's best residual is projected
+    to reach ``tol`` within the :func:`horizon` of the calls left: a benign cell keeps the
+    accelerator that is solving it, as TorchDEQ's Anderson would with the whole budget; a
+    stalled or slow one hands over to Broyden's method and the path. At training budgets
+    (fewer than 2 · ``reserve`` calls left) the guarantee is unconditional.
 
     Example:
         >>> rule = ProgressRule(guaranteed=2, budget=100, tol=1e-3, reserve=5, window=2)
@@ -114,9 +117,17 @@ class ProgressRule:
         of the last calls, oldest first (at least ``window`` + 1 of them once that many
         calls were made). One host sync per call, as TorchDEQ's Anderson's own test."""
         open_ = recent[-1] > self.tol
+        left = self.budget - calls
         if calls < max(self.guaranteed, self.window + 1):
-            return not bool(open_.any())
-        within = horizon(self.budget - calls, self.reserve)
+            spare = 0 < 2 * self.reserve <= left and calls > self.window
+            if not spare:
+                return not bool(open_.any())
+            # Within the guarantee, but with budget to spare for the next phase: a sample
+            # projected to miss the whole budget at its current rate hands over now.
+            late = open_ & ~on_time(list(recent)[-1 - self.window:], self.tol, left,
+                                    self.window)
+            return bool(late.any() | ~open_.any())
+        within = horizon(left, self.reserve)
         late = open_ & ~on_time(list(recent)[-1 - self.window:], self.tol, within,
                                 self.window)
         return bool(late.any() | ~open_.any())
