@@ -91,10 +91,11 @@ SOLVER_KEYS: dict[str, Key] = {
             "((f(z+εv)-f(z))/ε, one f call), 'forward' (torch.func.jvp, exact) or 'auto' "
             "(forward, falling back to finite differences if the callable does not support it)",
             choices=("finite_difference", "forward", "auto")),
-        Key("homo_warmup", 30, "evaluations the warm-up always gets (at most half the "
+        Key("homo_warmup", 30, "evaluations the warm-up gets (at most half the "
             "budget): fixed-point iteration while it contracts, then Anderson "
             "acceleration (TorchDEQ's, scale-free regularization) unless the first step "
-            "grew most residuals; beyond them each goes "
+            "grew most residuals; with twice this many left, Anderson hands over earlier "
+            "when a sample is projected to miss the whole budget; beyond them each goes "
             "on only while it is projected to converge within this many more evaluations "
             "(within the budget, once fewer than twice this many are left); 0: no warm-up",
             kind=int, check=_non_negative, check_doc=">= 0"),

@@ -1,0 +1,111 @@
+"""Budgets of about 100 evaluations on hard 64-wide cells: how the warm-up's share costs.
+
+    python benchmarks/moderate_budget.py [--out benchmarks/results/moderate_budget.md]
+
+Two checks, each solver at ``max_iter`` 100, relative tolerance 1e-4, start z = 0:
+
+* synthetic cells tanh(W z + x), 64 wide, batch 32, ‖W‖₂ 3, 4 and 5, x ~ bias · N(0, 1) with
+  bias 0.5 and 1, seeds 300–305 (36 cells): mean solved fraction and wall time;
+* the hard-equilibria DEQ of ``examples/unstable_deq.py`` with W started at ‖W‖₂ = 4,
+  trained 3 epochs with Broyden (seed 0), then its forward on 512 training images solved by
+  every solver (the same model and batch for all), and by homotopy without a warm-up.
+
+About 1 minute on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sweep import relative_residual, tanh_cell
+from torchdeq.solver import get_solver
+
+import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
+from homotopy_zoo.data import load_digits_data
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET, TOL = 100, 1e-4
+RUNS = [("fixed_point_iter", {}), ("anderson", {}), ("broyden", {}), ("homotopy", {}),
+        ("homotopy", {"homo_warmup": 0})]
+
+
+def solve(f, x0: torch.Tensor, solver: str, options: dict) -> tuple[float, float]:
+    """(solved fraction, wall seconds) of one solve at the budget."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        z, _, _ = get_solver(solver)(f, x0, max_iter=BUDGET, tol=TOL, stop_mode="rel",
+                                     **options)
+    wall = time.perf_counter() - start
+    return float((relative_residual(f, z) <= TOL).float().mean()), wall
+
+
+def synthetic() -> dict[str, tuple[float, float]]:
+    """Mean solved fraction and total wall time per run over the 36 synthetic cells."""
+    totals: dict[str, list[float]] = {}
+    for seed in range(300, 306):
+        for gain in (3.0, 4.0, 5.0):
+            for bias in (0.5, 1.0):
+                for solver, options in RUNS:
+                    f, x0 = tanh_cell(64, gain, bias, seed, bsz=32)
+                    solved, wall = solve(f, x0, solver, options)
+                    entry = totals.setdefault(label(solver, options), [0.0, 0.0, 0])
+                    entry[0] += solved
+                    entry[1] += wall
+                    entry[2] += 1
+    return {k: (s / c, w) for k, (s, w, c) in totals.items()}
+
+
+def trained_deq() -> dict[str, tuple[float, float]]:
+    """Every solver on the same forward of a Broyden-trained ‖W‖₂ = 4 DEQ."""
+    spec = importlib.util.spec_from_file_location("unstable_deq",
+                                                  ROOT / "examples" / "unstable_deq.py")
+    unstable = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unstable)
+    data = load_digits_data()
+    torch.manual_seed(0)
+    model = unstable.TanhDEQ("broyden", BUDGET, gain=4.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images)[0], labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    images = torch.stack([data.train[i][0] for i in range(512)])
+    with torch.no_grad():
+        x = model.inject(images.flatten(1))
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(model.W(z) + x)
+
+    return {label(s, o): solve(f, torch.zeros_like(x), s, o) for s, o in RUNS}
+
+
+def label(solver: str, options: dict) -> str:
+    return solver + ("" if not options else " (no warm-up)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/moderate_budget.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    cells, deq = synthetic(), trained_deq()
+    lines = [f"Budget {BUDGET}, rel. tol {TOL:g}; solved fraction / wall s.", "",
+             "| solver | 36 synthetic 64-wide cells | trained ‖W‖₂ = 4 DEQ, 512 forwards |",
+             "|---|---|---|"]
+    lines += [f"| {k} | {cells[k][0]:.3f} / {cells[k][1]:.1f} | {deq[k][0]:.3f} / "
+              f"{deq[k][1]:.2f} |" for k in cells]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
