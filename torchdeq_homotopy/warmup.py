@@ -119,15 +119,13 @@ class ProgressRule:
         open_ = recent[-1] > self.tol
         left = self.budget - calls
         if calls < max(self.guaranteed, self.window + 1):
-            spare = 0 < 2 * self.reserve <= left and calls > self.window
-            if not spare:
+            # Within the guarantee Anderson goes on unless, with budget to spare for the
+            # next phase, a sample is projected to miss the whole budget at its rate.
+            if not 0 < 2 * self.reserve <= left or calls <= self.window:
                 return not bool(open_.any())
-            # Within the guarantee, but with budget to spare for the next phase: a sample
-            # projected to miss the whole budget at its current rate hands over now.
-            late = open_ & ~on_time(list(recent)[-1 - self.window:], self.tol, left,
-                                    self.window)
-            return bool(late.any() | ~open_.any())
-        within = horizon(left, self.reserve)
+            within = float(left)
+        else:
+            within = horizon(left, self.reserve)
         late = open_ & ~on_time(list(recent)[-1 - self.window:], self.tol, within,
                                 self.window)
         return bool(late.any() | ~open_.any())
