@@ -1,14 +1,16 @@
 """Budgets of about 100 evaluations on hard 64-wide cells: how the warm-up's share costs.
 
-    python benchmarks/moderate_budget.py [--out benchmarks/results/moderate_budget.md]
+    python benchmarks/moderate_budget.py [--budget 100]
+        [--out benchmarks/results/moderate_budget.md]
 
-Two checks, each solver at ``max_iter`` 100, relative tolerance 1e-4, start z = 0:
+Two checks, each solver at ``max_iter`` ``--budget`` (100), relative tolerance 1e-4, start z = 0:
 
 * synthetic cells tanh(W z + x), 64 wide, batch 32, ‖W‖₂ 3, 4 and 5, x ~ bias · N(0, 1) with
   bias 0.5 and 1, seeds 300–305 (36 cells): mean solved fraction and wall time;
 * the hard-equilibria DEQ of ``examples/unstable_deq.py`` with W started at ‖W‖₂ = 4,
-  trained 3 epochs with Broyden (seed 0), then its forward on 512 training images solved by
-  every solver (the same model and batch for all), and by homotopy without a warm-up.
+  trained 3 epochs with Broyden at ``f_max_iter`` 100 (seed 0), then its forward on 512
+  training images solved by every solver (the same model and batch for all), and by
+  homotopy without a warm-up.
 
 About 1 minute on 2 CPU cores.
 """
@@ -28,22 +30,23 @@ import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
 from homotopy_zoo.data import load_digits_data
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET, TOL = 100, 1e-4
+TRAIN_BUDGET, TOL = 100, 1e-4
 RUNS = [("fixed_point_iter", {}), ("anderson", {}), ("broyden", {}), ("homotopy", {}),
         ("homotopy", {"homo_warmup": 0})]
 
 
-def solve(f, x0: torch.Tensor, solver: str, options: dict) -> tuple[float, float]:
+def solve(f, x0: torch.Tensor, solver: str, options: dict, budget: int
+          ) -> tuple[float, float]:
     """(solved fraction, wall seconds) of one solve at the budget."""
     start = time.perf_counter()
     with torch.no_grad():
-        z, _, _ = get_solver(solver)(f, x0, max_iter=BUDGET, tol=TOL, stop_mode="rel",
+        z, _, _ = get_solver(solver)(f, x0, max_iter=budget, tol=TOL, stop_mode="rel",
                                      **options)
     wall = time.perf_counter() - start
     return float((relative_residual(f, z) <= TOL).float().mean()), wall
 
 
-def synthetic() -> dict[str, tuple[float, float]]:
+def synthetic(budget: int) -> dict[str, tuple[float, float]]:
     """Mean solved fraction and total wall time per run over the 36 synthetic cells."""
     totals: dict[str, list[float]] = {}
     for seed in range(300, 306):
@@ -51,7 +54,7 @@ def synthetic() -> dict[str, tuple[float, float]]:
             for bias in (0.5, 1.0):
                 for solver, options in RUNS:
                     f, x0 = tanh_cell(64, gain, bias, seed, bsz=32)
-                    solved, wall = solve(f, x0, solver, options)
+                    solved, wall = solve(f, x0, solver, options, budget)
                     entry = totals.setdefault(label(solver, options), [0.0, 0.0, 0])
                     entry[0] += solved
                     entry[1] += wall
@@ -59,7 +62,7 @@ def synthetic() -> dict[str, tuple[float, float]]:
     return {k: (s / c, w) for k, (s, w, c) in totals.items()}
 
 
-def trained_deq() -> dict[str, tuple[float, float]]:
+def trained_deq(budget: int) -> dict[str, tuple[float, float]]:
     """Every solver on the same forward of a Broyden-trained ‖W‖₂ = 4 DEQ."""
     spec = importlib.util.spec_from_file_location("unstable_deq",
                                                   ROOT / "examples" / "unstable_deq.py")
@@ -67,7 +70,7 @@ def trained_deq() -> dict[str, tuple[float, float]]:
     spec.loader.exec_module(unstable)
     data = load_digits_data()
     torch.manual_seed(0)
-    model = unstable.TanhDEQ("broyden", BUDGET, gain=4.0)
+    model = unstable.TanhDEQ("broyden", TRAIN_BUDGET, gain=4.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
@@ -84,7 +87,7 @@ def trained_deq() -> dict[str, tuple[float, float]]:
     def f(z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(model.W(z) + x)
 
-    return {label(s, o): solve(f, torch.zeros_like(x), s, o) for s, o in RUNS}
+    return {label(s, o): solve(f, torch.zeros_like(x), s, o, budget) for s, o in RUNS}
 
 
 def label(solver: str, options: dict) -> str:
@@ -93,11 +96,12 @@ def label(solver: str, options: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", type=int, default=100, help="evaluations per solve")
     parser.add_argument("--out", default="benchmarks/results/moderate_budget.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    cells, deq = synthetic(), trained_deq()
-    lines = [f"Budget {BUDGET}, rel. tol {TOL:g}; solved fraction / wall s.", "",
+    cells, deq = synthetic(args.budget), trained_deq(args.budget)
+    lines = [f"Budget {args.budget}, rel. tol {TOL:g}; solved fraction / wall s.", "",
              "| solver | 36 synthetic 64-wide cells | trained ‖W‖₂ = 4 DEQ, 512 forwards |",
              "|---|---|---|"]
     lines += [f"| {k} | {cells[k][0]:.3f} / {cells[k][1]:.1f} | {deq[k][0]:.3f} / "
