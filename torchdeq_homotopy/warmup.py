@@ -318,8 +318,9 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     fixed-point step grew most residuals and at least 2 · ``reserve`` calls are left: on
     such expansive maps it rarely converges, and Broyden's method or Newton, given the
     calls to build their models, do better. With fewer left (training budgets) Anderson
-    runs there too: no other phase gets far in so few calls, and Anderson still cuts
-    the residual where Broyden's first steps do not. After ``guaranteed`` calls (default: the
+    runs there too: on GroupNorm DEQs at initialization, which expand at z = 0, its 30
+    calls cut the residual further than Broyden's (BENCHMARKS.md, "The paper-layout DEQ's
+    forwards at its training budget"). After ``guaranteed`` calls (default: the
     whole budget) Anderson hands over to the next phase once an open sample is no longer
     projected to converge within the budget at its current rate (:class:`ProgressRule`).
 
