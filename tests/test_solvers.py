@@ -502,34 +502,6 @@ def test_small_budget_keeps_anderson_on_a_slowly_contracting_map():
     assert (f(z) - z).norm(dim=1).max() <= 1e-4
 
 
-def test_small_budget_runs_anderson_on_a_map_expansive_at_the_start():
-    """A GroupNorm cell with a small input, as a DEQ at initialization: from z = 0 the
-    first fixed-point step grows the residual (the map expands there). At a training
-    budget the homotopy solver must still cut the residual as far as TorchDEQ's Anderson
-    (geometric mean over the batch within 1.2x); skipping Anderson there for Broyden's
-    steps, which get nowhere in 30 calls, left it 1.58x higher."""
-    torch.manual_seed(0)
-    width = 64
-    conv1 = torch.nn.Conv2d(width, width, 3, padding=1)
-    conv2 = torch.nn.Conv2d(width, width, 3, padding=1)
-    norm1, norm2 = torch.nn.GroupNorm(32, width), torch.nn.GroupNorm(32, width)
-    x = 0.15 * torch.relu(torch.randn(8, width, 8, 8))
-
-    def f(z):
-        return norm2(conv2(torch.relu(norm1(conv1(z))) + x))
-
-    z0 = torch.zeros_like(x)
-    with torch.no_grad():
-        first, second = (f(z0) - z0).flatten(1).norm(dim=1), (f(f(z0)) - f(z0)).flatten(
-            1).norm(dim=1)
-        assert bool((second > first).all())                          # expansive at z0
-        _, _, info_a = get_solver("anderson")(f, z0, max_iter=30, tol=1e-6)
-        _, _, info_h = th.homotopy_solver(f, z0, max_iter=30, tol=1e-6)
-    ratio = (info_h["abs_lowest"] / info_a["abs_lowest"]).log().mean().exp()
-    assert float(ratio) <= 1.2
-    assert not bool(info_h["converged"].any())          # nobody converged: reported so
-
-
 def test_a_budget_cut_krylov_solve_still_takes_and_evaluates_its_step():
     """With fewer evaluations than the Krylov dimension, Newton–Krylov's one GMRES solve
     is cut short; its partial solution must still be taken and evaluated (the budget keeps

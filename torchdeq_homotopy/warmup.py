@@ -315,12 +315,8 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
     acceleration (:class:`AndersonIteration`) from the best iterate, within the budget of
     ``record``, to which every evaluation is added. Anderson is skipped where the first
-    fixed-point step grew most residuals and at least 2 · ``reserve`` calls are left: on
-    such expansive maps it rarely converges, and Broyden's method or Newton, given the
-    calls to build their models, do better. With fewer left (training budgets) Anderson
-    runs there too: on GroupNorm DEQs at initialization, which expand at z = 0, its 30
-    calls cut the residual further than Broyden's (BENCHMARKS.md, "The paper-layout DEQ's
-    forwards at its training budget"). After ``guaranteed`` calls (default: the
+    fixed-point step grew most residuals: on such expansive maps it rarely converges,
+    and Broyden's method or Newton does better. After ``guaranteed`` calls (default: the
     whole budget) Anderson hands over to the next phase once an open sample is no longer
     projected to converge within the budget at its current rate (:class:`ProgressRule`).
 
@@ -340,8 +336,7 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     fixed_point = FixedPointIteration(f, rate, reserve)
     loop = drive(fixed_point, fixed_point.init(record, x0, tol))
     open_ = record.best.residual(record.stop_mode) > tol
-    skip_anderson = loop.expanding and budget.left >= 2 * reserve
-    if not skip_anderson and bool(open_.any()) and budget.left >= 1:
+    if not loop.expanding and bool(open_.any()) and budget.left >= 1:
         rule = ProgressRule(guaranteed if guaranteed is not None else budget.limit,
                             budget.limit, tol, reserve)
         anderson = AndersonIteration(f, rule)
