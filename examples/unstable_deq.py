@@ -11,7 +11,9 @@ and the same backward (IFT, ``b_solver='broyden'``, the README's recommendation)
 the relative forward residual ||f(z) − z|| / ||f(z)|| over training (mean over the batch,
 plotted), the fraction of training samples whose forward met the tolerance, and the test
 accuracy per seed with its mean and a 95 % t-interval. Writes runs/unstable_deq/results.json
-and runs/unstable_deq/residuals.png.
+and runs/unstable_deq/residuals.png. ``--solvers ... homotopy-nowarmup`` adds the homotopy
+solver with ``homo_warmup=0`` (the setting for hard cells at training budgets, e.g.
+``--f_max_iter 30``).
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
 from homotopy_zoo.data import load_digits_data
 
 SOLVERS = ("fixed_point_iter", "anderson", "broyden", "homotopy")
+VARIANTS = {"homotopy-nowarmup": ("homotopy", {"homo_warmup": 0})}
+"""Other ``--solvers`` labels: the homotopy solver with options (``homo_warmup=0``: no
+warm-up, Broyden's method from the start, the setting for hard cells at small budgets)."""
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}   # t quantiles, df = n - 1
 
 
@@ -44,7 +49,8 @@ class TanhDEQ(nn.Module):
         with torch.no_grad():
             self.W.weight.mul_(gain / torch.linalg.matrix_norm(self.W.weight, 2))
         self.readout = nn.Linear(width, 10)
-        self.deq = get_deq(f_solver=solver, f_max_iter=f_max_iter, f_tol=1e-4,
+        name, options = VARIANTS.get(solver, (solver, {}))
+        self.deq = get_deq(f_solver=name, f_max_iter=f_max_iter, f_tol=1e-4, **options,
                            f_stop_mode="rel", ift=True, b_solver="broyden", b_max_iter=40)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
