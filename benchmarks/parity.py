@@ -35,12 +35,12 @@ from homotopy_zoo.models import Cell
 
 SOLVERS = ["fixed_point_iter", "anderson", "broyden", "homotopy"]
 NO_WARMUP = "homotopy (no warm-up)"
+MAX_ITER, TOL = 40, 1e-3
 
 
 def _solver(label: str) -> tuple[str, dict]:
     """The registered solver and its options behind a column label."""
     return ("homotopy", {"homo_warmup": 0}) if label == NO_WARMUP else (label, {})
-MAX_ITER, TOL = 40, 1e-3
 
 
 def _spectral(w: torch.Tensor, norm: float) -> torch.Tensor:

@@ -108,10 +108,11 @@ def summarize(rows: list[dict]) -> str:
     for r in rows:
         res, ref = torch.tensor(r["residual"]), anderson[r["seed"], r["step"]]
         log_ratio = float((res / ref).log().mean())
+        met = float((res <= TOL).float().mean())
         ratios.setdefault(r["solver"], []).append(log_ratio)
-        meets.setdefault(r["solver"], []).append(float((res <= TOL).float().mean()))
+        meets.setdefault(r["solver"], []).append(met)
         lines.append(f"| {r['seed']} | {r['step']} | {r['solver']} | "
-                     f"{float((res <= TOL).float().mean()):.3f} | {res.mean():.2e} | "
+                     f"{met:.3f} | {res.mean():.2e} | "
                      f"{res.median():.2e} | {res.max():.2e} | {math.exp(log_ratio):.3f} | "
                      f"{float((res <= ref * (1 + 1e-6)).float().mean()):.2f} | "
                      f"{r['wall']:.2f} |")
