@@ -86,6 +86,32 @@ def test_inverse_broyden_merges_its_pairs_exactly_past_2n():
     assert model.next_slot.max() < 2 * 4
 
 
+def test_stacked_inverse_broyden_models_go_on_with_each_rows_iterates():
+    """Two models over different rows, at different steps and buffer widths, stacked into
+    one: every row goes on with dense Broyden's iterates from where its own model was."""
+    f = tanh_cell(4, 12, 3.0, seed=5)
+    z0 = torch.zeros(4, 12, dtype=F64)
+    reference = dense_broyden(f, z0, 14)
+    models, zs = [], []
+    for rows, steps in ((slice(0, 2), 3), (slice(2, 4), 7)):     # 7 pairs: a grown buffer
+        model, z = InverseBroyden(2, 12, memory=50, dtype=F64, device="cpu"), z0[rows]
+        for _ in range(steps):
+            padded = z0.clone()
+            padded[rows] = z                             # rows are independent in f
+            model.observe(z, f(padded)[rows])
+            z = z + model.step()
+        torch.testing.assert_close(z, reference[steps - 1][rows], rtol=1e-9, atol=1e-10)
+        models.append(model)
+        zs.append(z)
+    assert models[0].C.shape[2] != models[1].C.shape[2]
+    model, z = models[0].stack(models[1]), torch.cat(zs)
+    for j in range(5):
+        model.observe(z, f(z))
+        z = z + model.step()
+        torch.testing.assert_close(z[:2], reference[3 + j][:2], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(z[2:], reference[7 + j][2:], rtol=1e-9, atol=1e-10)
+
+
 def test_bordered_woodbury_solve_matches_dense_solve():
     torch.manual_seed(0)
     bsz, n, m = 5, 11, 6

@@ -502,6 +502,48 @@ def test_small_budget_keeps_anderson_on_a_slowly_contracting_map():
     assert (f(z) - z).norm(dim=1).max() <= 1e-4
 
 
+def test_training_budget_takes_broydens_iterates_where_the_map_expands():
+    """At a training budget, rows whose residual grows leave Anderson for Broyden's method
+    in the same loop: on a map that expands everywhere, the solver evaluates f at exactly
+    the points TorchDEQ's ``broyden`` does."""
+    f = tanh_cell(3, 10, 5.0, seed=4, dtype=torch.float64)
+    x0 = torch.zeros(3, 10, dtype=torch.float64)
+    z1 = f(x0)
+    assert ((f(z1) - z1).norm(dim=1) > z1.norm(dim=1)).all()        # the first step grows
+
+    def spied(points):
+        def g(z):
+            points.append(z.clone())
+            return f(z)
+        return g
+
+    ours, theirs = [], []
+    th.homotopy_solver(spied(ours), x0, max_iter=30, tol=1e-12)
+    get_solver("broyden")(spied(theirs), x0, max_iter=30, tol=1e-12)
+    assert len(ours) == 30
+    for k, (a, b) in enumerate(zip(ours[:20], theirs[:20], strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"call {k}")
+
+
+def test_training_budget_gives_each_row_the_method_that_converges():
+    """One batch, rows of two kinds: a slowly contracting linear map (Anderson's) and an
+    expansive tanh cell on which Anderson fails. At ``max_iter`` 30 every row meets the
+    tolerance, where TorchDEQ's Anderson leaves the expansive rows unsolved."""
+    n = 8
+    contracting, _ = linear_problem(2, n, 0.97, seed=1)
+    expansive = tanh_cell(2, n, 2.0, seed=0, dtype=torch.float64)
+
+    def f(z):
+        return torch.cat([contracting(z[:2]), expansive(z[2:])])
+
+    x0 = torch.zeros(4, n, dtype=torch.float64)
+    z_anderson, _, _ = get_solver("anderson")(f, x0, max_iter=30, tol=1e-8)
+    assert ((f(z_anderson) - z_anderson).norm(dim=1)[2:] > 1e-8).any()
+    z, _, info = th.homotopy_solver(f, x0, max_iter=30, tol=1e-8)
+    assert ((f(z) - z).norm(dim=1) <= 1e-8).all()
+    assert bool(info["converged"].all())
+
+
 def test_a_budget_cut_krylov_solve_still_takes_and_evaluates_its_step():
     """With fewer evaluations than the Krylov dimension, Newton–Krylov's one GMRES solve
     is cut short; its partial solution must still be taken and evaluated (the budget keeps

@@ -270,12 +270,19 @@ class InverseBroyden:
     """
 
     def __init__(self, bsz: int, n: int, memory: int, dtype: torch.dtype,
-                 device: torch.device, merge: bool = False) -> None:
+                 device: torch.device, merge: bool = False, capacity: int | None = None
+                 ) -> None:
         self.memory = memory
         # at most 2n columns before a merge (a merge needs memory above n to leave room)
         self.columns = min(memory, 2 * n) if merge and memory > n else memory
-        self.C = torch.zeros(bsz, n, 1, dtype=dtype, device=device)   # + scratch column
-        self.Dt = torch.zeros(bsz, 1, n, dtype=dtype, device=device)  # Dᵀ, rows contiguous
+        self._all: tuple[Tensor, Tensor] | None = None
+        if capacity is None:
+            self.C = torch.zeros(bsz, n, 1, dtype=dtype, device=device)   # + scratch column
+            self.Dt = torch.zeros(bsz, 1, n, dtype=dtype, device=device)  # Dᵀ, rows contiguous
+        else:   # buffers for ``capacity`` rows at full width: stack appends rows in place
+            self._all = (torch.zeros(capacity, n, self.columns + 1, dtype=dtype, device=device),
+                         torch.zeros(capacity, self.columns + 1, n, dtype=dtype, device=device))
+            self.C, self.Dt = self._all[0][:bsz], self._all[1][:bsz]
         self.next_slot = torch.zeros(bsz, dtype=torch.long, device=device)
         self._written = 0              # an upper bound on any sample's pairs (no host sync)
         self._z: Tensor | None = None
@@ -301,6 +308,54 @@ class InverseBroyden:
         """Broyden's step δ = W (f(z) − z) at the last recorded point (computed by
         :meth:`observe`, so a step costs no further product with the factors)."""
         return self._step
+
+    def next_point(self) -> Tensor:
+        """Broyden's next iterate z + W (f(z) − z) from the last recorded point."""
+        return self._z + self._step
+
+    def stack(self, other: InverseBroyden) -> InverseBroyden:
+        """One model over the rows of ``self`` followed by those of ``other`` (both of
+        the same memory and state size, both past their first :meth:`observe`). With a
+        row ``capacity`` that holds them, ``other``'s pairs are copied into the free rows
+        (O(rows of other · n · columns)); otherwise the buffers are padded with zero
+        columns, which add nothing to W, to the wider and concatenated.
+
+        Example:
+            >>> a = InverseBroyden(1, 3, memory=5, dtype=torch.float64, device='cpu',
+            ...                    capacity=3)
+            >>> b = InverseBroyden(2, 3, memory=5, dtype=torch.float64, device='cpu')
+            >>> for model, rows in ((a, 1), (b, 2)):
+            ...     model.observe(torch.zeros(rows, 3), torch.ones(rows, 3))
+            >>> both = a.stack(b)
+            >>> both.next_point().shape, torch.equal(both.next_point(), torch.ones(3, 3))
+            (torch.Size([3, 3]), True)
+        """
+        if self.memory != other.memory or self.C.shape[1] != other.C.shape[1]:
+            raise ValueError("stacked models need the same memory and state size")
+        rows, extra = self.C.shape[0], other.C.shape[0]
+        if (self._all is not None and rows + extra <= self._all[0].shape[0]
+                and other.C.shape[2] <= self.C.shape[2]):
+            k = other.C.shape[2] - 1            # other's pair columns; its scratch is zero
+            self._all[0][rows:rows + extra, :, :k] = other.C[..., :k]
+            self._all[1][rows:rows + extra, :k] = other.Dt[:, :k]
+            self.C, self.Dt = self._all[0][:rows + extra], self._all[1][:rows + extra]
+        else:
+            width = max(self.C.shape[2], other.C.shape[2])
+
+            def padded(C: Tensor, Dt: Tensor) -> tuple[Tensor, Tensor]:
+                more = width - C.shape[2]           # the scratch column stays last, zero
+                return (torch.cat([C, C.new_zeros(*C.shape[:2], more)], dim=2),
+                        torch.cat([Dt, Dt.new_zeros(Dt.shape[0], more, Dt.shape[2])], dim=1))
+
+            (C1, D1), (C2, D2) = padded(self.C, self.Dt), padded(other.C, other.Dt)
+            self.C, self.Dt = torch.cat([C1, C2]), torch.cat([D1, D2])
+            self._all = None
+        self.next_slot = torch.cat([self.next_slot, other.next_slot])
+        self._written = max(self._written, other._written)
+        self._z = torch.cat([self._z, other._z])
+        self._fz = torch.cat([self._fz, other._fz])
+        self._step = torch.cat([self._step, other._step])
+        return self
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record an evaluation and apply the good update to samples that moved since the
@@ -350,6 +405,7 @@ class InverseBroyden:
         """``extra`` more columns (doubling from 4: amortised O(1) copies per pair, and a
         short Broyden phase on a large batch allocates only what it uses)."""
         capacity = self.C.shape[2] - 1
+        self._all = None
         self.C = torch.cat([self.C[..., :capacity], self.C.new_zeros(
             *self.C.shape[:2], extra + 1)], dim=2)
         self.Dt = torch.cat([self.Dt[:, :capacity], self.Dt.new_zeros(

@@ -17,6 +17,7 @@ import torch
 
 from .iteration import drive
 from .outcome import Record, Status, TrackerResult, by_stop_mode
+from .secant import InverseBroyden
 
 Tensor = torch.Tensor
 
@@ -139,7 +140,9 @@ class WarmupLoop:
 
     record: Record
     tol: float
-    fz: Tensor                       # fixed-point phase: f at its last iterate
+    fz: Tensor                       # fixed-point phase: f at its last iterate z
+    z: Tensor
+    prev_z: Tensor | None            # and the iterate before z (None before a step)
     first_z: Tensor                  # x0, and f and the residual there
     first_fz: Tensor
     first_res: Tensor
@@ -192,14 +195,16 @@ class FixedPointIteration:
         record.budget.spend()
         fz = self.f(x0)
         abs_res, rel_res = record.add(x0, fz)
-        loop = WarmupLoop(record=record, tol=tol, fz=fz, first_z=x0, first_fz=fz,
+        loop = WarmupLoop(record=record, tol=tol, fz=fz, z=x0, prev_z=None, first_z=x0,
+                          first_fz=fz,
                           first_res=abs_res)
         loop.best_recent.append(record.best.residual(record.stop_mode))
         return self._judge(loop, by_stop_mode(record.stop_mode, abs_res, rel_res), abs_res)
 
     def step(self, loop: WarmupLoop) -> WarmupLoop:
         """z ← f(z)."""
-        loop.fz, stop = _evaluate(self.f, loop, loop.fz)
+        loop.prev_z, loop.z = loop.z, loop.fz
+        loop.fz, stop = _evaluate(self.f, loop, loop.z)
         return self._judge(loop, stop, loop.record.abs_trace[-1])
 
     def terminate(self, loop: WarmupLoop) -> bool:
@@ -227,7 +232,9 @@ class FixedPointIteration:
 class AndersonLoop:
     """Anderson's carry: the warm-up loop, TorchDEQ's ring buffers of the last ``m``
     iterates X and their images F (written in place, as TorchDEQ's), and the count k of
-    iterates so far."""
+    iterates so far; with per-row switching, each row's last residual, the last few, and
+    the rows that left Anderson for Broyden's method (``switched``; ``rows``, in the
+    order they switched, with one inverse Broyden ``model`` over just those rows)."""
 
     warm: WarmupLoop
     X: Tensor
@@ -235,6 +242,13 @@ class AndersonLoop:
     gram: Tensor       # the bordered Gram matrix [0 1ᵀ; 1 GGᵀ + λ s I]
     rhs: Tensor        # e_0
     k: int
+    last: Tensor | None = None
+    recent: deque[Tensor] = field(
+        default_factory=lambda: deque(maxlen=PROGRESS_WINDOW + 1))
+    switched: Tensor | None = None
+    rows: Tensor | None = None
+    model: InverseBroyden | None = None
+    memory: int = 0    # of every Broyden model: Anderson's pairs and the calls left
 
 
 class AndersonIteration:
@@ -251,6 +265,17 @@ class AndersonIteration:
     c z_k). It stops when the budget is spent or ``rule`` hands the open samples over to
     the next phase (:class:`ProgressRule`).
 
+    With ``switch=True`` each row chooses its method: an open row whose residual grew in
+    a step, r_k > r_{k−1}, or whose rate does not reach the tolerance within the calls
+    left (:func:`on_time`), takes Broyden's good steps from then on,
+
+        z_{k+1} = z_k + W_k (f(z_k) − z_k),      W ≈ (I − J_f)⁻¹,
+
+    (:class:`~torchdeq_homotopy.secant.InverseBroyden`, over the switched rows only),
+    its model first updated with the row's last n Anderson iterates as secant pairs
+    (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})). One call of f still serves the whole
+    batch: Anderson where it converges, Broyden's method where it stalls or diverges.
+
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
         >>> f = lambda z: 0.95 * z + 0.05 * torch.arange(3.0)   # fixed-point: ~90 calls
@@ -264,27 +289,43 @@ class AndersonIteration:
     """
 
     def __init__(self, f: Callable[[Tensor], Tensor], rule: ProgressRule, m: int = 6,
-                 lam: float = 1e-4, relative: bool = True) -> None:
+                 lam: float = 1e-4, relative: bool = True, switch: bool = False) -> None:
         self.f, self.rule, self.m, self.lam, self.relative = f, rule, m, lam, relative
+        self.switch = switch
 
     def init(self, warm: WarmupLoop) -> AndersonLoop:
         """Anderson from the best iterate (f there is known: no call), and its first
-        fixed-point step."""
+        fixed-point step; with ``switch=True``, from the fixed-point phase's last step
+        x_0 = z_{k−1}, x_1 = f(x_0) = z_k (both evaluated: no call), as TorchDEQ's
+        Anderson continues a fixed-point iteration."""
         best = warm.record.best
         bsz, dim = best.z.shape
         X = best.z.new_zeros(bsz, self.m, dim)
         F = torch.zeros_like(X)
-        X[:, 0], F[:, 0] = best.z, best.fz
-        X[:, 1] = F[:, 0]
-        F[:, 1], _ = _evaluate(self.f, warm, X[:, 1])
         gram = best.z.new_zeros(bsz, self.m + 1, self.m + 1)
         gram[:, 0, 1:] = gram[:, 1:, 0] = 1
         rhs = best.z.new_zeros(bsz, self.m + 1, 1)
         rhs[:, 0] = 1
-        return AndersonLoop(warm=warm, X=X, F=F, gram=gram, rhs=rhs, k=2)
+        loop = AndersonLoop(warm=warm, X=X, F=F, gram=gram, rhs=rhs, k=2)
+        if self.switch and warm.prev_z is not None:
+            X[:, 0], F[:, 0], X[:, 1], F[:, 1] = warm.prev_z, warm.z, warm.z, warm.fz
+            start, stop = warm.history[-2], warm.history[-1]
+        else:
+            X[:, 0], F[:, 0] = best.z, best.fz
+            X[:, 1] = F[:, 0]
+            start = best.residual(warm.record.stop_mode)
+            F[:, 1], stop = _evaluate(self.f, warm, X[:, 1])
+        if self.switch:
+            loop.switched = torch.zeros_like(stop, dtype=torch.bool)
+            loop.memory = self.m + int(min(warm.record.budget.left, 2 * dim))
+            loop.recent.extend([start, stop])
+            loop.last = start
+            self._judge(loop, stop)
+        return loop
 
     def step(self, loop: AndersonLoop) -> AndersonLoop:
-        """The next iterate, x_k = α · F over the last n = min(k, m), and f there."""
+        """The next iterate, x_k = α · F over the last n = min(k, m) (or Broyden's step
+        on the switched rows), and f there."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
         n = min(k, m)
         G = F[:, :n] - X[:, :n]
@@ -298,15 +339,51 @@ class AndersonIteration:
         alpha = torch.linalg.solve(loop.gram[:, :n + 1, :n + 1],
                                    loop.rhs[:, :n + 1])[:, 1:n + 1, 0]
         X[:, k % m] = (alpha[:, None] @ F[:, :n])[:, 0]
-        F[:, k % m], _ = _evaluate(self.f, loop.warm, X[:, k % m])
+        if loop.model is not None:
+            X[loop.rows, k % m] = loop.model.next_point()
+        F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m])
         loop.k = k + 1
+        if loop.model is not None:
+            loop.model.observe(X[loop.rows, k % m], F[loop.rows, k % m])
+        if self.switch:
+            self._judge(loop, stop)
         return loop
+
+    def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
+        """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
+        for the calls left, to Broyden's method (one host sync)."""
+        record = loop.warm.record
+        open_ = record.best.residual(record.stop_mode) > loop.warm.tol
+        late = stop > loop.last
+        loop.recent.append(stop)
+        if len(loop.recent) > PROGRESS_WINDOW:
+            late |= ~on_time(list(loop.recent), loop.warm.tol, record.budget.left)
+        loop.last = stop
+        new = open_ & late & ~loop.switched
+        if bool(new.any()):
+            self._join(loop, new.nonzero().squeeze(1))
+
+    def _join(self, loop: AndersonLoop, rows: Tensor) -> None:
+        """Broyden's method for ``rows``: a model from W = I, updated with their last
+        n Anderson iterates, oldest first, the last being the current one."""
+        X, F, k, m = loop.X, loop.F, loop.k, self.m
+        model = InverseBroyden(rows.numel(), X.shape[2], memory=loop.memory, dtype=X.dtype,
+                               device=X.device, merge=True,
+                               capacity=X.shape[0] if loop.model is None else None)
+        for i in range(k - min(k, m), k):
+            model.observe(X[rows, i % m], F[rows, i % m])
+        loop.model = model if loop.model is None else loop.model.stack(model)
+        loop.rows = rows if loop.rows is None else torch.cat([loop.rows, rows])
+        loop.switched[rows] = True
 
     def terminate(self, loop: AndersonLoop) -> bool:
         """The budget spent, or the open samples handed over (one host sync)."""
         warm = loop.warm
-        return (warm.record.budget.left <= 0
-                or self.rule.hand_over(warm.calls, warm.best_recent))
+        if warm.record.budget.left <= 0:
+            return True
+        if self.switch:      # each row already chose its method: no hand-over
+            return not bool((warm.best_recent[-1] > warm.tol).any())
+        return self.rule.hand_over(warm.calls, warm.best_recent)
 
 
 def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: float,
@@ -314,11 +391,17 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
             reserve: int = 0) -> Warmup | None:
     """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
     acceleration (:class:`AndersonIteration`) from the best iterate, within the budget of
-    ``record``, to which every evaluation is added. Anderson is skipped where the first
-    fixed-point step grew most residuals: on such expansive maps it rarely converges,
-    and Broyden's method or Newton does better. After ``guaranteed`` calls (default: the
-    whole budget) Anderson hands over to the next phase once an open sample is no longer
-    projected to converge within the budget at its current rate (:class:`ProgressRule`).
+    ``record``, to which every evaluation is added. After ``guaranteed`` calls (default:
+    the whole budget) Anderson hands over to the next phase once an open sample is no
+    longer projected to converge within the budget at its current rate
+    (:class:`ProgressRule`).
+
+    Where at least 2 · ``reserve`` calls are left after the fixed-point phase, Anderson is
+    skipped if that phase's first step grew most residuals: on such expansive maps it
+    rarely converges, and the path tracker's Broyden's method and path do better. With
+    fewer calls left (a training budget) the warm-up keeps the budget, so each row
+    chooses its own method instead: Anderson, switched per row to Broyden's method where
+    its residual grows or its rate is too slow (``AndersonIteration(switch=True)``).
 
     Newton later starts from the best iterate where the warm-up cut the residual tenfold;
     elsewhere (expansive or divergent maps) from x0, the better Newton start there.
@@ -336,10 +419,11 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     fixed_point = FixedPointIteration(f, rate, reserve)
     loop = drive(fixed_point, fixed_point.init(record, x0, tol))
     open_ = record.best.residual(record.stop_mode) > tol
-    if not loop.expanding and bool(open_.any()) and budget.left >= 1:
+    training = 0 < budget.left < 2 * reserve
+    if (training or not loop.expanding) and bool(open_.any()) and budget.left >= 1:
         rule = ProgressRule(guaranteed if guaranteed is not None else budget.limit,
                             budget.limit, tol, reserve)
-        anderson = AndersonIteration(f, rule)
+        anderson = AndersonIteration(f, rule, switch=training)
         drive(anderson, anderson.init(loop))
     best = record.best
     helped = (best.abs_res <= 0.1 * loop.first_res)[:, None]
