@@ -93,11 +93,13 @@ SOLVER_KEYS: dict[str, Key] = {
             choices=("finite_difference", "forward", "auto")),
         Key("homo_warmup", 30, "evaluations the warm-up gets (at most half the "
             "budget): fixed-point iteration while it contracts, then Anderson "
-            "acceleration (TorchDEQ's, scale-free regularization) unless the first step "
-            "grew most residuals; with twice this many left, Anderson hands over earlier "
-            "when a sample is projected to miss the whole budget; beyond them each goes "
-            "on only while it is projected to converge within this many more evaluations "
-            "(within the budget, once fewer than twice this many are left); 0: no warm-up",
+            "acceleration (TorchDEQ's, scale-free regularization). With at least twice "
+            "this many left, Anderson is skipped if the first step grew most residuals, "
+            "hands over earlier when a sample is projected to miss the whole budget, and "
+            "after them goes on only while projected to converge within this many more "
+            "evaluations. With fewer left (training budgets) the warm-up keeps the budget "
+            "and each sample switches for good to Broyden's method when its residual "
+            "grows or its rate would miss the tolerance; 0: no warm-up",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_newton_iters", 6, "Newton steps at λ = 1 tried first (with dense solves, "
             "those taken with an exact Jacobian; secant steps between are free); a sample "

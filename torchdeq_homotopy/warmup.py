@@ -3,7 +3,9 @@ then Anderson acceleration (TorchDEQ's, with a scale-free regularization).
 
 On benign cells this solves everything at the cost of the cheapest TorchDEQ solver; on
 the rest it leaves a best iterate (kept in the solve's :class:`~torchdeq_homotopy.outcome.Record`)
-and a start for Newton. Both phases are iterations (:class:`FixedPointIteration`,
+and a start for Newton. At training budgets it keeps the whole budget instead, and each
+sample leaves Anderson for Broyden's method where Anderson's residual grows or stalls
+(``AndersonIteration(switch=True)``). Both phases are iterations (:class:`FixedPointIteration`,
 :class:`AndersonIteration`) run by the solve's one driving loop,
 :func:`~torchdeq_homotopy.iteration.drive`, over a :class:`WarmupLoop` carry.
 """
