@@ -193,7 +193,8 @@ def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int 
     :mod:`torchdeq_homotopy.warmup`) solves benign cells at the cost of TorchDEQ's own
     solvers. At training budgets (fewer than 2 · ``homo_warmup`` calls left after the
     fixed-point steps) it keeps the budget, and each sample whose Anderson residual grows or
-    stalls switches to Broyden's method in the same loop. Remaining samples take Newton–Krylov steps at λ = 1. A sample whose residual
+    stalls switches to Broyden's method in the same loop. Remaining samples take
+    Newton–Krylov steps at λ = 1. A sample whose residual
     stalls restarts on the zero path of the fixed-point homotopy
 
         H(z, λ) = z - λ f(z) - (1 - λ) z0,        λ: 0 → 1,
