@@ -86,6 +86,25 @@ def test_inverse_broyden_merges_its_pairs_exactly_past_2n():
     assert model.next_slot.max() < 2 * 4
 
 
+def test_seeded_inverse_broyden_equals_sequential_updates():
+    """The compact seed from k pairs at once (Byrd–Nocedal–Schnabel) against k sequential
+    good updates, on arbitrary iterates (not Broyden's own), and the steps after it."""
+    f = tanh_cell(4, 12, 3.0, seed=6)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 6, 12, generator=g, dtype=F64).cumsum(dim=1) * 0.1
+    F = torch.stack([f(X[:, i]) for i in range(6)], dim=1)
+    sequential = InverseBroyden(4, 12, memory=50, dtype=F64, device="cpu")
+    for i in range(6):
+        sequential.observe(X[:, i], F[:, i])
+    seeded = InverseBroyden(4, 12, memory=50, dtype=F64, device="cpu")
+    seeded.seed(X, F)
+    for _ in range(4):
+        z_a, z_b = sequential.next_point(), seeded.next_point()
+        torch.testing.assert_close(z_b, z_a, rtol=1e-8, atol=1e-10)
+        sequential.observe(z_a, f(z_a))
+        seeded.observe(z_b, f(z_b))
+
+
 def test_stacked_inverse_broyden_models_go_on_with_each_rows_iterates():
     """Two models over different rows, at different steps and buffer widths, stacked into
     one: every row goes on with dense Broyden's iterates from where its own model was."""

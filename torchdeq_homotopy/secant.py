@@ -313,6 +313,59 @@ class InverseBroyden:
         """Broyden's next iterate z + W (f(z) − z) from the last recorded point."""
         return self._z + self._step
 
+    def seed(self, X: Tensor, F: Tensor) -> None:
+        """Start from W = I updated, in order, with the secant pairs of the iterates
+        x_0..x_k ``X`` ``(B, k + 1, n)`` and their images ``F`` (the last one is the point
+        recorded, as after k + 1 :meth:`observe` calls; the buffers must be empty). With
+        S = [x_1 − x_0, ..., x_k − x_{k−1}] and ΔF likewise, the pairs of A = I − J_f are
+        (S, S − ΔF), and k good updates of A from A_0 = I have the compact form (Byrd,
+        Nocedal & Schnabel 1994, "Representations of quasi-Newton matrices", sec. 6)
+
+            A_k = I + ((S − ΔF) − S) N⁻¹ Sᵀ = I − ΔF N⁻¹ Sᵀ,     N = triu(Sᵀ S),
+
+        so by Woodbury W_k = A_k⁻¹ = I + ΔF M⁻¹ Sᵀ with M = N − Sᵀ ΔF: k column pairs
+        C = ΔF M⁻¹, D = S at once, where the sequential updates take k passes. Rows
+        where M is singular or not finite keep W = I.
+
+        Example:
+            >>> A = torch.tensor([[2.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
+            >>> f = lambda z: torch.tanh(z @ A.T + 0.3)
+            >>> X = torch.zeros(1, 3, 2, dtype=torch.float64)
+            >>> for i in (1, 2):
+            ...     X[:, i] = f(X[:, i - 1]) + 0.1 * i
+            >>> a = InverseBroyden(1, 2, memory=5, dtype=X.dtype, device='cpu')
+            >>> b = InverseBroyden(1, 2, memory=5, dtype=X.dtype, device='cpu')
+            >>> for i in range(3):
+            ...     a.observe(X[:, i], f(X[:, i]))
+            >>> b.seed(X, f(X))
+            >>> torch.allclose(a.next_point(), b.next_point())
+            True
+        """
+        k = X.shape[1] - 1
+        self._z, self._fz = X[:, -1].clone(), F[:, -1].clone()
+        g = F[:, -1] - X[:, -1]
+        if k == 0:
+            self._step = g
+            return
+        wide = _wide(X.dtype, X.device)
+        S = (X[:, 1:] - X[:, :-1]).transpose(1, 2).to(wide)             # (B, n, k)
+        dF = (F[:, 1:] - F[:, :-1]).transpose(1, 2).to(wide)
+        M = torch.triu(S.transpose(1, 2) @ S) - S.transpose(1, 2) @ dF  # (B, k, k)
+        lu, pivots, info = torch.linalg.lu_factor_ex(torch.nan_to_num(M))
+        # C = ΔF M⁻¹: Cᵀ = M⁻ᵀ ΔFᵀ
+        C = torch.linalg.lu_solve(lu, pivots, dF.transpose(1, 2), adjoint=True).transpose(1, 2)
+        ok = (info == 0) & torch.isfinite(C).flatten(1).all(dim=1) \
+            & torch.isfinite(S).flatten(1).all(dim=1)
+        C = torch.where(ok[:, None, None], C, torch.zeros_like(C)).to(X.dtype)
+        S = torch.where(ok[:, None, None], S, torch.zeros_like(S)).to(X.dtype)
+        while self.C.shape[2] - 1 < k:
+            self._grow(max(4, k))
+        self.C[..., :k] = C
+        self.Dt[:, :k] = S.transpose(1, 2)
+        self.next_slot = torch.where(ok, k, 0) % self.memory
+        self._written = k
+        self._step = g + torch.bmm(C, torch.bmm(S.transpose(1, 2), g.unsqueeze(-1))).squeeze(-1)
+
     def stack(self, other: InverseBroyden) -> InverseBroyden:
         """One model over the rows of ``self`` followed by those of ``other`` (both of
         the same memory and state size, both past their first :meth:`observe`). With a
@@ -397,8 +450,9 @@ class InverseBroyden:
             capacity = self.C.shape[2] - 1
         self._written += 1
         slot = torch.where(ok, self.next_slot, torch.full_like(self.next_slot, capacity))
-        self.C.scatter_(2, slot[:, None, None].expand(-1, c.shape[1], 1), c[..., None])
-        self.Dt.scatter_(1, slot[:, None, None].expand(-1, 1, d.shape[1]), d[:, None])
+        rows = torch.arange(slot.shape[0], device=slot.device)
+        self.C[rows, :, slot] = c          # one (row, slot) column each: no expanded index
+        self.Dt[rows, slot] = d
         self.next_slot = (self.next_slot + ok.long()) % self.memory
 
     def _grow(self, extra: int) -> None:

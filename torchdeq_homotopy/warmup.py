@@ -372,8 +372,8 @@ class AndersonIteration:
         model = InverseBroyden(rows.numel(), X.shape[2], memory=loop.memory, dtype=X.dtype,
                                device=X.device, merge=True,
                                capacity=X.shape[0] if loop.model is None else None)
-        for i in range(k - min(k, m), k):
-            model.observe(X[rows, i % m], F[rows, i % m])
+        order = torch.arange(k - min(k, m), k, device=X.device) % m          # oldest first
+        model.seed(X[rows][:, order], F[rows][:, order])
         loop.model = model if loop.model is None else loop.model.stack(model)
         loop.rows = rows if loop.rows is None else torch.cat([loop.rows, rows])
         loop.switched[rows] = True
