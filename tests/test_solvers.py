@@ -36,6 +36,14 @@ def tanh_cell(bsz, n, gain, seed=0, dtype=torch.float32):
     return lambda z: torch.tanh(z @ W.T + x)
 
 
+def spied(f, points):
+    """f, appending a copy of every point it is called at to ``points``."""
+    def g(z):
+        points.append(z.clone())
+        return f(z)
+    return g
+
+
 @pytest.mark.parametrize("name", ALL_SOLVERS)
 def test_every_registered_solver_keeps_torchdeq_contract(name):
     torch.manual_seed(0)
@@ -355,17 +363,11 @@ def test_warm_up_anderson_takes_torchdeqs_iterates():
     f = tanh_cell(3, 20, 1.2, seed=11, dtype=torch.float64)
     x0 = torch.zeros(3, 20, dtype=torch.float64)
 
-    def spied(points):
-        def g(z):
-            points.append(z.clone())
-            return f(z)
-        return g
-
     theirs, ours = [], []
-    anderson_solver(spied(theirs), x0, max_iter=25, tol=1e-300)
+    anderson_solver(spied(f, theirs), x0, max_iter=25, tol=1e-300)
     record = Record.start(x0, Budget(25), "abs")
-    warm = FixedPointIteration(spied(ours), rate=0.7, reserve=0).init(record, x0, 1e-300)
-    anderson = AndersonIteration(spied(ours), ProgressRule(25, 25, 1e-300), relative=False)
+    warm = FixedPointIteration(spied(f, ours), rate=0.7, reserve=0).init(record, x0, 1e-300)
+    anderson = AndersonIteration(spied(f, ours), ProgressRule(25, 25, 1e-300), relative=False)
     drive(anderson, anderson.init(warm))
     assert len(ours) == len(theirs) == 25
     for mine, reference in zip(ours, theirs, strict=True):
@@ -511,15 +513,9 @@ def test_training_budget_takes_broydens_iterates_where_the_map_expands():
     z1 = f(x0)
     assert ((f(z1) - z1).norm(dim=1) > z1.norm(dim=1)).all()        # the first step grows
 
-    def spied(points):
-        def g(z):
-            points.append(z.clone())
-            return f(z)
-        return g
-
     ours, theirs = [], []
-    th.homotopy_solver(spied(ours), x0, max_iter=30, tol=1e-12)
-    get_solver("broyden")(spied(theirs), x0, max_iter=30, tol=1e-12)
+    th.homotopy_solver(spied(f, ours), x0, max_iter=30, tol=1e-12)
+    get_solver("broyden")(spied(f, theirs), x0, max_iter=30, tol=1e-12)
     assert len(ours) == 30
     for k, (a, b) in enumerate(zip(ours[:20], theirs[:20], strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"call {k}")
