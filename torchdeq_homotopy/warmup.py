@@ -198,8 +198,7 @@ class FixedPointIteration:
         fz = self.f(x0)
         abs_res, rel_res = record.add(x0, fz)
         loop = WarmupLoop(record=record, tol=tol, fz=fz, z=x0, prev_z=None, first_z=x0,
-                          first_fz=fz,
-                          first_res=abs_res)
+                          first_fz=fz, first_res=abs_res)
         loop.best_recent.append(record.best.residual(record.stop_mode))
         return self._judge(loop, by_stop_mode(record.stop_mode, abs_res, rel_res), abs_res)
 
@@ -275,7 +274,8 @@ class AndersonIteration:
 
     (:class:`~torchdeq_homotopy.secant.InverseBroyden`, over the switched rows only),
     its model first updated with the row's last n Anderson iterates as secant pairs
-    (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})). One call of f still serves the whole
+    (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})), in one compact update
+    (:meth:`~torchdeq_homotopy.secant.InverseBroyden.seed`). One call of f still serves the whole
     batch: Anderson where it converges, Broyden's method where it stalls or diverges.
 
     Example:
