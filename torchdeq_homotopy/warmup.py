@@ -233,7 +233,7 @@ class FixedPointIteration:
 class AndersonLoop:
     """Anderson's carry: the warm-up loop, TorchDEQ's ring buffers of the last ``m``
     iterates X and their images F (written in place, as TorchDEQ's), and the count k of
-    iterates so far; with per-row switching, each row's last residual, the last few, and
+    iterates so far; with per-row switching, each row's last few residuals, and
     the rows that left Anderson for Broyden's method (``switched``; ``rows``, in the
     order they switched, with one inverse Broyden ``model`` over just those rows)."""
 
@@ -243,7 +243,6 @@ class AndersonLoop:
     gram: Tensor       # the bordered Gram matrix [0 1ᵀ; 1 GGᵀ + λ s I]
     rhs: Tensor        # e_0
     k: int
-    last: Tensor | None = None
     recent: deque[Tensor] = field(
         default_factory=lambda: deque(maxlen=PROGRESS_WINDOW + 1))
     switched: Tensor | None = None
@@ -320,8 +319,7 @@ class AndersonIteration:
         if self.switch:
             loop.switched = torch.zeros_like(stop, dtype=torch.bool)
             loop.memory = self.m + int(min(warm.record.budget.left, 2 * dim))
-            loop.recent.extend([start, stop])
-            loop.last = start
+            loop.recent.append(start)
             self._judge(loop, stop)
         return loop
 
@@ -354,13 +352,12 @@ class AndersonIteration:
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
         """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
         for the calls left, to Broyden's method (one host sync)."""
-        record = loop.warm.record
-        open_ = record.best.residual(record.stop_mode) > loop.warm.tol
-        late = stop > loop.last
+        warm = loop.warm
+        open_ = warm.best_recent[-1] > warm.tol
+        late = stop > loop.recent[-1]
         loop.recent.append(stop)
         if len(loop.recent) > PROGRESS_WINDOW:
-            late |= ~on_time(list(loop.recent), loop.warm.tol, record.budget.left)
-        loop.last = stop
+            late |= ~on_time(list(loop.recent), warm.tol, warm.record.budget.left)
         new = open_ & late & ~loop.switched
         if bool(new.any()):
             self._join(loop, new.nonzero().squeeze(1))
