@@ -7,6 +7,7 @@ from torchdeq.solver import get_solver
 import torchdeq_homotopy as th
 from torchdeq_homotopy import Status
 from torchdeq_homotopy.secant import InverseBroyden, LowRankJacobian
+from torchdeq_homotopy.step_broyden import StepBroyden
 
 F64 = torch.float64
 
@@ -105,30 +106,106 @@ def test_seeded_inverse_broyden_equals_sequential_updates():
         seeded.observe(z_b, f(z_b))
 
 
-def test_stacked_inverse_broyden_models_go_on_with_each_rows_iterates():
-    """Two models over different rows, at different steps and buffer widths, stacked into
-    one: every row goes on with dense Broyden's iterates from where its own model was."""
-    f = tanh_cell(4, 12, 3.0, seed=5)
-    z0 = torch.zeros(4, 12, dtype=F64)
-    reference = dense_broyden(f, z0, 14)
-    models, zs = [], []
-    for rows, steps in ((slice(0, 2), 3), (slice(2, 4), 7)):     # 7 pairs: a grown buffer
-        model, z = InverseBroyden(2, 12, memory=50, dtype=F64, device="cpu"), z0[rows]
-        for _ in range(steps):
-            padded = z0.clone()
-            padded[rows] = z                             # rows are independent in f
-            model.observe(z, f(padded)[rows])
-            z = z + model.step()
-        torch.testing.assert_close(z, reference[steps - 1][rows], rtol=1e-9, atol=1e-10)
-        models.append(model)
-        zs.append(z)
-    assert models[0].C.shape[2] != models[1].C.shape[2]
-    model, z = models[0].stack(models[1]), torch.cat(zs)
-    for j in range(5):
+def dense_broyden_after(f, X, steps):
+    """Dense Broyden's good method that first updates B = 0 with the secant pairs of the
+    iterates X ``(B, j + 1, n)`` in order, then takes ``steps`` full steps from X[:, -1]."""
+    bsz, _, n = X.shape
+    B = torch.zeros(bsz, n, n, dtype=X.dtype)
+    eye = torch.eye(n, dtype=X.dtype)
+    prev = None
+
+    def record(z):
+        nonlocal B, prev
+        fz = f(z)
+        if prev is not None:
+            s, y = z - prev[0], fz - prev[1]
+            miss = y - (B @ s.unsqueeze(-1)).squeeze(-1)
+            B = B + miss.unsqueeze(-1) * s.unsqueeze(1) / (s * s).sum(1)[:, None, None]
+        prev = (z, fz)
+        return fz
+
+    for i in range(X.shape[1]):
+        fz = record(X[:, i])
+    z, iterates = X[:, -1], []
+    for _ in range(steps):
+        z = z + torch.linalg.solve(eye - B, fz - z)
+        iterates.append(z)
+        fz = record(z)
+    return iterates
+
+
+def step_model(X, F, columns=40, **kw):
+    model = StepBroyden(X.shape[0], X.shape[2], columns=columns, dtype=X.dtype,
+                        device="cpu", seed_width=max(X.shape[1] - 1, 0), **kw)
+    model.seed(X, F)
+    return model
+
+
+@pytest.mark.parametrize("seed_pairs", [0, 5])
+def test_step_broyden_takes_dense_broydens_iterates(seed_pairs):
+    """Kelley's step form (only the steps stored) against dense Broyden's good method,
+    from W = I and from W_0 seeded with arbitrary iterates' secant pairs, on an expansive
+    cell; 30 steps with 8 columns allocated (the buffers grow twice)."""
+    f = tanh_cell(4, 12, 3.0, seed=6)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4, seed_pairs + 1, 12, generator=g, dtype=F64).cumsum(dim=1) * 0.1
+    F = torch.stack([f(X[:, i]) for i in range(X.shape[1])], dim=1)
+    reference = dense_broyden_after(f, X, 30)
+    model = step_model(X, F, columns=8)
+    for k in range(30):
+        z = model.next_point()
+        torch.testing.assert_close(z, reference[k], rtol=1e-7, atol=1e-9, msg=f"step {k}")
         model.observe(z, f(z))
-        z = z + model.step()
-        torch.testing.assert_close(z[:2], reference[3 + j][:2], rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(z[2:], reference[7 + j][2:], rtol=1e-9, atol=1e-10)
+    assert model.k == 30 and model._S.shape[1] == 32
+
+
+def test_stacked_step_broyden_models_go_on_with_each_rows_iterates():
+    """Cohorts that started at different steps, stacked into a model with a row capacity
+    (in place) and without one (concatenated): every row goes on with dense Broyden's
+    iterates from where its own model was."""
+    f = tanh_cell(6, 12, 3.0, seed=5)
+    z0 = torch.zeros(6, 12, dtype=F64)
+    reference = dense_broyden(f, z0, 14)
+
+    def run(rows, steps, **kw):
+        model = step_model(z0[rows, None], f(z0)[rows, None], **kw)
+        for _ in range(steps):
+            z = z0.clone()
+            z[rows] = model.next_point()                   # rows are independent in f
+            model.observe(z[rows], f(z)[rows])
+        return model
+
+    for capacity in (6, None):
+        model = run(slice(0, 2), 7, capacity=capacity)
+        model = model.stack(run(slice(2, 3), 3)).stack(run(slice(3, 6), 0))
+        starts = torch.tensor([7, 7, 3, 0, 0, 0])
+        for j in range(5):
+            z = model.next_point()
+            for row in range(6):
+                torch.testing.assert_close(z[row], reference[int(starts[row]) + j][row],
+                                           rtol=1e-8, atol=1e-10)
+            model.observe(z, f(z))
+
+
+def test_step_broyden_freezes_a_row_where_f_is_not_finite():
+    """A row whose f is not finite stays at its last finite point from then on; the
+    other rows take the same iterates as without it."""
+    f = tanh_cell(3, 8, 3.0, seed=2)
+    z0 = torch.zeros(3, 8, dtype=F64)
+    clean, broken = (step_model(z0[:, None], f(z0)[:, None]) for _ in range(2))
+    last_finite = None
+    for k in range(8):
+        z_c, z_b = clean.next_point(), broken.next_point()
+        torch.testing.assert_close(z_b[[0, 2]], z_c[[0, 2]], rtol=1e-12, atol=1e-12)
+        f_b = f(z_b)
+        if k == 3:
+            f_b[1, 0] = float("nan")
+        elif k > 3:
+            assert torch.equal(z_b[1], last_finite)      # held, evaluated again
+        if k == 2:
+            last_finite = z_b[1].clone()
+        clean.observe(z_c, f(z_c))
+        broken.observe(z_b, f_b)
 
 
 def test_bordered_woodbury_solve_matches_dense_solve():

@@ -233,6 +233,38 @@ def _wide(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype if device.type == "mps" else torch.promote_types(dtype, torch.float64)
 
 
+def compact_inverse(X: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
+    """W = I + ΔF M⁻¹ Sᵀ, the inverse of A = I − J_f after k good Broyden updates from
+    A_0 = I with the secant pairs of the iterates x_0..x_k ``X`` ``(B, k + 1, n)`` and
+    their images ``F`` (Byrd, Nocedal & Schnabel 1994, sec. 6; see
+    :meth:`InverseBroyden.seed`):
+
+        S = [x_1 − x_0, …],  ΔF = [f(x_1) − f(x_0), …],  M = triu(Sᵀ S) − Sᵀ ΔF.
+
+    Returns ``(Ct, St)``, both ``(B, k, n)``: Cᵀ = M⁻ᵀ ΔFᵀ and Sᵀ, so W r = r + C (Sᵀ r).
+    The k × k products and M⁻¹ are formed in float64 (:func:`_wide`); rows where M is
+    singular or anything is not finite get zeros (W = I).
+
+    Example:
+        >>> X = torch.tensor([[[0.0], [1.0]]]); F = 0.5 * X + 1     # f(z) = z / 2 + 1
+        >>> Ct, St = compact_inverse(X, F)
+        >>> 1 + (Ct * St).sum().item()                 # W = (1 − 1/2)⁻¹ = 2
+        2.0
+    """
+    wide = _wide(X.dtype, X.device)
+    St, dFt = X[:, 1:] - X[:, :-1], F[:, 1:] - F[:, :-1]                # (B, k, n)
+    St_w, dFt_w = St.to(wide), dFt.to(wide)
+    M = torch.triu(St_w @ St_w.transpose(1, 2)) - St_w @ dFt_w.transpose(1, 2)
+    lu, pivots, info = torch.linalg.lu_factor_ex(torch.nan_to_num(M))
+    eye = torch.eye(M.shape[-1], dtype=wide, device=M.device).expand_as(M)
+    M_inv_t = torch.linalg.lu_solve(lu, pivots, eye, adjoint=True)      # M⁻ᵀ
+    Ct = torch.bmm(M_inv_t.to(X.dtype), dFt)                            # Cᵀ = M⁻ᵀ ΔFᵀ
+    ok = (info == 0) & torch.isfinite(M_inv_t).flatten(1).all(dim=1) \
+        & torch.isfinite(Ct).flatten(1).all(dim=1) & torch.isfinite(St).flatten(1).all(dim=1)
+    return (torch.where(ok[:, None, None], Ct, torch.zeros_like(Ct)),
+            torch.where(ok[:, None, None], St, torch.zeros_like(St)))
+
+
 class InverseBroyden:
     """Broyden's good method at λ = 1 in inverse form, as TorchDEQ's ``broyden`` keeps it.
 
@@ -270,19 +302,12 @@ class InverseBroyden:
     """
 
     def __init__(self, bsz: int, n: int, memory: int, dtype: torch.dtype,
-                 device: torch.device, merge: bool = False, capacity: int | None = None
-                 ) -> None:
+                 device: torch.device, merge: bool = False) -> None:
         self.memory = memory
         # at most 2n columns before a merge (a merge needs memory above n to leave room)
         self.columns = min(memory, 2 * n) if merge and memory > n else memory
-        self._all: tuple[Tensor, Tensor] | None = None
-        if capacity is None:
-            self.C = torch.zeros(bsz, n, 1, dtype=dtype, device=device)   # + scratch column
-            self.Dt = torch.zeros(bsz, 1, n, dtype=dtype, device=device)  # Dᵀ, rows contiguous
-        else:   # buffers for ``capacity`` rows at full width: stack appends rows in place
-            self._all = (torch.zeros(capacity, n, self.columns + 1, dtype=dtype, device=device),
-                         torch.zeros(capacity, self.columns + 1, n, dtype=dtype, device=device))
-            self.C, self.Dt = self._all[0][:bsz], self._all[1][:bsz]
+        self.C = torch.zeros(bsz, n, 1, dtype=dtype, device=device)       # + scratch column
+        self.Dt = torch.zeros(bsz, 1, n, dtype=dtype, device=device)      # Dᵀ, rows contiguous
         self.next_slot = torch.zeros(bsz, dtype=torch.long, device=device)
         self._written = 0              # an upper bound on any sample's pairs (no host sync)
         self._z: Tensor | None = None
@@ -324,8 +349,8 @@ class InverseBroyden:
             A_k = I + ((S − ΔF) − S) N⁻¹ Sᵀ = I − ΔF N⁻¹ Sᵀ,     N = triu(Sᵀ S),
 
         so by Woodbury W_k = A_k⁻¹ = I + ΔF M⁻¹ Sᵀ with M = N − Sᵀ ΔF: k column pairs
-        C = ΔF M⁻¹, D = S at once, where the sequential updates take k passes. Rows
-        where M is singular or not finite keep W = I.
+        C = ΔF M⁻¹, D = S at once (:func:`compact_inverse`), where the sequential updates
+        take k passes. Rows where M is singular or not finite keep W = I.
 
         Example:
             >>> A = torch.tensor([[2.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
@@ -347,68 +372,16 @@ class InverseBroyden:
         if k == 0:
             self._step = g
             return
-        wide = _wide(X.dtype, X.device)
-        S = (X[:, 1:] - X[:, :-1]).transpose(1, 2).to(wide)             # (B, n, k)
-        dF = (F[:, 1:] - F[:, :-1]).transpose(1, 2).to(wide)
-        M = torch.triu(S.transpose(1, 2) @ S) - S.transpose(1, 2) @ dF  # (B, k, k)
-        lu, pivots, info = torch.linalg.lu_factor_ex(torch.nan_to_num(M))
-        # C = ΔF M⁻¹: Cᵀ = M⁻ᵀ ΔFᵀ
-        C = torch.linalg.lu_solve(lu, pivots, dF.transpose(1, 2), adjoint=True).transpose(1, 2)
-        ok = (info == 0) & torch.isfinite(C).flatten(1).all(dim=1) \
-            & torch.isfinite(S).flatten(1).all(dim=1)
-        C = torch.where(ok[:, None, None], C, torch.zeros_like(C)).to(X.dtype)
-        S = torch.where(ok[:, None, None], S, torch.zeros_like(S)).to(X.dtype)
+        Ct, St = compact_inverse(X, F)
         while self.C.shape[2] - 1 < k:
             self._grow(max(4, k))
-        self.C[..., :k] = C
-        self.Dt[:, :k] = S.transpose(1, 2)
+        self.C[..., :k] = Ct.transpose(1, 2)
+        self.Dt[:, :k] = St
+        ok = St.flatten(1).ne(0).any(dim=1)
         self.next_slot = torch.where(ok, k, 0) % self.memory
         self._written = k
-        self._step = g + torch.bmm(C, torch.bmm(S.transpose(1, 2), g.unsqueeze(-1))).squeeze(-1)
-
-    def stack(self, other: InverseBroyden) -> InverseBroyden:
-        """One model over the rows of ``self`` followed by those of ``other`` (both of
-        the same memory and state size, both past their first :meth:`observe`). With a
-        row ``capacity`` that holds them, ``other``'s pairs are copied into the free rows
-        (O(rows of other · n · columns)); otherwise the buffers are padded with zero
-        columns, which add nothing to W, to the wider and concatenated.
-
-        Example:
-            >>> a = InverseBroyden(1, 3, memory=5, dtype=torch.float64, device='cpu',
-            ...                    capacity=3)
-            >>> b = InverseBroyden(2, 3, memory=5, dtype=torch.float64, device='cpu')
-            >>> for model, rows in ((a, 1), (b, 2)):
-            ...     model.observe(torch.zeros(rows, 3), torch.ones(rows, 3))
-            >>> both = a.stack(b)
-            >>> both.next_point().shape, torch.equal(both.next_point(), torch.ones(3, 3))
-            (torch.Size([3, 3]), True)
-        """
-        if self.memory != other.memory or self.C.shape[1] != other.C.shape[1]:
-            raise ValueError("stacked models need the same memory and state size")
-        rows, extra = self.C.shape[0], other.C.shape[0]
-        if (self._all is not None and rows + extra <= self._all[0].shape[0]
-                and other.C.shape[2] <= self.C.shape[2]):
-            k = other.C.shape[2] - 1            # other's pair columns; its scratch is zero
-            self._all[0][rows:rows + extra, :, :k] = other.C[..., :k]
-            self._all[1][rows:rows + extra, :k] = other.Dt[:, :k]
-            self.C, self.Dt = self._all[0][:rows + extra], self._all[1][:rows + extra]
-        else:
-            width = max(self.C.shape[2], other.C.shape[2])
-
-            def padded(C: Tensor, Dt: Tensor) -> tuple[Tensor, Tensor]:
-                more = width - C.shape[2]           # the scratch column stays last, zero
-                return (torch.cat([C, C.new_zeros(*C.shape[:2], more)], dim=2),
-                        torch.cat([Dt, Dt.new_zeros(Dt.shape[0], more, Dt.shape[2])], dim=1))
-
-            (C1, D1), (C2, D2) = padded(self.C, self.Dt), padded(other.C, other.Dt)
-            self.C, self.Dt = torch.cat([C1, C2]), torch.cat([D1, D2])
-            self._all = None
-        self.next_slot = torch.cat([self.next_slot, other.next_slot])
-        self._written = max(self._written, other._written)
-        self._z = torch.cat([self._z, other._z])
-        self._fz = torch.cat([self._fz, other._fz])
-        self._step = torch.cat([self._step, other._step])
-        return self
+        self._step = g + torch.bmm(torch.bmm(St, g.unsqueeze(-1)).transpose(1, 2),
+                                   Ct).squeeze(1)
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record an evaluation and apply the good update to samples that moved since the
@@ -459,7 +432,6 @@ class InverseBroyden:
         """``extra`` more columns (doubling from 4: amortised O(1) copies per pair, and a
         short Broyden phase on a large batch allocates only what it uses)."""
         capacity = self.C.shape[2] - 1
-        self._all = None
         self.C = torch.cat([self.C[..., :capacity], self.C.new_zeros(
             *self.C.shape[:2], extra + 1)], dim=2)
         self.Dt = torch.cat([self.Dt[:, :capacity], self.Dt.new_zeros(

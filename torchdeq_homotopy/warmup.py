@@ -19,7 +19,7 @@ import torch
 
 from .iteration import drive
 from .outcome import Record, Status, TrackerResult, by_stop_mode
-from .secant import InverseBroyden
+from .step_broyden import StepBroyden
 
 Tensor = torch.Tensor
 
@@ -235,7 +235,8 @@ class AndersonLoop:
     iterates X and their images F (written in place, as TorchDEQ's), and the count k of
     iterates so far; with per-row switching, each row's last few residuals, and
     the rows that left Anderson for Broyden's method (``switched``; ``rows``, in the
-    order they switched, with one inverse Broyden ``model`` over just those rows)."""
+    order they switched, with one Broyden ``model`` over just those rows, holding up to
+    ``columns`` steps)."""
 
     warm: WarmupLoop
     X: Tensor
@@ -247,8 +248,8 @@ class AndersonLoop:
         default_factory=lambda: deque(maxlen=PROGRESS_WINDOW + 1))
     switched: Tensor | None = None
     rows: Tensor | None = None
-    model: InverseBroyden | None = None
-    memory: int = 0    # of every Broyden model: Anderson's pairs and the calls left
+    model: StepBroyden | None = None
+    columns: int = 0   # steps a Broyden model may take: the calls left, and its first
 
 
 class AndersonIteration:
@@ -271,11 +272,12 @@ class AndersonIteration:
 
         z_{k+1} = z_k + W_k (f(z_k) − z_k),      W ≈ (I − J_f)⁻¹,
 
-    (:class:`~torchdeq_homotopy.secant.InverseBroyden`, over the switched rows only),
-    its model first updated with the row's last n Anderson iterates as secant pairs
-    (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})), in one compact update
-    (:meth:`~torchdeq_homotopy.secant.InverseBroyden.seed`). One call of f still serves the whole
-    batch: Anderson where it converges, Broyden's method where it stalls or diverges.
+    (:class:`~torchdeq_homotopy.step_broyden.StepBroyden`, over the switched rows only,
+    storing only its steps), its model W_0 the good updates of W = I with the row's last
+    n Anderson iterates as secant pairs (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})), in
+    one compact update (:func:`~torchdeq_homotopy.secant.compact_inverse`). One call of f
+    still serves the whole batch: Anderson where it converges, Broyden's method where it
+    stalls or diverges.
 
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
@@ -318,7 +320,7 @@ class AndersonIteration:
             F[:, 1], stop = _evaluate(self.f, warm, X[:, 1])
         if self.switch:
             loop.switched = torch.zeros_like(stop, dtype=torch.bool)
-            loop.memory = self.m + int(min(warm.record.budget.left, 2 * dim))
+            loop.columns = int(warm.record.budget.left) + 1
             loop.recent.append(start)
             self._judge(loop, stop)
         return loop
@@ -366,12 +368,13 @@ class AndersonIteration:
         """Broyden's method for ``rows``: a model from W = I, updated with their last
         n Anderson iterates, oldest first, the last being the current one."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
-        model = InverseBroyden(rows.numel(), X.shape[2], memory=loop.memory, dtype=X.dtype,
-                               device=X.device, merge=True,
-                               capacity=X.shape[0] if loop.model is None else None)
+        first = loop.model is None      # later cohorts join its buffers after one step
+        model = StepBroyden(rows.numel(), X.shape[2], columns=loop.columns if first else 1,
+                            dtype=X.dtype, device=X.device, seed_width=m - 1,
+                            capacity=X.shape[0] if first else None)
         order = torch.arange(k - min(k, m), k, device=X.device) % m          # oldest first
         model.seed(X[rows][:, order], F[rows][:, order])
-        loop.model = model if loop.model is None else loop.model.stack(model)
+        loop.model = model if first else loop.model.stack(model)
         loop.rows = rows if loop.rows is None else torch.cat([loop.rows, rows])
         loop.switched[rows] = True
 

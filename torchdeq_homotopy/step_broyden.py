@@ -1,0 +1,240 @@
+"""Broyden's good method stored as its steps alone (Kelley's form), for many rows at once.
+
+Broyden's method for g(z) = f(z) − z = 0 takes full steps z_{j+1} = z_j + s_j,
+s_j = W_j g_j, with W ≈ (I − J_f)⁻¹ and the good update after each step
+(:class:`~torchdeq_homotopy.secant.InverseBroyden`)
+
+    W₊ = W − (s + W Δg)(Wᵀ s)ᵀ / (sᵀ W Δg).
+
+For full steps s = W g, so W Δg = W g₊ − s, and the update collapses to (Kelley 1995,
+*Iterative Methods for Linear and Nonlinear Equations*, §7.3)
+
+    u = W g₊,      s₊ = W₊ g₊ = u ‖s‖² / (‖s‖² − sᵀ u),      W₊ = (I + s₊ sᵀ / ‖s‖²) W.
+
+After k steps W is a product of rank-one factors over the steps alone,
+
+    W_k = (I + s_k s_{k−1}ᵀ/‖s_{k−1}‖²) ⋯ (I + s_1 s_0ᵀ/‖s_0‖²) W_0 = (I + A T Bᵀ) W_0,
+
+A = [s_1 … s_k], B = [w_0 s_0 … w_{k−1} s_{k−1}] (w_j = 1/‖s_j‖²), with T lower
+triangular and grown by one row per factor, as the compact WY form of Householder products:
+
+    (I + a bᵀ)(I + A T Bᵀ) = I + [A a] [[T, 0], [bᵀ A T, 1]] [B b]ᵀ.
+
+One (n,) column per step is stored and read twice per step (Bᵀ v and A c), where the
+two-factor form W = I + C Dᵀ stores two columns per step and reads both twice (W g and
+Wᵀ s): half the memory and a quarter of the memory traffic, which is what a step costs on
+large states. The form needs every step to be Broyden's full step, so it serves a
+Broyden phase that starts fresh (optionally from a seed W_0, :meth:`StepBroyden.seed`) and
+never drops a pair: the warm-up's per-row switch at training budgets
+(:class:`~torchdeq_homotopy.warmup.AndersonIteration`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .secant import _wide, compact_inverse
+
+Tensor = torch.Tensor
+
+
+class StepBroyden:
+    """Broyden's good method from W_0 for a batch of rows, storing the steps only.
+
+    Args:
+        bsz, n: rows and state size.
+        columns: steps held before the buffers grow (one per :meth:`observe`, plus the
+            first); size it to the calls left and nothing is ever copied.
+        dtype, device: of the steps.
+        capacity: rows to allocate for, so that :meth:`stack` appends cohorts in place.
+        seed_width: most secant pairs a :meth:`seed` brings (the columns of W_0 − I).
+
+    Rows where f is not finite are frozen at their last finite point (step 0) and keep no
+    further factors; a vanishing denominator ‖s‖² − sᵀu skips the update for that step
+    (W₊ = W, s₊ = W g₊), as :class:`~torchdeq_homotopy.secant.InverseBroyden` does.
+
+    Example:
+        >>> A = torch.tensor([[0.5, 2.0], [0.0, 3.0]]); b = torch.ones(1, 2)
+        >>> f = lambda z: z @ A.T + b                    # expansive: iteration diverges
+        >>> model = StepBroyden(1, 2, columns=8, dtype=A.dtype, device=A.device)
+        >>> model.seed(b[:, None] * 0, f(b * 0)[:, None])
+        >>> for _ in range(5):
+        ...     z = model.next_point(); model.observe(z, f(z))
+        >>> torch.allclose(z, f(z), atol=1e-5)
+        True
+    """
+
+    def __init__(self, bsz: int, n: int, columns: int, dtype: torch.dtype,
+                 device: torch.device, capacity: int | None = None, seed_width: int = 0
+                 ) -> None:
+        rows = bsz if capacity is None else max(capacity, bsz)
+        device = torch.device(device)
+        wide = _wide(dtype, device)
+        # Steps: written column by column for every row in use, so never read unwritten.
+        self._S = torch.empty(rows, max(columns, 1), n, dtype=dtype, device=device)
+        self._T = torch.zeros(rows, max(columns, 1), max(columns, 1), dtype=wide, device=device)
+        self._w = torch.zeros(rows, max(columns, 1), dtype=wide, device=device)
+        self._C0 = torch.zeros(rows, seed_width, n, dtype=dtype, device=device)   # W_0 = I +
+        self._D0 = torch.zeros(rows, seed_width, n, dtype=dtype, device=device)   # C0ᵀ D0
+        self.rows = bsz
+        self.k = 0                      # factors so far; the last step is column k
+        self._z: Tensor | None = None   # the last finite point, and g = f(z) − z there
+        self._g: Tensor | None = None
+
+    # ---------------------------------------------------------------- views
+    @property
+    def steps(self) -> Tensor:
+        """s_0..s_k of the rows in use, ``(rows, k + 1, n)``."""
+        return self._S[:self.rows, :self.k + 1]
+
+    def next_point(self) -> Tensor:
+        """Broyden's next iterate z + s, s = W (f(z) − z), from the last recorded point."""
+        return self._z + self._S[:self.rows, self.k]
+
+    # ---------------------------------------------------------------- products
+    def _apply_w0(self, r: Tensor) -> Tensor:
+        """W_0 r = r + C0ᵀ (D0 r)."""
+        if self._C0.shape[1] == 0:
+            return r
+        C0, D0 = self._C0[:self.rows], self._D0[:self.rows]
+        return r + torch.bmm(torch.bmm(D0, r.unsqueeze(-1)).transpose(1, 2), C0).squeeze(1)
+
+    # ---------------------------------------------------------------- updates
+    def seed(self, X: Tensor, F: Tensor) -> None:
+        """Start at the last of the iterates ``X`` ``(rows, j + 1, n)`` with images ``F``:
+        W_0 = the good updates of W = I with their j secant pairs, in the compact form of
+        :func:`~torchdeq_homotopy.secant.compact_inverse` (W_0 = I for j = 0), and the
+        first step s_0 = W_0 (f(z) − z).
+
+        Example:
+            >>> f = lambda z: 0.5 * z + 1
+            >>> model = StepBroyden(1, 3, columns=4, dtype=torch.float32, device='cpu')
+            >>> model.seed(torch.zeros(1, 1, 3), torch.ones(1, 1, 3))
+            >>> model.next_point()                       # f(0) − 0 = 1: a fixed-point step
+            tensor([[1., 1., 1.]])
+        """
+        self._z, self._g = X[:, -1].clone(), F[:, -1] - X[:, -1]
+        pairs = X.shape[1] - 1
+        if pairs > 0:
+            if pairs > self._C0.shape[1]:
+                raise ValueError(f"seed brings {pairs} pairs; allocate seed_width={pairs}")
+            Ct, St = compact_inverse(X, F)
+            self._C0[:self.rows, :pairs] = Ct
+            self._D0[:self.rows, :pairs] = St
+        self.k = 0
+        self._S[:self.rows, 0] = self._apply_w0(self._g)
+
+    def observe(self, z: Tensor, fz: Tensor) -> None:
+        """Record f at the point the last step reached and take the next step:
+
+            u = W_k g₊ = v + A T (Bᵀ v),  v = W_0 g₊,      β = s_kᵀ u,
+            s_{k+1} = u ‖s_k‖² / (‖s_k‖² − β),             T_k· = w_k (s_kᵀ A) T,
+
+        from one product of the stored steps with [v, s_k] and one with T Bᵀ v.
+        """
+        S, k, rows = self._S, self.k, self.rows
+        wide = self._T.dtype
+        g = fz - z
+        finite = torch.isfinite(g).all(dim=1)
+        g = torch.where(finite[:, None], g, torch.zeros_like(g))
+        v = self._apply_w0(g)
+        s_k = S[:rows, k]
+        # [Sᵀ v, Sᵀ s_k] over s_0..s_k: one read of the stored steps
+        inner = torch.bmm(S[:rows, :k + 1], torch.stack([v, s_k], dim=2)).to(wide)
+        sv, ss = inner[..., 0], inner[..., 1]                       # (rows, k + 1)
+        norm_sq = ss[:, k]
+        T = self._T[:rows, :k, :k]
+        if k > 0:
+            c = torch.bmm(T, (self._w[:rows, :k] * sv[:, :k]).unsqueeze(-1)).squeeze(-1)
+            u = v + torch.bmm(c.to(v.dtype).unsqueeze(1), S[:rows, 1:k + 1]).squeeze(1)
+            beta = sv[:, k] + (ss[:, 1:] * c).sum(dim=1)            # s_kᵀ u, no new read
+        else:
+            u, beta = v, sv[:, k]
+        denom = norm_sq - beta
+        moving = finite & (norm_sq > torch.finfo(z.dtype).tiny)
+        regular = moving & (denom.abs() > torch.finfo(z.dtype).eps * norm_sq)
+        scale = torch.where(regular, norm_sq / torch.where(regular, denom, 1.0), 1.0)
+        step = torch.where(moving[:, None], u * scale.to(u.dtype)[:, None], torch.zeros_like(u))
+        regular &= torch.isfinite(step).all(dim=1)
+        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        if k + 1 >= S.shape[1]:
+            self._grow()
+            S = self._S
+        # factor k: a = s_{k+1}, b = w_k s_k (w_k = 0 where the update is skipped)
+        w_k = torch.where(regular, 1.0 / torch.where(regular, norm_sq, 1.0), 0.0)
+        self._w[:rows, k] = w_k
+        if k > 0:
+            self._T[:rows, k, :k] = w_k[:, None] * torch.bmm(ss[:, None, 1:], T).squeeze(1)
+        self._T[:rows, k, k] = 1.0
+        S[:rows, k + 1] = step
+        self.k = k + 1
+        self._z = torch.where(finite[:, None], z, self._z)
+        self._g = torch.where(finite[:, None], g, self._g)
+
+    def stack(self, other: StepBroyden) -> StepBroyden:
+        """One model over the rows of ``self`` followed by those of ``other`` (same state
+        size, ``other`` at no more factors than ``self``). ``other``'s steps are placed
+        at the last columns, so that both take their next factor together; its earlier
+        columns hold zero steps (identity factors). With a row ``capacity`` that holds
+        them, the rows are appended in place; otherwise the buffers are concatenated.
+
+        Example:
+            >>> a = StepBroyden(1, 3, columns=4, dtype=torch.float64, device='cpu',
+            ...                 capacity=3)
+            >>> b = StepBroyden(2, 3, columns=4, dtype=torch.float64, device='cpu')
+            >>> for model, rows in ((a, 1), (b, 2)):
+            ...     model.seed(torch.zeros(rows, 1, 3), torch.ones(rows, 1, 3))
+            >>> both = a.stack(b)
+            >>> both.next_point().shape, torch.equal(both.next_point(), torch.ones(3, 3))
+            (torch.Size([3, 3]), True)
+        """
+        if other.k > self.k or other._S.shape[2] != self._S.shape[2]:
+            raise ValueError("stack a model of the same state size at no more factors")
+        rows, extra, k, off = self.rows, other.rows, self.k, self.k - other.k
+        width = max(self._C0.shape[1], other._C0.shape[1])
+        if self._S.shape[0] < rows + extra or self._C0.shape[1] < width:
+            self._reserve(rows + extra, width)
+        S, T, w = self._S[rows:rows + extra], self._T[rows:rows + extra], \
+            self._w[rows:rows + extra]
+        S[:, :off] = 0
+        S[:, off:k + 1] = other._S[:extra, :other.k + 1]
+        T.zero_()
+        T[:, off:k, off:k] = other._T[:extra, :other.k, :other.k]
+        w.zero_()
+        w[:, off:k] = other._w[:extra, :other.k]
+        j = other._C0.shape[1]
+        self._C0[rows:rows + extra].zero_()
+        self._D0[rows:rows + extra].zero_()
+        self._C0[rows:rows + extra, :j] = other._C0[:extra]
+        self._D0[rows:rows + extra, :j] = other._D0[:extra]
+        self.rows = rows + extra
+        self._z = torch.cat([self._z, other._z])
+        self._g = torch.cat([self._g, other._g])
+        return self
+
+    # ---------------------------------------------------------------- buffers
+    def _grow(self) -> None:
+        """Twice the columns (only when more steps come than ``columns`` allowed for)."""
+        cols = self._S.shape[1]
+        S = self._S.new_empty(self._S.shape[0], 2 * cols, self._S.shape[2])
+        S[:, :cols] = self._S
+        T = self._T.new_zeros(self._T.shape[0], 2 * cols, 2 * cols)
+        T[:, :cols, :cols] = self._T
+        w = self._w.new_zeros(self._w.shape[0], 2 * cols)
+        w[:, :cols] = self._w
+        self._S, self._T, self._w = S, T, w
+
+    def _reserve(self, rows: int, width: int) -> None:
+        """Buffers for at least ``rows`` rows and ``width`` seed pairs."""
+        have = self._S.shape[0]
+        more = max(rows - have, 0)
+
+        def grown(buf: Tensor, zeros: bool) -> Tensor:
+            pad = buf.new_zeros if zeros else buf.new_empty
+            return torch.cat([buf, pad(more, *buf.shape[1:])])
+
+        self._S = grown(self._S, zeros=False)
+        self._T, self._w = grown(self._T, True), grown(self._w, True)
+        C0, D0 = grown(self._C0, True), grown(self._D0, True)
+        pad = width - C0.shape[1]
+        self._C0 = torch.cat([C0, C0.new_zeros(C0.shape[0], pad, C0.shape[2])], dim=1)
+        self._D0 = torch.cat([D0, D0.new_zeros(D0.shape[0], pad, D0.shape[2])], dim=1)
