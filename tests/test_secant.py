@@ -135,9 +135,9 @@ def dense_broyden_after(f, X, steps):
 
 
 def step_model(X, F, columns=40, **kw):
-    model = StepBroyden(X.shape[0], X.shape[2], columns=columns, dtype=X.dtype,
-                        device="cpu", seed_width=max(X.shape[1] - 1, 0), **kw)
-    model.seed(X, F)
+    model = StepBroyden(X.shape[2], columns=columns, dtype=X.dtype, device="cpu",
+                        seed_width=max(X.shape[1] - 1, 0), **kw)
+    model.append(X, F)
     return model
 
 
@@ -159,32 +159,31 @@ def test_step_broyden_takes_dense_broydens_iterates(seed_pairs):
     assert model.k == 30 and model._S.shape[1] == 32
 
 
-def test_stacked_step_broyden_models_go_on_with_each_rows_iterates():
-    """Cohorts that started at different steps, stacked into a model with a row capacity
-    (in place) and without one (concatenated): every row goes on with dense Broyden's
-    iterates from where its own model was."""
+@pytest.mark.parametrize("capacity", [6, 1])
+def test_rows_appended_later_take_their_own_broyden_iterates(capacity):
+    """Rows that join at steps 0, 4 and 7, each from W = I at z0, in buffers allocated for
+    the whole batch (appended in place) or for one row (grown), filled with NaN first:
+    every row takes dense Broyden's iterates counted from its own start."""
     f = tanh_cell(6, 12, 3.0, seed=5)
     z0 = torch.zeros(6, 12, dtype=F64)
     reference = dense_broyden(f, z0, 14)
-
-    def run(rows, steps, **kw):
-        model = step_model(z0[rows, None], f(z0)[rows, None], **kw)
-        for _ in range(steps):
-            z = z0.clone()
-            z[rows] = model.next_point()                   # rows are independent in f
-            model.observe(z[rows], f(z)[rows])
-        return model
-
-    for capacity in (6, None):
-        model = run(slice(0, 2), 7, capacity=capacity)
-        model = model.stack(run(slice(2, 3), 3)).stack(run(slice(3, 6), 0))
-        starts = torch.tensor([7, 7, 3, 0, 0, 0])
-        for j in range(5):
-            z = model.next_point()
-            for row in range(6):
-                torch.testing.assert_close(z[row], reference[int(starts[row]) + j][row],
-                                           rtol=1e-8, atol=1e-10)
-            model.observe(z, f(z))
+    starts = {0: slice(0, 2), 4: slice(2, 3), 7: slice(3, 6)}
+    model = StepBroyden(12, columns=40, dtype=F64, device="cpu", capacity=capacity)
+    for buffer in (model._S, model._T, model._w):      # unwritten memory is never read
+        buffer.fill_(float("nan"))
+    for step in range(12):
+        if step in starts:
+            rows = starts[step]
+            model.append(z0[rows, None], f(z0)[rows, None])
+        z = model.next_point()
+        joined = z.shape[0]
+        for row in range(joined):
+            start = next(t for t, r in starts.items() if r.start <= row < r.stop)
+            torch.testing.assert_close(z[row], reference[step - start][row],
+                                       rtol=1e-8, atol=1e-10)
+        padded = z0.clone()
+        padded[:joined] = z                                # rows are independent in f
+        model.observe(z, f(padded)[:joined])
 
 
 def test_step_broyden_freezes_a_row_where_f_is_not_finite():

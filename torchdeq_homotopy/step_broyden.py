@@ -24,8 +24,8 @@ One (n,) column per step is stored and read twice per step (Bᵀ v and A c), whe
 two-factor form W = I + C Dᵀ stores two columns per step and reads both twice (W g and
 Wᵀ s): half the memory and a quarter of the memory traffic, which is what a step costs on
 large states. The form needs every step to be Broyden's full step, so it serves a
-Broyden phase that starts fresh (optionally from a seed W_0, :meth:`StepBroyden.seed`) and
-never drops a pair: the warm-up's per-row switch at training budgets
+Broyden phase whose rows start fresh (each from its own W_0, :meth:`StepBroyden.append`) and
+never drop a pair: the warm-up's per-row switch at training budgets
 (:class:`~torchdeq_homotopy.warmup.AndersonIteration`).
 """
 from __future__ import annotations
@@ -38,15 +38,15 @@ Tensor = torch.Tensor
 
 
 class StepBroyden:
-    """Broyden's good method from W_0 for a batch of rows, storing the steps only.
+    """Broyden's good method for rows that join at any step, storing the steps only.
 
     Args:
-        bsz, n: rows and state size.
+        n: state size.
         columns: steps held before the buffers grow (one per :meth:`observe`, plus the
             first); size it to the calls left and nothing is ever copied.
         dtype, device: of the steps.
-        capacity: rows to allocate for, so that :meth:`stack` appends cohorts in place.
-        seed_width: most secant pairs a :meth:`seed` brings (the columns of W_0 − I).
+        capacity: rows to allocate for, so that :meth:`append` adds rows in place.
+        seed_width: most secant pairs an :meth:`append` brings (the columns of W_0 − I).
 
     Rows where f is not finite are frozen at their last finite point (step 0) and keep no
     further factors; a vanishing denominator ‖s‖² − sᵀu skips the update for that step
@@ -55,30 +55,29 @@ class StepBroyden:
     Example:
         >>> A = torch.tensor([[0.5, 2.0], [0.0, 3.0]]); b = torch.ones(1, 2)
         >>> f = lambda z: z @ A.T + b                    # expansive: iteration diverges
-        >>> model = StepBroyden(1, 2, columns=8, dtype=A.dtype, device=A.device)
-        >>> model.seed(b[:, None] * 0, f(b * 0)[:, None])
+        >>> model = StepBroyden(2, columns=8, dtype=A.dtype, device=A.device)
+        >>> model.append(b[:, None] * 0, f(b * 0)[:, None])
         >>> for _ in range(5):
         ...     z = model.next_point(); model.observe(z, f(z))
         >>> torch.allclose(z, f(z), atol=1e-5)
         True
     """
 
-    def __init__(self, bsz: int, n: int, columns: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int | None = None, seed_width: int = 0
-                 ) -> None:
-        rows = bsz if capacity is None else max(capacity, bsz)
+    def __init__(self, n: int, columns: int, dtype: torch.dtype, device: torch.device,
+                 capacity: int = 0, seed_width: int = 0) -> None:
         device = torch.device(device)
         wide = _wide(dtype, device)
+        cols = max(columns, 1)
         # Steps: written column by column for every row in use, so never read unwritten.
-        self._S = torch.empty(rows, max(columns, 1), n, dtype=dtype, device=device)
-        self._T = torch.zeros(rows, max(columns, 1), max(columns, 1), dtype=wide, device=device)
-        self._w = torch.zeros(rows, max(columns, 1), dtype=wide, device=device)
-        self._C0 = torch.zeros(rows, seed_width, n, dtype=dtype, device=device)   # W_0 = I +
-        self._D0 = torch.zeros(rows, seed_width, n, dtype=dtype, device=device)   # C0ᵀ D0
-        self.rows = bsz
+        self._S = torch.empty(capacity, cols, n, dtype=dtype, device=device)
+        self._T = torch.zeros(capacity, cols, cols, dtype=wide, device=device)
+        self._w = torch.zeros(capacity, cols, dtype=wide, device=device)
+        self._C0 = torch.zeros(capacity, seed_width, n, dtype=dtype, device=device)  # W_0 =
+        self._D0 = torch.zeros(capacity, seed_width, n, dtype=dtype, device=device)  # I + C0ᵀD0
+        self.rows = 0
         self.k = 0                      # factors so far; the last step is column k
-        self._z: Tensor | None = None   # the last finite point, and g = f(z) − z there
-        self._g: Tensor | None = None
+        self._z = torch.empty(0, n, dtype=dtype, device=device)   # the last finite point,
+        self._g = torch.empty(0, n, dtype=dtype, device=device)   # g = f(z) − z there
 
     # ---------------------------------------------------------------- views
     @property
@@ -91,37 +90,48 @@ class StepBroyden:
         return self._z + self._S[:self.rows, self.k]
 
     # ---------------------------------------------------------------- products
-    def _apply_w0(self, r: Tensor) -> Tensor:
-        """W_0 r = r + C0ᵀ (D0 r)."""
+    def _apply_w0(self, r: Tensor, rows: slice | None = None) -> Tensor:
+        """W_0 r = r + C0ᵀ (D0 r), over the rows in use or ``rows``."""
         if self._C0.shape[1] == 0:
             return r
-        C0, D0 = self._C0[:self.rows], self._D0[:self.rows]
+        rows = slice(0, self.rows) if rows is None else rows
+        C0, D0 = self._C0[rows], self._D0[rows]
         return r + torch.bmm(torch.bmm(D0, r.unsqueeze(-1)).transpose(1, 2), C0).squeeze(1)
 
     # ---------------------------------------------------------------- updates
-    def seed(self, X: Tensor, F: Tensor) -> None:
-        """Start at the last of the iterates ``X`` ``(rows, j + 1, n)`` with images ``F``:
-        W_0 = the good updates of W = I with their j secant pairs, in the compact form of
-        :func:`~torchdeq_homotopy.secant.compact_inverse` (W_0 = I for j = 0), and the
-        first step s_0 = W_0 (f(z) − z).
+    def append(self, X: Tensor, F: Tensor) -> None:
+        """Rows that start Broyden's method now, at the last of their iterates ``X``
+        ``(r, j + 1, n)`` with images ``F``: W_0 = the good updates of W = I with their j
+        secant pairs, in the compact form of
+        :func:`~torchdeq_homotopy.secant.compact_inverse` (W_0 = I for j = 0), and their
+        first step s = W_0 (f(z) − z), placed at column k so that they take the next
+        factor with the rows already here (their earlier columns hold zero steps:
+        identity factors). Rows beyond the ``capacity`` grow the buffers.
 
         Example:
             >>> f = lambda z: 0.5 * z + 1
-            >>> model = StepBroyden(1, 3, columns=4, dtype=torch.float32, device='cpu')
-            >>> model.seed(torch.zeros(1, 1, 3), torch.ones(1, 1, 3))
+            >>> model = StepBroyden(3, columns=4, dtype=torch.float32, device='cpu')
+            >>> model.append(torch.zeros(1, 1, 3), torch.ones(1, 1, 3))
             >>> model.next_point()                       # f(0) − 0 = 1: a fixed-point step
             tensor([[1., 1., 1.]])
         """
-        self._z, self._g = X[:, -1].clone(), F[:, -1] - X[:, -1]
-        pairs = X.shape[1] - 1
+        rows, extra, k, pairs = self.rows, X.shape[0], self.k, X.shape[1] - 1
+        if pairs > self._C0.shape[1]:
+            raise ValueError(f"append brings {pairs} secant pairs; allocate seed_width={pairs}")
+        if self._S.shape[0] < rows + extra:
+            self._reserve(rows + extra)
+        new = slice(rows, rows + extra)
+        self._C0[new] = 0
+        self._D0[new] = 0
         if pairs > 0:
-            if pairs > self._C0.shape[1]:
-                raise ValueError(f"seed brings {pairs} pairs; allocate seed_width={pairs}")
-            Ct, St = compact_inverse(X, F)
-            self._C0[:self.rows, :pairs] = Ct
-            self._D0[:self.rows, :pairs] = St
-        self.k = 0
-        self._S[:self.rows, 0] = self._apply_w0(self._g)
+            self._C0[new, :pairs], self._D0[new, :pairs] = compact_inverse(X, F)
+        self._T[new] = 0
+        self._w[new] = 0
+        self._S[new, :k] = 0
+        self.rows = rows + extra
+        z, g = X[:, -1], F[:, -1] - X[:, -1]
+        self._z, self._g = torch.cat([self._z, z]), torch.cat([self._g, g])
+        self._S[new, k] = self._apply_w0(g, new)
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record f at the point the last step reached and take the next step:
@@ -170,47 +180,6 @@ class StepBroyden:
         self._z = torch.where(finite[:, None], z, self._z)
         self._g = torch.where(finite[:, None], g, self._g)
 
-    def stack(self, other: StepBroyden) -> StepBroyden:
-        """One model over the rows of ``self`` followed by those of ``other`` (same state
-        size, ``other`` at no more factors than ``self``). ``other``'s steps are placed
-        at the last columns, so that both take their next factor together; its earlier
-        columns hold zero steps (identity factors). With a row ``capacity`` that holds
-        them, the rows are appended in place; otherwise the buffers are concatenated.
-
-        Example:
-            >>> a = StepBroyden(1, 3, columns=4, dtype=torch.float64, device='cpu',
-            ...                 capacity=3)
-            >>> b = StepBroyden(2, 3, columns=4, dtype=torch.float64, device='cpu')
-            >>> for model, rows in ((a, 1), (b, 2)):
-            ...     model.seed(torch.zeros(rows, 1, 3), torch.ones(rows, 1, 3))
-            >>> both = a.stack(b)
-            >>> both.next_point().shape, torch.equal(both.next_point(), torch.ones(3, 3))
-            (torch.Size([3, 3]), True)
-        """
-        if other.k > self.k or other._S.shape[2] != self._S.shape[2]:
-            raise ValueError("stack a model of the same state size at no more factors")
-        rows, extra, k, off = self.rows, other.rows, self.k, self.k - other.k
-        width = max(self._C0.shape[1], other._C0.shape[1])
-        if self._S.shape[0] < rows + extra or self._C0.shape[1] < width:
-            self._reserve(rows + extra, width)
-        S, T, w = self._S[rows:rows + extra], self._T[rows:rows + extra], \
-            self._w[rows:rows + extra]
-        S[:, :off] = 0
-        S[:, off:k + 1] = other._S[:extra, :other.k + 1]
-        T.zero_()
-        T[:, off:k, off:k] = other._T[:extra, :other.k, :other.k]
-        w.zero_()
-        w[:, off:k] = other._w[:extra, :other.k]
-        j = other._C0.shape[1]
-        self._C0[rows:rows + extra].zero_()
-        self._D0[rows:rows + extra].zero_()
-        self._C0[rows:rows + extra, :j] = other._C0[:extra]
-        self._D0[rows:rows + extra, :j] = other._D0[:extra]
-        self.rows = rows + extra
-        self._z = torch.cat([self._z, other._z])
-        self._g = torch.cat([self._g, other._g])
-        return self
-
     # ---------------------------------------------------------------- buffers
     def _grow(self) -> None:
         """Twice the columns (only when more steps come than ``columns`` allowed for)."""
@@ -223,18 +192,12 @@ class StepBroyden:
         w[:, :cols] = self._w
         self._S, self._T, self._w = S, T, w
 
-    def _reserve(self, rows: int, width: int) -> None:
-        """Buffers for at least ``rows`` rows and ``width`` seed pairs."""
-        have = self._S.shape[0]
-        more = max(rows - have, 0)
+    def _reserve(self, rows: int) -> None:
+        """Buffers for at least ``rows`` rows (twice the rows in use, at least)."""
+        more = max(rows, 2 * self._S.shape[0]) - self._S.shape[0]
 
-        def grown(buf: Tensor, zeros: bool) -> Tensor:
-            pad = buf.new_zeros if zeros else buf.new_empty
-            return torch.cat([buf, pad(more, *buf.shape[1:])])
+        def grown(buf: Tensor) -> Tensor:
+            return torch.cat([buf, buf.new_empty(more, *buf.shape[1:])])
 
-        self._S = grown(self._S, zeros=False)
-        self._T, self._w = grown(self._T, True), grown(self._w, True)
-        C0, D0 = grown(self._C0, True), grown(self._D0, True)
-        pad = width - C0.shape[1]
-        self._C0 = torch.cat([C0, C0.new_zeros(C0.shape[0], pad, C0.shape[2])], dim=1)
-        self._D0 = torch.cat([D0, D0.new_zeros(D0.shape[0], pad, D0.shape[2])], dim=1)
+        self._S, self._T, self._w = grown(self._S), grown(self._T), grown(self._w)
+        self._C0, self._D0 = grown(self._C0), grown(self._D0)

@@ -368,13 +368,11 @@ class AndersonIteration:
         """Broyden's method for ``rows``: a model from W = I, updated with their last
         n Anderson iterates, oldest first, the last being the current one."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
-        first = loop.model is None      # later cohorts join its buffers after one step
-        model = StepBroyden(rows.numel(), X.shape[2], columns=loop.columns if first else 1,
-                            dtype=X.dtype, device=X.device, seed_width=m - 1,
-                            capacity=X.shape[0] if first else None)
+        if loop.model is None:       # buffers for the whole batch, the calls left in columns
+            loop.model = StepBroyden(X.shape[2], columns=loop.columns, dtype=X.dtype,
+                                     device=X.device, capacity=X.shape[0], seed_width=m - 1)
         order = torch.arange(k - min(k, m), k, device=X.device) % m          # oldest first
-        model.seed(X[rows][:, order], F[rows][:, order])
-        loop.model = model if first else loop.model.stack(model)
+        loop.model.append(X[rows][:, order], F[rows][:, order])
         loop.rows = rows if loop.rows is None else torch.cat([loop.rows, rows])
         loop.switched[rows] = True
 
