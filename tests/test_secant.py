@@ -22,20 +22,7 @@ def tanh_cell(bsz, n, gain, seed=0, bias=0.1, dtype=F64):
 
 def dense_broyden(f, z, steps):
     """Broyden's good method on z = f(z) with a dense model of J_f from B = 0."""
-    bsz, n = z.shape
-    B = torch.zeros(bsz, n, n, dtype=z.dtype)
-    eye = torch.eye(n, dtype=z.dtype)
-    iterates, prev = [], None
-    for _ in range(steps):
-        fz = f(z)
-        if prev is not None:
-            s, y = z - prev[0], fz - prev[1]
-            miss = y - (B @ s.unsqueeze(-1)).squeeze(-1)
-            B = B + miss.unsqueeze(-1) * s.unsqueeze(1) / (s * s).sum(1)[:, None, None]
-        prev = (z, fz)
-        z = z + torch.linalg.solve(eye - B, fz - z)
-        iterates.append(z)
-    return iterates
+    return dense_broyden_after(f, z[:, None], steps)
 
 
 def test_low_rank_model_reproduces_dense_broyden_iterates():
