@@ -22,8 +22,8 @@ triangular and grown by one row per factor, as the compact WY form of Householde
 
 One (n,) column per step is stored and read twice per step (Bᵀ v and A c), where the
 two-factor form W = I + C Dᵀ stores two columns per step and reads both twice (W g and
-Wᵀ s): half the memory and a quarter of the memory traffic, which is what a step costs on
-large states. The form needs every step to be Broyden's full step, so it serves a
+Wᵀ s): half the memory and half the memory traffic, which is what a step costs on large
+states. The form needs every step to be Broyden's full step, so it serves a
 Broyden phase whose rows start fresh (each from its own W_0, :meth:`StepBroyden.append`) and
 never drop a pair: the warm-up's per-row switch at training budgets
 (:class:`~torchdeq_homotopy.warmup.AndersonIteration`).
@@ -80,11 +80,6 @@ class StepBroyden:
         self._g = torch.empty(0, n, dtype=dtype, device=device)   # g = f(z) − z there
 
     # ---------------------------------------------------------------- views
-    @property
-    def steps(self) -> Tensor:
-        """s_0..s_k of the rows in use, ``(rows, k + 1, n)``."""
-        return self._S[:self.rows, :self.k + 1]
-
     def next_point(self) -> Tensor:
         """Broyden's next iterate z + s, s = W (f(z) − z), from the last recorded point."""
         return self._z + self._S[:self.rows, self.k]
