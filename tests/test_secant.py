@@ -155,9 +155,10 @@ def test_rows_appended_later_take_their_own_broyden_iterates(capacity):
     z0 = torch.zeros(6, 12, dtype=F64)
     reference = dense_broyden(f, z0, 14)
     starts = {0: slice(0, 2), 4: slice(2, 3), 7: slice(3, 6)}
-    model = StepBroyden(12, columns=40, dtype=F64, device="cpu", capacity=capacity)
-    for buffer in (model._S, model._T, model._w):      # unwritten memory is never read
-        buffer.fill_(float("nan"))
+    model = StepBroyden(12, columns=40, dtype=F64, device="cpu", capacity=capacity,
+                        seed_width=2)
+    for buffer in (model._S, model._T, model._w, model._C0, model._D0):
+        buffer.fill_(float("nan"))                      # unwritten memory is never read
     for step in range(12):
         if step in starts:
             rows = starts[step]

@@ -68,12 +68,14 @@ class StepBroyden:
         device = torch.device(device)
         wide = _wide(dtype, device)
         cols = max(columns, 1)
-        # Steps: written column by column for every row in use, so never read unwritten.
+        # Left unset: :meth:`append` zeroes a row's T, w, W_0 and earlier steps as it comes
+        # into use, and :meth:`observe` writes each step column for every row in use, so
+        # nothing unwritten is read, and rows that never switch cost no memory traffic.
         self._S = torch.empty(capacity, cols, n, dtype=dtype, device=device)
-        self._T = torch.zeros(capacity, cols, cols, dtype=wide, device=device)
-        self._w = torch.zeros(capacity, cols, dtype=wide, device=device)
-        self._C0 = torch.zeros(capacity, seed_width, n, dtype=dtype, device=device)  # W_0 =
-        self._D0 = torch.zeros(capacity, seed_width, n, dtype=dtype, device=device)  # I + C0ᵀD0
+        self._T = torch.empty(capacity, cols, cols, dtype=wide, device=device)
+        self._w = torch.empty(capacity, cols, dtype=wide, device=device)
+        self._C0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # W_0 =
+        self._D0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # I + C0ᵀD0
         self.rows = 0
         self.k = 0                      # factors so far; the last step is column k
         self._z = torch.empty(0, n, dtype=dtype, device=device)   # the last finite point,
