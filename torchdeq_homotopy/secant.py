@@ -40,6 +40,8 @@ from collections.abc import Callable
 
 import torch
 
+from .linalg import bmv
+
 Tensor = torch.Tensor
 
 
@@ -73,7 +75,7 @@ class LowRankJacobian:
     # ---------------------------------------------------------------- products
     def matvec(self, v: Tensor) -> Tensor:
         """B v = U (Vᵀ v), rows independent, ``(B, n) -> (B, n)``."""
-        return torch.bmm(self.U, torch.bmm(self.V.transpose(1, 2), v.unsqueeze(-1))).squeeze(-1)
+        return bmv(self.U, bmv(self.V.mT, v))
 
     # ---------------------------------------------------------------- updates
     def _write(self, cols_u: Tensor, cols_v: Tensor, valid: Tensor) -> None:
@@ -99,7 +101,7 @@ class LowRankJacobian:
         self.next_slot = (self.next_slot + count) % self.rank
         # G = Vᵀ U: recompute the rows and columns of the written slots (O(n m k)).
         rows = torch.bmm(cols_v.transpose(1, 2), self.U)                  # (B, k, m)
-        cols = torch.bmm(self.V.transpose(1, 2), cols_u)                  # (B, m, k)
+        cols = torch.bmm(cols_u.mT, self.V).mT             # Vᵀ cols_u, (B, m, k), row form
         gram = torch.cat([self.gram, torch.zeros_like(self.gram[:, :1])], dim=1)
         gram.scatter_(1, slots[:, :, None].expand(-1, -1, self.rank), rows)
         gram = torch.cat([gram[:, : self.rank], torch.zeros_like(gram[:, : self.rank, :1])],
@@ -151,7 +153,7 @@ class LowRankJacobian:
         Y_masked = torch.where(valid[:, None, :], Y, torch.zeros_like(Y))
         Yq = torch.linalg.solve_triangular(R_safe, Y_masked, upper=True, left=False)
         Q = torch.where(valid[:, None, :], Q, torch.zeros_like(Q))
-        BQ = torch.bmm(self.U, torch.bmm(self.V.transpose(1, 2), Q))
+        BQ = torch.bmm(self.U, torch.bmm(Q.mT, self.V).mT)               # U (Vᵀ Q)
         self._write(Yq - BQ, Q, valid)
 
     def _newest_products(self, S: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,7 +200,7 @@ class LowRankJacobian:
         bsz = border.shape[0]
         K = border.new_zeros(bsz, m + 2, m + 2)
         K[:, :m, :m] = torch.eye(m, dtype=K.dtype, device=K.device) - s[:, :, None] * self.gram
-        K[:, :m, m] = torch.bmm(Vt, h_lam.unsqueeze(-1)).squeeze(-1)
+        K[:, :m, m] = bmv(Vt, h_lam)
         K[:, m, m] = 1.0
         K[:, m, m + 1] = 1.0
         K[:, m + 1, :m] = -s * torch.bmm(t_z.unsqueeze(1), self.U).squeeze(1)
@@ -211,11 +213,11 @@ class LowRankJacobian:
 
         def solve(rhs: Tensor) -> tuple[Tensor, Tensor]:
             r_z, r_lam = rhs[:, :-1], rhs[:, -1]
-            q_r = torch.cat([torch.bmm(Vt, r_z.unsqueeze(-1)).squeeze(-1), r_lam[:, None],
+            q_r = torch.cat([bmv(Vt, r_z), r_lam[:, None],
                              ((t_z * r_z).sum(dim=1) + (t_lam - 1) * r_lam)[:, None]], dim=1)
             c = torch.linalg.lu_solve(lu, pivots, q_r.unsqueeze(-1)).squeeze(-1)
             # x = r − P c:  x_z = r_z + s U c_U − h c_h,  x_λ = r_λ − c_e
-            x_z = r_z + s * torch.bmm(U, c[:, :m, None]).squeeze(-1) - h_lam * c[:, m:m + 1]
+            x_z = r_z + s * bmv(U, c[:, :m]) - h_lam * c[:, m:m + 1]
             x = torch.cat([x_z, (r_lam - c[:, m + 1])[:, None]], dim=1)
             ok = regular & torch.isfinite(x).all(dim=1)
             return torch.where(ok[:, None], x, torch.zeros_like(x)), ok
@@ -322,7 +324,7 @@ class InverseBroyden:
     def apply(self, r: Tensor) -> Tensor:
         """W r = r + C (Dᵀ r)."""
         C, Dt = self._used()
-        return r + torch.bmm(C, torch.bmm(Dt, r.unsqueeze(-1))).squeeze(-1)
+        return r + bmv(C, bmv(Dt, r))
 
     def apply_t(self, r: Tensor) -> Tensor:
         """Wᵀ r = r + D (Cᵀ r)."""
@@ -380,8 +382,7 @@ class InverseBroyden:
         ok = St.flatten(1).ne(0).any(dim=1)
         self.next_slot = torch.where(ok, k, 0) % self.memory
         self._written = k
-        self._step = g + torch.bmm(torch.bmm(St, g.unsqueeze(-1)).transpose(1, 2),
-                                   Ct).squeeze(1)
+        self._step = g + torch.bmm(bmv(St, g).unsqueeze(1), Ct).squeeze(1)
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record an evaluation and apply the good update to samples that moved since the

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .linalg import bmv
 from .secant import _wide, compact_inverse
 
 Tensor = torch.Tensor
@@ -93,7 +94,7 @@ class StepBroyden:
             return r
         rows = slice(0, self.rows) if rows is None else rows
         C0, D0 = self._C0[rows], self._D0[rows]
-        return r + torch.bmm(torch.bmm(D0, r.unsqueeze(-1)).transpose(1, 2), C0).squeeze(1)
+        return r + torch.bmm(bmv(D0, r).unsqueeze(1), C0).squeeze(1)
 
     # ---------------------------------------------------------------- updates
     def append(self, X: Tensor, F: Tensor) -> None:
@@ -145,13 +146,13 @@ class StepBroyden:
         g = torch.where(finite[:, None], g, torch.zeros_like(g))
         v = self._apply_w0(g)
         s_k = S[:rows, k]
-        # [Sᵀ v, Sᵀ s_k] over s_0..s_k: one read of the stored steps
-        inner = torch.bmm(S[:rows, :k + 1], torch.stack([v, s_k], dim=2)).to(wide)
-        sv, ss = inner[..., 0], inner[..., 1]                       # (rows, k + 1)
+        # [vᵀ; s_kᵀ] [s_0 … s_k]: one read of the stored steps (row form, as :func:`bmv`)
+        inner = torch.bmm(torch.stack([v, s_k], dim=1), S[:rows, :k + 1].mT).to(wide)
+        sv, ss = inner[:, 0], inner[:, 1]                           # (rows, k + 1)
         norm_sq = ss[:, k]
         T = self._T[:rows, :k, :k]
         if k > 0:
-            c = torch.bmm(T, (self._w[:rows, :k] * sv[:, :k]).unsqueeze(-1)).squeeze(-1)
+            c = bmv(T, self._w[:rows, :k] * sv[:, :k])
             u = v + torch.bmm(c.to(v.dtype).unsqueeze(1), S[:rows, 1:k + 1]).squeeze(1)
             beta = sv[:, k] + (ss[:, 1:] * c).sum(dim=1)            # s_kᵀ u, no new read
         else:
