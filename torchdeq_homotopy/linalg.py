@@ -228,7 +228,7 @@ def bmv(A: Tensor, x: Tensor) -> Tensor:
     """A x per row, ``(B, m, n), (B, n) -> (B, m)``, computed as the row vector xᵀ times
     the transposed view Aᵀ (no copy): (A x)ᵀ = xᵀ Aᵀ.
 
-    On CPU, ``torch.bmm`` with x as a one-column right-hand side takes a path 4–10× slower
+    On CPU, ``torch.bmm`` with x as a one-column right-hand side takes a path 3–11× slower
     than this form (torch 2.14.1, batch 64, n = 256 to 12,544; BENCHMARKS.md, "Batched
     matrix–vector products"); the two give the same values up to rounding.
 
