@@ -455,3 +455,21 @@ def test_endgame_converges_where_the_path_reaches_lambda_one():
     assert reached.sum() >= 2
     assert (relative[reached] <= 1e-5).all()
     assert info["converged"][reached].all()
+
+
+def test_step_broyden_skips_the_update_where_the_secant_denominator_vanishes():
+    """f(z) = z + c has no fixed point and Δg = 0 after every step, so Broyden's
+    denominator sᵀ W Δg is 0: both forms skip the update (W stays I) and step by c, with
+    every iterate finite, as TorchDEQ's Broyden would without a line search."""
+    c = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)
+    f = lambda z: z + c                                       # noqa: E731
+    z0 = torch.zeros(1, 3, dtype=F64)
+    step_form = step_model(z0[:, None], f(z0)[:, None], columns=4)
+    two_factor = InverseBroyden(1, 3, memory=10, dtype=F64, device="cpu")
+    two_factor.observe(z0, f(z0))
+    for k in range(1, 7):
+        z_a, z_b = step_form.next_point(), two_factor.next_point()
+        torch.testing.assert_close(z_a, k * c)
+        torch.testing.assert_close(z_b, k * c)
+        step_form.observe(z_a, f(z_a))
+        two_factor.observe(z_b, f(z_b))
