@@ -473,3 +473,20 @@ def test_step_broyden_skips_the_update_where_the_secant_denominator_vanishes():
         torch.testing.assert_close(z_b, k * c)
         step_form.observe(z_a, f(z_a))
         two_factor.observe(z_b, f(z_b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_finite_rows_equals_the_elementwise_test(dtype):
+    """One reduction against torch.isfinite, rows with NaN, ±inf, finite entries whose
+    sum overflows the dtype (still finite), and cancelling infinities."""
+    from torchdeq_homotopy.linalg import finite_rows
+    big = torch.finfo(dtype).max
+    x = torch.randn(7, 3, 5).to(dtype)
+    x[1, 0, 2] = float("nan")
+    x[2, 2, 4] = float("inf")
+    x[3, 1, 1] = -float("inf")
+    x[4] = big                                        # the row sum overflows the dtype
+    x[5, 0, 0], x[5, 0, 1] = float("inf"), -float("inf")
+    expected = torch.isfinite(x).flatten(1).all(dim=1)
+    assert expected.tolist() == [True, False, False, False, True, False, True]
+    assert torch.equal(finite_rows(x), expected)

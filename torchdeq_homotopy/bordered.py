@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .homotopies import FixedPointHomotopy, NewtonHomotopy
-from .linalg import Linearization, batch_dot, dense_jacobian, gmres
+from .linalg import Linearization, batch_dot, dense_jacobian, finite_rows, gmres
 from .outcome import Budget, _where
 from .secant import LowRankJacobian
 from .tracker_state import JacobianModels, _maybe_any
@@ -79,7 +79,7 @@ class BorderedSolves:
         models.krylov_solves += 1
         models.krylov_products += budget.used - calls
         models.jvp_mode = lin.mode
-        finite = torch.isfinite(sol).all(dim=1)
+        finite = finite_rows(sol)
         exact = torch.ones_like(finite)
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite, exact
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from .linalg import bmv
+from .linalg import bmv, finite_rows
 
 Tensor = torch.Tensor
 
@@ -123,7 +123,7 @@ class LowRankJacobian:
             return
         s, y = z - self._z, fz - self._fz
         s_sq = (s * s).sum(dim=1)
-        finite = torch.isfinite(fz).all(dim=1)
+        finite = finite_rows(fz)
         ok = (s_sq > torch.finfo(z.dtype).tiny) & torch.isfinite(s_sq) & finite
         s = torch.where(ok[:, None], s, torch.zeros_like(s))
         y = torch.where(ok[:, None], y, torch.zeros_like(y))
@@ -219,7 +219,7 @@ class LowRankJacobian:
             # x = r − P c:  x_z = r_z + s U c_U − h c_h,  x_λ = r_λ − c_e
             x_z = r_z + s * bmv(U, c[:, :m]) - h_lam * c[:, m:m + 1]
             x = torch.cat([x_z, (r_lam - c[:, m + 1])[:, None]], dim=1)
-            ok = regular & torch.isfinite(x).all(dim=1)
+            ok = regular & finite_rows(x)
             return torch.where(ok[:, None], x, torch.zeros_like(x)), ok
 
         return solve
@@ -393,7 +393,7 @@ class InverseBroyden:
         """
         g = fz - z
         w_g = self.apply(g)
-        finite = torch.isfinite(fz).all(dim=1)
+        finite = finite_rows(fz)
         if self._z is None:
             self._z, self._fz, self._step = z.clone(), fz.clone(), w_g
             return

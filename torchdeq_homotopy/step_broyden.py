@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import bmv
+from .linalg import bmv, finite_rows
 from .secant import _wide, compact_inverse
 
 Tensor = torch.Tensor
@@ -142,7 +142,7 @@ class StepBroyden:
         S, k, rows = self._S, self.k, self.rows
         wide = self._T.dtype
         g = fz - z
-        finite = torch.isfinite(g).all(dim=1)
+        finite = finite_rows(g)
         g = torch.where(finite[:, None], g, torch.zeros_like(g))
         v = self._apply_w0(g)
         s_k = S[:rows, k]
@@ -162,8 +162,9 @@ class StepBroyden:
         regular = moving & (denom.abs() > torch.finfo(z.dtype).eps * norm_sq)
         scale = torch.where(regular, norm_sq / torch.where(regular, denom, 1.0), 1.0)
         step = torch.where(moving[:, None], u * scale.to(u.dtype)[:, None], torch.zeros_like(u))
-        regular &= torch.isfinite(step).all(dim=1)
-        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        finite_step = finite_rows(step)          # an overflowing step freezes its row
+        regular &= finite_step
+        step = torch.where(finite_step[:, None], step, torch.zeros_like(step))
         if k + 1 >= S.shape[1]:
             self._grow()
             S = self._S

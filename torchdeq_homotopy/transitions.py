@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from .homotopies import HOMOTOPIES
+from .linalg import finite_rows
 from .outcome import Budget, Record, Status, _where, by_stop_mode
 from .secant import InverseBroyden
 from .tracker_state import (
@@ -164,7 +165,7 @@ class PhaseTransitions:
         finite fail); nothing happens if none leaves or f(z0) cannot be paid for."""
         if not bool(leave.any()) or not self._build_homotopy(models, budget):
             return state, torch.zeros_like(leave)
-        state = state.finish(leave & ~torch.isfinite(models.fz0).all(dim=1), Status.NONFINITE)
+        state = state.finish(leave & ~finite_rows(models.fz0), Status.NONFINITE)
         leave = leave & (state.phase != Phase.DONE)
         return self._start_path(state, models, leave, self.x0), leave
 
@@ -190,7 +191,7 @@ class PhaseTransitions:
                                             merge=memory >= max_evals)
         models.broyden.observe(z, fz)
         step = models.broyden.step()
-        return step, torch.isfinite(step).all(dim=1) & torch.isfinite(fz).all(dim=1)
+        return step, finite_rows(step) & finite_rows(fz)
 
     def _leave_broyden(self, state: _State, models: JacobianModels, in_newton: Tensor,
                        f_finite: Tensor, abs_res: Tensor, budget: Budget
@@ -274,7 +275,7 @@ class PhaseTransitions:
         z0 = self.x0 + (state.restarts * sigma)[:, None] * noise
         z0 = _where(again, z0, self.x0)
         fz0 = self.f(z0)
-        again = again & torch.isfinite(fz0).all(dim=1)
+        again = again & finite_rows(fz0)
         models.homotopy.restart(again, z0, fz0)
         return self._start_path(state, models, again, z0), again
 
