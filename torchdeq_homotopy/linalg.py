@@ -246,8 +246,8 @@ def finite_rows(x: Tensor) -> Tensor:
     finite exactly when all its entries are (NaN and ±inf propagate through a sum), as
     long as the sum of finite entries cannot overflow. Summed in float64, entries of
     float32 or narrower cannot (n · 3.4e38 stays far below 1.8e308); float64 rows (and
-    devices without float64) take the elementwise test. 8× faster at 64 × 12,544 float32
-    entries (148 µs against 1.2 ms on this project's 2-core machine).
+    devices without float64) take the elementwise test. 7× faster at 64 × 12,544 float32
+    entries, 3× at 64 × 256, a few µs slower at 8 × 128 (``benchmarks/matvec.py``).
 
     Example:
         >>> finite_rows(torch.tensor([[1.0, 3e38, 3e38], [1.0, float('nan'), 0.0]]))
