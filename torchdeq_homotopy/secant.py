@@ -236,12 +236,16 @@ def _wide(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def compact_inverse(X: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
-    """W = I + ΔF M⁻¹ Sᵀ, the inverse of A = I − J_f after k good Broyden updates from
-    A_0 = I with the secant pairs of the iterates x_0..x_k ``X`` ``(B, k + 1, n)`` and
-    their images ``F`` (Byrd, Nocedal & Schnabel 1994, sec. 6; see
-    :meth:`InverseBroyden.seed`):
+    """W = A_k⁻¹ after k good Broyden updates of A = I − J_f from A_0 = I with the
+    secant pairs of the iterates x_0..x_k ``X`` ``(B, k + 1, n)`` and their images ``F``,
+    at once. With S = [x_1 − x_0, …] and ΔF = [f(x_1) − f(x_0), …], the pairs of A are
+    (S, S − ΔF), and k good updates have the compact form (Byrd, Nocedal & Schnabel
+    1994, "Representations of quasi-Newton matrices", sec. 6)
 
-        S = [x_1 − x_0, …],  ΔF = [f(x_1) − f(x_0), …],  M = triu(Sᵀ S) − Sᵀ ΔF.
+        A_k = I + ((S − ΔF) − S) N⁻¹ Sᵀ = I − ΔF N⁻¹ Sᵀ,     N = triu(Sᵀ S),
+
+    so by Woodbury W = I + ΔF M⁻¹ Sᵀ with M = N − Sᵀ ΔF, where sequential updates take
+    k passes (used by :meth:`~torchdeq_homotopy.step_broyden.StepBroyden.append`).
 
     Returns ``(Ct, St)``, both ``(B, k, n)``: Cᵀ = M⁻ᵀ ΔFᵀ and Sᵀ, so W r = r + C (Sᵀ r).
     The k × k products and M⁻¹ are formed in float64 (:func:`_wide`); rows where M is
@@ -261,8 +265,7 @@ def compact_inverse(X: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
     eye = torch.eye(M.shape[-1], dtype=wide, device=M.device).expand_as(M)
     M_inv_t = torch.linalg.lu_solve(lu, pivots, eye, adjoint=True)      # M⁻ᵀ
     Ct = torch.bmm(M_inv_t.to(X.dtype), dFt)                            # Cᵀ = M⁻ᵀ ΔFᵀ
-    ok = (info == 0) & torch.isfinite(M_inv_t).flatten(1).all(dim=1) \
-        & torch.isfinite(Ct).flatten(1).all(dim=1) & torch.isfinite(St).flatten(1).all(dim=1)
+    ok = (info == 0) & finite_rows(M_inv_t) & finite_rows(Ct) & finite_rows(St)
     return (torch.where(ok[:, None, None], Ct, torch.zeros_like(Ct)),
             torch.where(ok[:, None, None], St, torch.zeros_like(St)))
 
@@ -335,54 +338,6 @@ class InverseBroyden:
         """Broyden's step δ = W (f(z) − z) at the last recorded point (computed by
         :meth:`observe`, so a step costs no further product with the factors)."""
         return self._step
-
-    def next_point(self) -> Tensor:
-        """Broyden's next iterate z + W (f(z) − z) from the last recorded point."""
-        return self._z + self._step
-
-    def seed(self, X: Tensor, F: Tensor) -> None:
-        """Start from W = I updated, in order, with the secant pairs of the iterates
-        x_0..x_k ``X`` ``(B, k + 1, n)`` and their images ``F`` (the last one is the point
-        recorded, as after k + 1 :meth:`observe` calls; the buffers must be empty). With
-        S = [x_1 − x_0, ..., x_k − x_{k−1}] and ΔF likewise, the pairs of A = I − J_f are
-        (S, S − ΔF), and k good updates of A from A_0 = I have the compact form (Byrd,
-        Nocedal & Schnabel 1994, "Representations of quasi-Newton matrices", sec. 6)
-
-            A_k = I + ((S − ΔF) − S) N⁻¹ Sᵀ = I − ΔF N⁻¹ Sᵀ,     N = triu(Sᵀ S),
-
-        so by Woodbury W_k = A_k⁻¹ = I + ΔF M⁻¹ Sᵀ with M = N − Sᵀ ΔF: k column pairs
-        C = ΔF M⁻¹, D = S at once (:func:`compact_inverse`), where the sequential updates
-        take k passes. Rows where M is singular or not finite keep W = I.
-
-        Example:
-            >>> A = torch.tensor([[2.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
-            >>> f = lambda z: torch.tanh(z @ A.T + 0.3)
-            >>> X = torch.zeros(1, 3, 2, dtype=torch.float64)
-            >>> for i in (1, 2):
-            ...     X[:, i] = f(X[:, i - 1]) + 0.1 * i
-            >>> a = InverseBroyden(1, 2, memory=5, dtype=X.dtype, device='cpu')
-            >>> b = InverseBroyden(1, 2, memory=5, dtype=X.dtype, device='cpu')
-            >>> for i in range(3):
-            ...     a.observe(X[:, i], f(X[:, i]))
-            >>> b.seed(X, f(X))
-            >>> torch.allclose(a.next_point(), b.next_point())
-            True
-        """
-        k = X.shape[1] - 1
-        self._z, self._fz = X[:, -1].clone(), F[:, -1].clone()
-        g = F[:, -1] - X[:, -1]
-        if k == 0:
-            self._step = g
-            return
-        Ct, St = compact_inverse(X, F)
-        while self.C.shape[2] - 1 < k:
-            self._grow(max(4, k))
-        self.C[..., :k] = Ct.transpose(1, 2)
-        self.Dt[:, :k] = St
-        ok = St.flatten(1).ne(0).any(dim=1)
-        self.next_slot = torch.where(ok, k, 0) % self.memory
-        self._written = k
-        self._step = g + torch.bmm(bmv(St, g).unsqueeze(1), Ct).squeeze(1)
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record an evaluation and apply the good update to samples that moved since the
