@@ -201,26 +201,25 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         """One iteration for the whole batch: the phase transitions decided on the last
         evaluation, one batched bordered solve (:meth:`_solve_and_update`), and f at the
         new points. While every open sample takes Broyden steps at λ = 1 (the NEWTON
-        phase under ``'auto'`` and ``'secant'``), only those are taken
-        (:meth:`_broyden_update`)."""
-        models, n = loop.models, self.n
+        phase under ``'auto'`` and ``'secant'``), the iterations of that phase run here
+        without the general bookkeeping (:meth:`_broyden_run`)."""
+        models = loop.models
         state = self._mark_stale(loop.state, models, loop.abs_res)
         state, loop.fz, loop.abs_res = self._judge_endgame(state, loop.record, loop.fz,
                                                            loop.abs_res)
-        z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
         f_finite = loop.abs_res < float("inf")
         state, idle = self._leave_newton(state, models, f_finite, loop.abs_res,
                                           loop.budget)
         if self._only_broyden(state, models, idle):
-            state = self._broyden_update(state, loop)
-        else:   # H at the evaluated points (before the transitions moved any sample)
-            H = models.homotopy.residual(z, fz, lam)
-            h_norm = H.norm(dim=1)
-            state, judged = self._judge_corrector(state, models, h_norm, idle)
-            endgame_failed = (state.phase == Phase.ENDGAME) & (
-                ~(h_norm < float("inf")) | state.jacobian.solve_failed)
-            state = state.finish(endgame_failed, Status.NONFINITE)
-            state = self._solve_and_update(state, loop, H, h_norm, idle | judged, f_finite)
+            return self._broyden_run(state, loop)
+        z, lam = state.path.y[:, :self.n], state.path.y[:, self.n]
+        H = models.homotopy.residual(z, loop.fz, lam)  # at the evaluated points (before
+        h_norm = H.norm(dim=1)                         # the transitions moved any sample)
+        state, judged = self._judge_corrector(state, models, h_norm, idle)
+        endgame_failed = (state.phase == Phase.ENDGAME) & (
+            ~(h_norm < float("inf")) | state.jacobian.solve_failed)
+        state = state.finish(endgame_failed, Status.NONFINITE)
+        state = self._solve_and_update(state, loop, H, h_norm, idle | judged, f_finite)
         loop.state = state
         self._evaluate(loop)
         return loop
@@ -234,22 +233,54 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         elsewhere = (state.phase != Phase.NEWTON) & (state.phase != Phase.DONE)
         return not _maybe_any(elsewhere | idle)
 
-    def _broyden_update(self, state: _State, loop: Loop) -> _State:
-        """Broyden's step z ← z + W (f(z) − z) for every NEWTON sample
-        (:meth:`_broyden_direction`); no linear solve and no product. What
-        :meth:`_take_steps` does for Newton rows, without the corrector's bookkeeping: the
-        residual before the step is kept, and a step that is not finite is not taken."""
-        n, path = self.n, state.path
-        z = path.y[:, :n]
+    def _broyden_run(self, state: _State, loop: Loop) -> Loop:
+        """Broyden's method for every NEWTON sample (all open samples are there), iterated
+        until the budget is spent, every sample is done, or every open sample has stalled:
+
+            δ = W (f(z) − z)  (:meth:`_broyden_direction`),   z ← z + δ  where δ is finite,
+            f(z), the record, convergence (:meth:`_evaluate`'s rule), and the stall record
+            (:meth:`_broyden_progress`),
+
+        the iterations that :meth:`step` would take one by one, with the same iterates and
+        evaluations, on per-sample tensors alone: no linear solve, no product, no state
+        record rebuilt per iteration, one host sync per evaluation. The state is assembled
+        once, before the general iteration takes over (stalled samples leave for the path
+        at its next :meth:`step`, whose :meth:`_leave_broyden` sees the last evaluation)."""
+        models, record, budget, n = loop.models, loop.record, loop.budget, self.n
+        z, lam = state.path.y[:, :n], state.path.y[:, n]
         newton = state.phase == Phase.NEWTON
-        step, ok = self._broyden_direction(loop.models, z, loop.fz, loop.budget.limit)
-        move = (newton & ok)[:, None]
-        y = torch.cat([torch.where(move, z + step, z), path.y[:, n:]], dim=1)
-        record = replace(state.newton,
-                         res_prev=torch.where(newton, loop.abs_res, state.newton.res_prev))
-        jacobian = replace(state.jacobian, solve_failed=newton & ~ok,
-                           exact=state.jacobian.exact & ~newton)
-        return replace(state, path=replace(path, y=y), newton=record, jacobian=jacobian)
+        started = newton
+        kept = state.newton
+        res_prev, worse_in_row, lowest = kept.res_prev, kept.worse_in_row, kept.lowest
+        fz, abs_res, failed = loop.fz, loop.abs_res, state.jacobian.solve_failed
+        converged = torch.zeros_like(newton)
+        while True:
+            step, ok = self._broyden_direction(models, z, fz, budget.limit)
+            z = torch.where((newton & ok)[:, None], z + step, z)
+            res_prev = torch.where(newton, abs_res, res_prev)
+            failed = newton & ~ok
+            if not budget.spend():
+                fz = None
+                break
+            fz = self.f(z)
+            abs_res, _ = record.add(z, fz, lam)
+            done = newton & (record.best.residual(record.stop_mode) <= loop.tol)
+            converged, newton = converged | done, newton & ~done
+            kept = (worse_in_row, lowest)        # what :meth:`_leave_broyden` starts from
+            worse_in_row, lowest, stalled = self._broyden_progress(
+                newton, abs_res, worse_in_row, lowest, failed, budget)
+            if budget.left <= 0 or not bool((newton & ~stalled).any()):
+                worse_in_row, lowest = kept
+                break
+        y = torch.cat([z, lam.masked_fill(converged, 1.0)[:, None]], dim=1)
+        state = replace(
+            state.finish(converged, Status.CONVERGED), path=replace(state.path, y=y),
+            newton=replace(state.newton, res_prev=res_prev, worse_in_row=worse_in_row,
+                           lowest=lowest),
+            jacobian=replace(state.jacobian, solve_failed=failed,
+                             exact=state.jacobian.exact & ~started))
+        loop.state, loop.fz, loop.abs_res = state, fz, abs_res
+        return loop
 
     def _solve_and_update(self, state: _State, loop: Loop, H: Tensor, h_norm: Tensor,
                           idle: Tensor, f_finite: Tensor) -> _State:

@@ -301,7 +301,7 @@ class InverseBroyden:
         >>> f = lambda z: z @ A.T + b                    # expansive: iteration diverges
         >>> model, z = InverseBroyden(1, 2, memory=10, dtype=A.dtype, device=A.device), b * 0
         >>> for _ in range(6):
-        ...     model.observe(z, f(z)); z = z + model.step()
+        ...     _ = model.observe(z, f(z)); z = z + model.step()
         >>> torch.allclose(z, f(z), atol=1e-5)
         True
     """
@@ -311,17 +311,15 @@ class InverseBroyden:
         self.memory = memory
         # at most 2n columns before a merge (a merge needs memory above n to leave room)
         self.columns = min(memory, 2 * n) if merge and memory > n else memory
-        self.C = torch.zeros(bsz, n, 1, dtype=dtype, device=device)       # + scratch column
-        self.Dt = torch.zeros(bsz, 1, n, dtype=dtype, device=device)      # Dᵀ, rows contiguous
-        self.next_slot = torch.zeros(bsz, dtype=torch.long, device=device)
-        self._written = 0              # an upper bound on any sample's pairs (no host sync)
+        self.C = torch.zeros(bsz, n, 0, dtype=dtype, device=device)
+        self.Dt = torch.zeros(bsz, 0, n, dtype=dtype, device=device)      # Dᵀ, rows contiguous
+        self._written = 0              # pairs written (zero pairs where an update was skipped)
         self._z: Tensor | None = None
-        self._fz: Tensor | None = None
         self._step: Tensor | None = None   # W (f(z) − z) at the recorded point
 
     def _used(self) -> tuple[Tensor, Tensor]:
-        """C and Dᵀ over the columns that may hold pairs (no sample wrote beyond them)."""
-        k = min(self._written, self.C.shape[2] - 1)
+        """C and Dᵀ over the columns written so far."""
+        k = min(self._written, self.C.shape[2])
         return self.C[..., :k], self.Dt[:, :k]
 
     def apply(self, r: Tensor) -> Tensor:
@@ -339,19 +337,22 @@ class InverseBroyden:
         :meth:`observe`, so a step costs no further product with the factors)."""
         return self._step
 
-    def observe(self, z: Tensor, fz: Tensor) -> None:
+    def observe(self, z: Tensor, fz: Tensor) -> Tensor:
         """Record an evaluation and apply the good update to samples that moved since the
         last one (a zero or non-finite step, or a vanishing denominator, skips it).
+        Returns the rows where f(z) is finite.
 
         One product with W and one with Wᵀ per call: with g = f(z) − z and the stored
         W g_prev, W Δg = W g − W g_prev, and after the update W₊ g = W g + c (dᵀ g).
+        Once ``memory`` pairs are held, the new pair replaces the oldest, (c_o, d_o):
+        W₊ = W − c_o d_oᵀ + c dᵀ, so W₊ g = W g − c_o (d_oᵀ g) + c (dᵀ g).
         """
         g = fz - z
         w_g = self.apply(g)
         finite = finite_rows(fz)
         if self._z is None:
-            self._z, self._fz, self._step = z.clone(), fz.clone(), w_g
-            return
+            self._z, self._step = z.clone(), w_g
+            return finite
         s = z - self._z
         w_dg = w_g - self._step
         denom = (s * w_dg).sum(dim=1)
@@ -360,38 +361,42 @@ class InverseBroyden:
         safe = torch.where(ok, denom, torch.ones_like(denom))[:, None]
         c = torch.where(ok[:, None], -(s + w_dg) / safe, torch.zeros_like(s))
         d = torch.where(ok[:, None], self.apply_t(s), torch.zeros_like(s))
-        self._write(c, d, ok)
-        w_g = w_g + c * (d * g).sum(dim=1, keepdim=True)
+        w_g = w_g - self._oldest_term(g) + c * (d * g).sum(dim=1, keepdim=True)
+        self._write(c, d)
         self._z = torch.where(finite[:, None], z, self._z)
-        self._fz = torch.where(finite[:, None], fz, self._fz)
         self._step = torch.where(finite[:, None], w_g, self._step)
+        return finite
 
-    def _write(self, c: Tensor, d: Tensor, ok: Tensor) -> None:
-        """Store (c, d) in each ok sample's next slot, in place. The buffers end in one
-        scratch column that receives the zero pairs of the other samples, so it stays zero
-        and every product may run over the whole buffer."""
-        capacity = self.C.shape[2] - 1
+    def _oldest_term(self, g: Tensor) -> Tensor | float:
+        """c_o (d_oᵀ g) for the pair that the next write replaces; 0 while memory is left."""
+        if self._written < self.memory:
+            return 0.0
+        slot = self._written % self.memory
+        return self.C[..., slot] * (self.Dt[:, slot] * g).sum(dim=1, keepdim=True)
+
+    def _write(self, c: Tensor, d: Tensor) -> None:
+        """Store the pair (c, d) of every sample in column ``written mod memory``, in place,
+        as TorchDEQ's ``broyden`` stores its pairs (``(nstep − 1) % LBFGS_thres``): one
+        column for the whole batch, zero for samples whose update was skipped (W
+        unchanged), so the write is two plain copies and every product runs over the same
+        columns. Past ``columns`` pairs the buffers are merged (``merge=True``)."""
+        capacity = self.C.shape[2]
         if self._written >= capacity:
             if capacity < self.columns:
                 self._grow(min(max(4, capacity), self.columns - capacity))
             elif self.columns < self.memory:
                 self._merge()
-            capacity = self.C.shape[2] - 1
+        slot = self._written % self.memory
+        self.C[..., slot] = c
+        self.Dt[:, slot] = d
         self._written += 1
-        slot = torch.where(ok, self.next_slot, torch.full_like(self.next_slot, capacity))
-        rows = torch.arange(slot.shape[0], device=slot.device)
-        self.C[rows, :, slot] = c          # one (row, slot) column each: no expanded index
-        self.Dt[rows, slot] = d
-        self.next_slot = (self.next_slot + ok.long()) % self.memory
 
     def _grow(self, extra: int) -> None:
         """``extra`` more columns (doubling from 4: amortised O(1) copies per pair, and a
         short Broyden phase on a large batch allocates only what it uses)."""
-        capacity = self.C.shape[2] - 1
-        self.C = torch.cat([self.C[..., :capacity], self.C.new_zeros(
-            *self.C.shape[:2], extra + 1)], dim=2)
-        self.Dt = torch.cat([self.Dt[:, :capacity], self.Dt.new_zeros(
-            self.Dt.shape[0], extra + 1, self.Dt.shape[2])], dim=1)
+        self.C = torch.cat([self.C, self.C.new_zeros(*self.C.shape[:2], extra)], dim=2)
+        self.Dt = torch.cat([self.Dt, self.Dt.new_zeros(self.Dt.shape[0], extra,
+                                                        self.Dt.shape[2])], dim=1)
 
     def _merge(self) -> None:
         """C ← C Dᵀ (n × n per sample), D ← I: the same W in n columns, the other n
@@ -411,5 +416,4 @@ class InverseBroyden:
         self.Dt.zero_()
         self.C[..., :n] = merged
         self.Dt[:, :n] = torch.eye(n, dtype=C.dtype, device=C.device)
-        self.next_slot.fill_(n)
         self._written = n

@@ -63,7 +63,10 @@ def _flatten_func(func: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Ten
 
     def flat(z: Tensor) -> Tensor:
         nonlocal checked
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
+        if autocast:    # entering a disabled autocast context costs more than small fs do
+            with torch.autocast(device_type, dtype=autocast_dtype):
+                out = func(z.to(x0.dtype).view(shape))
+        else:
             out = func(z.to(x0.dtype).view(shape))
         if not checked:
             if not torch.is_tensor(out):

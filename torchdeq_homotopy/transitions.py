@@ -121,7 +121,7 @@ class PhaseTransitions:
             return state.finish(in_newton & ~f_finite, Status.NONFINITE), \
                 torch.zeros_like(in_newton)
         if models.broyden_newton:
-            return self._leave_broyden(state, models, in_newton, f_finite, abs_res, budget)
+            return self._leave_broyden(state, models, in_newton, abs_res, budget)
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         record, jacobian = state.newton, state.jacobian
         exact_step = in_newton & (record.steps > 0) & jacobian.exact
@@ -189,12 +189,12 @@ class PhaseTransitions:
             memory = self.opt.broyden_memory or max_evals
             models.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device,
                                             merge=memory >= max_evals)
-        models.broyden.observe(z, fz)
+        f_finite = models.broyden.observe(z, fz)
         step = models.broyden.step()
-        return step, finite_rows(step) & finite_rows(fz)
+        return step, finite_rows(step) & f_finite
 
     def _leave_broyden(self, state: _State, models: JacobianModels, in_newton: Tensor,
-                       f_finite: Tensor, abs_res: Tensor, budget: Budget
+                       abs_res: Tensor, budget: Budget
                        ) -> tuple[_State, Tensor]:
         """With the secant model the NEWTON phase is Broyden's method (see
         :meth:`_broyden_step`). A sample stalls when ``homo_secant_patience`` steps in a row
@@ -205,20 +205,35 @@ class PhaseTransitions:
         slowly for hundreds of steps before it converges, and a rule that judged the rate
         handed such samples to the path too early (BENCHMARKS.md, "Small states")."""
         record = state.newton
-        progress = in_newton & (abs_res < record.lowest)
-        worse_in_row = torch.where(
-            progress, 0, torch.where(in_newton, record.worse_in_row + 1, record.worse_in_row))
-        lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res), record.lowest)
+        worse_in_row, lowest, stalled = self._broyden_progress(
+            in_newton, abs_res, record.worse_in_row, record.lowest, state.jacobian.solve_failed,
+            budget)
         state = replace(state, newton=replace(record, worse_in_row=worse_in_row, lowest=lowest))
-        patience = self.opt.secant_patience or max(1, budget.limit // 3)
-        stalled = in_newton & (~f_finite | state.jacobian.solve_failed
-                               | (worse_in_row >= patience))
         # Stalled samples go on with (free) Broyden steps until every sample in this phase
         # has stalled: a path step's products are batched calls of f, and would take
         # evaluations from the samples that Broyden is still solving.
         if not _maybe_any(stalled) or bool((in_newton & ~stalled).any()):
             return state, torch.zeros_like(stalled)
         return self._leave_together(state, models, stalled, budget)
+
+    def _broyden_progress(self, in_newton: Tensor, abs_res: Tensor, worse_in_row: Tensor,
+                          lowest: Tensor, solve_failed: Tensor, budget: Budget
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+        """The stall record of Broyden's method after an evaluation with residual r:
+
+            worse_in_row ← 0 if r < lowest, else worse_in_row + 1;   lowest ← min(lowest, r);
+            stalled = r not finite, or the step failed, or worse_in_row >= patience
+
+        (patience ``homo_secant_patience``, default a third of the budget), for the samples
+        in ``in_newton``. Returns (worse_in_row, lowest, stalled)."""
+        progress = in_newton & (abs_res < lowest)
+        worse_in_row = torch.where(progress, 0,
+                                   torch.where(in_newton, worse_in_row + 1, worse_in_row))
+        lowest = torch.where(in_newton, torch.minimum(lowest, abs_res), lowest)
+        patience = self.opt.secant_patience or max(1, budget.limit // 3)
+        stalled = in_newton & (~(abs_res < float("inf")) | solve_failed
+                               | (worse_in_row >= patience))
+        return worse_in_row, lowest, stalled
 
     def _start_path(self, state: _State, models: JacobianModels, mask: Tensor,
                     z0: Tensor) -> _State:
