@@ -79,8 +79,8 @@ class StepBroyden:
         self._D0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # I + C0ᵀD0
         self.rows = 0
         self.k = 0                      # factors so far; the last step is column k
-        self._z = torch.empty(0, n, dtype=dtype, device=device)   # the last finite point,
-        self._g = torch.empty(0, n, dtype=dtype, device=device)   # g = f(z) − z there
+        # the last point reached whose step was finite (frozen rows stay there)
+        self._z = torch.empty(0, n, dtype=dtype, device=device)
 
     # ---------------------------------------------------------------- views
     def next_point(self) -> Tensor:
@@ -128,7 +128,7 @@ class StepBroyden:
         self._S[new, :k] = 0
         self.rows = rows + extra
         z, g = X[:, -1], F[:, -1] - X[:, -1]
-        self._z, self._g = torch.cat([self._z, z]), torch.cat([self._g, g])
+        self._z = torch.cat([self._z, z])
         self._S[new, k] = self._apply_w0(g, new)
 
     def observe(self, z: Tensor, fz: Tensor) -> None:
@@ -137,13 +137,15 @@ class StepBroyden:
             u = W_k g₊ = v + A T (Bᵀ v),  v = W_0 g₊,      β = s_kᵀ u,
             s_{k+1} = u ‖s_k‖² / (‖s_k‖² − β),             T_k· = w_k (s_kᵀ A) T,
 
-        from one product of the stored steps with [v, s_k] and one with T Bᵀ v.
+        from one product of the stored steps with [v, s_k] and one with T Bᵀ v. Where the
+        denominator vanishes (|‖s_k‖² − β| <= eps ‖s_k‖²) the update is skipped (w_k = 0,
+        s_{k+1} = u); a row whose last step was zero (frozen) steps 0; a row whose step is
+        not finite (f(z) was not, or the step overflowed) stays at its last point with a
+        zero step, frozen from then on.
         """
         S, k, rows = self._S, self.k, self.rows
         wide = self._T.dtype
         g = fz - z
-        finite = finite_rows(g)
-        g = torch.where(finite[:, None], g, torch.zeros_like(g))
         v = self._apply_w0(g)
         s_k = S[:rows, k]
         # [vᵀ; s_kᵀ] [s_0 … s_k]: one read of the stored steps (row form, as :func:`bmv`)
@@ -158,26 +160,25 @@ class StepBroyden:
         else:
             u, beta = v, sv[:, k]
         denom = norm_sq - beta
-        moving = finite & (norm_sq > torch.finfo(z.dtype).tiny)
+        moving = norm_sq > torch.finfo(z.dtype).tiny
         regular = moving & (denom.abs() > torch.finfo(z.dtype).eps * norm_sq)
-        scale = torch.where(regular, norm_sq / torch.where(regular, denom, 1.0), 1.0)
-        step = torch.where(moving[:, None], u * scale.to(u.dtype)[:, None], torch.zeros_like(u))
-        finite_step = finite_rows(step)          # an overflowing step freezes its row
-        regular &= finite_step
-        step = torch.where(finite_step[:, None], step, torch.zeros_like(step))
+        # ‖s_k‖² / (‖s_k‖² − β) where regular, 1 (no update) where not, 0 where frozen
+        scale = torch.where(regular, norm_sq / denom, moving.to(wide))
+        step = u * scale.to(u.dtype)[:, None]
+        ok = finite_rows(step)
+        step.masked_fill_(~ok[:, None], 0.0)
         if k + 1 >= S.shape[1]:
             self._grow()
             S = self._S
         # factor k: a = s_{k+1}, b = w_k s_k (w_k = 0 where the update is skipped)
-        w_k = torch.where(regular, 1.0 / torch.where(regular, norm_sq, 1.0), 0.0)
+        w_k = norm_sq.reciprocal().masked_fill_(~(regular & ok), 0.0)
         self._w[:rows, k] = w_k
         if k > 0:
             self._T[:rows, k, :k] = w_k[:, None] * torch.bmm(ss[:, None, 1:], T).squeeze(1)
         self._T[:rows, k, k] = 1.0
         S[:rows, k + 1] = step
         self.k = k + 1
-        self._z = torch.where(finite[:, None], z, self._z)
-        self._g = torch.where(finite[:, None], g, self._g)
+        self._z = torch.where(ok[:, None], z, self._z)
 
     # ---------------------------------------------------------------- buffers
     def _grow(self) -> None:

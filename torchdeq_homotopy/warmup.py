@@ -250,6 +250,7 @@ class AndersonLoop:
     rows: Tensor | None = None
     model: StepBroyden | None = None
     columns: int = 0   # steps a Broyden model may take: the calls left, and its first
+    open_any: bool = True   # some row above tol after the last call (per-row switching)
 
 
 class AndersonIteration:
@@ -353,7 +354,8 @@ class AndersonIteration:
 
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
         """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
-        for the calls left, to Broyden's method (one host sync)."""
+        for the calls left, to Broyden's method, and note whether any row is still open
+        (for :meth:`terminate`): one host sync for both."""
         warm = loop.warm
         open_ = warm.best_recent[-1] > warm.tol
         late = stop > loop.recent[-1]
@@ -361,7 +363,8 @@ class AndersonIteration:
         if len(loop.recent) > PROGRESS_WINDOW:
             late |= ~on_time(list(loop.recent), warm.tol, warm.record.budget.left)
         new = open_ & late & ~loop.switched
-        if bool(new.any()):
+        any_new, loop.open_any = torch.stack([new.any(), open_.any()]).tolist()
+        if any_new:
             self._join(loop, new.nonzero().squeeze(1))
 
     def _join(self, loop: AndersonLoop, rows: Tensor) -> None:
@@ -382,7 +385,7 @@ class AndersonIteration:
         if warm.record.budget.left <= 0:
             return True
         if self.switch:      # each row already chose its method: no hand-over
-            return not bool((warm.best_recent[-1] > warm.tol).any())
+            return not loop.open_any
         return self.rule.hand_over(warm.calls, warm.best_recent)
 
 
