@@ -402,6 +402,33 @@ def test_warm_up_anderson_is_scale_free_with_relative_regularization(relative):
     assert (gap < 1e-9) if relative else (gap > 1e-3)
 
 
+@pytest.mark.parametrize("n, model", [(16, "SecantJacobian"), (48, "LowRankJacobian")])
+def test_jacobian_models_pair_each_point_with_f_there(monkeypatch, n, model):
+    """Samples that leave Broyden's method for the path move to (z0, 0) in an iteration
+    where they are idle, while f is known only at their old points. The path's Jacobian
+    model (dense at n <= 40: secant updates and refreshes by finite differences; the
+    low-rank secant model above) must only ever see a point with f at that point: every
+    pair it observes is checked against f itself."""
+    from torchdeq_homotopy import linalg, secant
+    cls = getattr(linalg, model, None) or getattr(secant, model)
+    f = tanh_cell(4, n, 5.0, seed=1, dtype=torch.float64)
+    gaps = []
+    observe = cls.observe
+
+    def checked(self, z, fz):
+        gaps.append(float((fz - f(z)).abs().max()))
+        observe(self, z, fz)
+
+    monkeypatch.setattr(cls, "observe", checked)
+    _, _, info = get_solver("homotopy")(f, torch.zeros(4, n, dtype=torch.float64),
+                                        max_iter=300, tol=1e-8, homo_warmup=0,
+                                        homo_secant_patience=3)
+    assert len(gaps) > 10                 # Broyden's method stalled: the path's solves ran
+    assert max(gaps) <= 1e-12             # (pairing the moved points gave gaps near 1)
+    if n == 16:                           # (at n = 48 the path needs a larger budget)
+        assert (info["status"] == Status.CONVERGED).all()
+
+
 @pytest.mark.parametrize("mode", ["forward", "finite_difference", "auto"])
 def test_dense_jacobian_matches_autograd(mode):
     f = tanh_cell(5, 7, 2.0, seed=3, dtype=torch.float64)

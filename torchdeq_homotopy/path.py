@@ -207,19 +207,21 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         state = self._mark_stale(loop.state, models, loop.abs_res)
         state, loop.fz, loop.abs_res = self._judge_endgame(state, loop.record, loop.fz,
                                                            loop.abs_res)
+        y_evaluated = state.path.y                     # where f was evaluated
+        z, lam = y_evaluated[:, :self.n], y_evaluated[:, self.n]
         f_finite = loop.abs_res < float("inf")
         state, idle = self._leave_newton(state, models, f_finite, loop.abs_res,
                                           loop.budget)
         if self._only_broyden(state, models, idle):
             return self._broyden_run(state, loop)
-        z, lam = state.path.y[:, :self.n], state.path.y[:, self.n]
         H = models.homotopy.residual(z, loop.fz, lam)  # at the evaluated points (before
         h_norm = H.norm(dim=1)                         # the transitions moved any sample)
         state, judged = self._judge_corrector(state, models, h_norm, idle)
         endgame_failed = (state.phase == Phase.ENDGAME) & (
             ~(h_norm < float("inf")) | state.jacobian.solve_failed)
         state = state.finish(endgame_failed, Status.NONFINITE)
-        state = self._solve_and_update(state, loop, H, h_norm, idle | judged, f_finite)
+        state = self._solve_and_update(state, loop, y_evaluated, H, h_norm, idle | judged,
+                                       f_finite)
         loop.state = state
         self._evaluate(loop)
         return loop
@@ -282,16 +284,22 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         loop.state, loop.fz, loop.abs_res = state, fz, abs_res
         return loop
 
-    def _solve_and_update(self, state: _State, loop: Loop, H: Tensor, h_norm: Tensor,
-                          idle: Tensor, f_finite: Tensor) -> _State:
+    def _solve_and_update(self, state: _State, loop: Loop, y_evaluated: Tensor, H: Tensor,
+                          h_norm: Tensor, idle: Tensor, f_finite: Tensor) -> _State:
         """The one batched bordered solve (:meth:`_bordered_system`; Broyden's steps for the
         NEWTON rows under ``'auto'`` and ``'secant'``), then the Newton, corrector and
-        tangent updates and restarts."""
+        tangent updates and restarts.
+
+        The Jacobian models see each row at ``y_evaluated``, where ``loop.fz`` was
+        evaluated: a row that a transition moved this iteration is idle, and pairing its
+        new point with f at the old one would corrupt its secant update (or, on a refresh
+        by finite differences, its exact Jacobian). Only the rows solved this iteration
+        count as refreshed."""
         budget, models, n = loop.budget, loop.models, self.n
-        z, lam, fz = state.path.y[:, :n], state.path.y[:, n], loop.fz
+        z, lam, fz = y_evaluated[:, :n], state.path.y[:, n], loop.fz
         newton, tangent, correct, border, rhs = self._bordered_system(state, H, lam, idle)
-        y_eval = _where(f_finite, state.path.y, torch.cat([loop.record.best.z, state.path.y[:, n:]],
-                                                          dim=1))
+        y_eval = _where(f_finite, y_evaluated, torch.cat([loop.record.best.z,
+                                                           y_evaluated[:, n:]], dim=1))
         active = newton | tangent | correct
         fz_safe = torch.nan_to_num(fz, nan=0.0, posinf=0.0, neginf=0.0)
         broyden = (newton & (state.phase == Phase.NEWTON) if models.broyden_newton
@@ -307,7 +315,7 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                                                budget.limit)
         jacobian = replace(jacobian, solve_failed=~finite & active,
                            exact=torch.where(active, exact, jacobian.exact),
-                           stale=jacobian.stale & ~exact)
+                           stale=jacobian.stale & ~(exact & active))
         state = replace(state, jacobian=jacobian)
         state = self._take_steps(state, delta, finite, exact, newton, correct, loop.abs_res)
         state = self._take_tangents(state, models, tangent, delta, finite, exact, budget)
