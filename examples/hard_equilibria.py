@@ -7,11 +7,11 @@ solves (``homo_linear_solver='dense'``). Plots residual against evaluations, and
 
 The cell is one of the benchmark's test cells (tanh, 32 wide, ‖W‖₂ = 5, seed 43, batch 64,
 relative tolerance 1e-4, 2,000 evaluations). Measured output (2-core CPU):
-fixed_point_iter 0.00, anderson 0.00, broyden 0.53, homotopy 0.55, homotopy (dense) 0.80 of
+fixed_point_iter 0.00, anderson 0.00, broyden 0.53, homotopy 0.66, homotopy (dense) 0.80 of
 the samples solved. At its default the homotopy solver takes exact Newton steps first, then
-Broyden's method from z0 for the samples where Newton stalled, then the path: 1 sample of 64
-more than Broyden here (9 more before the matrix–vector products took their row form: the
-Broyden stage's float32 rounding decides many samples on this cell).
+Broyden's method from z0 for the samples where Newton stalled, then the path: 8 samples of 64
+more than Broyden here (1 more in the round before, 9 more before that: the Broyden stage's
+float32 rounding, which moves with the order of its sums, decides many samples on this cell).
 ``homo_linear_solver='dense'`` (exact Newton, then the path) solves more on this cell but
 fewer on others: on 64 other 32-wide cells 0.9897 against the default's 0.9990
 (BENCHMARKS.md, "Small states").
