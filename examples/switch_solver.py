@@ -5,7 +5,7 @@ changing only ``f_solver``; prints residual, evaluations and time for each.
 
 Measured (2-core CPU, 64 samples, 32 entries, f_max_iter 200, f_tol 1e-5): fixed-point
 iteration, Anderson and Newton–Krylov do not converge; Broyden converges in 80
-evaluations and the homotopy solver in 73 (after its warm-up its first stage is Broyden's
+evaluations and the homotopy solver in 72 (after its warm-up its first stage is Broyden's
 method). On this cell the homotopy solver has no advantage over Broyden beyond that;
 examples/hard_equilibria.py shows a cell where only one of its settings has.
 """
