@@ -339,9 +339,26 @@ class AndersonIteration:
 
     def step(self, loop: AndersonLoop) -> AndersonLoop:
         """The next iterate, x_k = α · F over the last n = min(k, m) (or Broyden's step
-        on the switched rows), and f there."""
+        on the switched rows), and f there. Once every row has switched, Anderson's
+        weights are not computed at all."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
-        n = min(k, m)
+        if loop.model is None or loop.model.rows < X.shape[0]:
+            X[:, k % m] = self._mix(loop)
+        if loop.model is not None:
+            X[loop.rows, k % m] = loop.model.next_point()
+        F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m])
+        loop.k = k + 1
+        if loop.model is not None:
+            loop.model.observe(X[loop.rows, k % m], F[loop.rows, k % m])
+        if self.switch:
+            self._judge(loop, stop)
+        return loop
+
+    def _mix(self, loop: AndersonLoop) -> Tensor:
+        """Anderson's next iterate  x_k = Σ_i α_i f(x_i)  over the last n = min(k, m),
+        with α from the bordered, regularized Gram system of the class docstring."""
+        X, F, m = loop.X, loop.F, self.m
+        n = min(loop.k, m)
         G = F[:, :n] - X[:, :n]
         eye = torch.eye(n, dtype=X.dtype, device=X.device)[None]
         gg = torch.bmm(G, G.transpose(1, 2))
@@ -352,16 +369,7 @@ class AndersonIteration:
         loop.gram[:, 1:n + 1, 1:n + 1] = gg + self.lam * scale * eye
         alpha = torch.linalg.solve(loop.gram[:, :n + 1, :n + 1],
                                    loop.rhs[:, :n + 1])[:, 1:n + 1, 0]
-        X[:, k % m] = (alpha[:, None] @ F[:, :n])[:, 0]
-        if loop.model is not None:
-            X[loop.rows, k % m] = loop.model.next_point()
-        F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m])
-        loop.k = k + 1
-        if loop.model is not None:
-            loop.model.observe(X[loop.rows, k % m], F[loop.rows, k % m])
-        if self.switch:
-            self._judge(loop, stop)
-        return loop
+        return (alpha[:, None] @ F[:, :n])[:, 0]
 
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
         """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
