@@ -23,7 +23,16 @@ PREFIX = "homo_"
 
 
 class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the fix."""
+    """A configuration key or value is invalid; the message names the fix.
+
+    Example:
+        >>> import torchdeq_homotopy
+        >>> try:
+        ...     torchdeq_homotopy.get_deq(f_solver='homotopy', homo_krylov_dimm=20)
+        ... except torchdeq_homotopy.ConfigError as error:
+        ...     print('homo_krylov_dim' in str(error))
+        True
+    """
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,15 @@ Tensor = torch.Tensor
 
 
 class Status(enum.IntEnum):
-    """Per-sample outcome, reported as ``info['status']``."""
+    """Per-sample outcome, reported as ``info['status']``.
+
+    Example:
+        >>> import torch
+        >>> from torchdeq_homotopy import homotopy_solver
+        >>> _, _, info = homotopy_solver(lambda z: 0.5 * z, torch.ones(2, 3), max_iter=50)
+        >>> [Status(int(s)).name for s in info['status']]
+        ['CONVERGED', 'CONVERGED']
+    """
 
     RUNNING = 0
     CONVERGED = 1

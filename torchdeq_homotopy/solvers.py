@@ -35,7 +35,20 @@ Tensor = torch.Tensor
 
 
 class HomotopyConvergenceError(RuntimeError):
-    """Raised in strict mode (``homo_strict=True``) when some samples did not converge."""
+    """Raised in strict mode (``homo_strict=True``) when some samples did not converge;
+    ``info`` holds the solve's statistics (per-sample ``status``, residuals).
+
+    Example:
+        >>> import torch
+        >>> W = 4.0 * torch.eye(3).roll(1, dims=0)         # an expansive tanh cell
+        >>> f = lambda z: torch.tanh(z @ W.T + 1.0)
+        >>> try:
+        ...     homotopy_solver(f, torch.zeros(2, 3), max_iter=2, tol=1e-12,
+        ...                     homo_strict=True)
+        ... except HomotopyConvergenceError as error:
+        ...     print(error.info['status'].tolist())
+        [2, 2]
+    """
 
     def __init__(self, message: str, info: SolverStat) -> None:
         super().__init__(message)

@@ -46,6 +46,15 @@ _MIN_DAMPING = 2.0 ** -10
 
 
 class Phase(enum.IntEnum):
+    """What a sample does in the current iteration of the tracker (the module docstring of
+    :mod:`torchdeq_homotopy.path` describes each): Newton or Broyden steps at λ = 1, a
+    tangent or corrector step on the path, the endgame at λ = 1, or nothing (done).
+
+    Example:
+        >>> Phase.CORRECT > Phase.TANGENT, Phase(4).name
+        (True, 'DONE')
+    """
+
     NEWTON = 0
     TANGENT = 1
     CORRECT = 2

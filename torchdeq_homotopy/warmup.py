@@ -69,7 +69,12 @@ def horizon(calls_left: int, reserve: int) -> float:
     converge to keep the budget: ``reserve``, so that a slow method never holds a large
     budget that Broyden's method or the path would use better; but unbounded (it keeps
     the budget while it makes progress at all) once fewer than 2 · ``reserve`` calls are
-    left, too few for the next phase to catch up."""
+    left, too few for the next phase to catch up.
+
+    Example:
+        >>> horizon(calls_left=500, reserve=30), horizon(calls_left=40, reserve=30)
+        (30.0, inf)
+    """
     return float("inf") if calls_left < 2 * reserve else float(reserve)
 
 
