@@ -165,9 +165,12 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
         result = _solve(flat_f, x_flat, int(max_iter), float(tol), stop_mode,
                         list(indexing or []), opts, track)
     # The status describes the returned (best) iterate: a sample whose best residual met
-    # the tolerance converged, whatever phase it was in when the budget ran out.
+    # the tolerance converged, whatever phase it was in when the budget ran out; one whose
+    # best residual is not finite (f was never finite for it) is NONFINITE, whatever phase
+    # ended its solve (a budget spent in the warm-up would otherwise say MAX_EVALS).
     best_stop = by_stop_mode(stop_mode, result.abs_best, result.rel_best)
-    result.status = torch.where(best_stop <= tol, int(Status.CONVERGED), result.status)
+    status = torch.where(torch.isfinite(best_stop), result.status, int(Status.NONFINITE))
+    result.status = torch.where(best_stop <= tol, int(Status.CONVERGED), status)
     info = _stat(result, stop_mode, bsz)
     z_star = result.z_best.view(x0.shape).to(x0.dtype)
     trajectory = [z.view(x0.shape).to(x0.dtype) for z in result.trajectory]
