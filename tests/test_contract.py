@@ -225,3 +225,29 @@ def test_tracker_options_come_from_the_solver_keys():
     assert read | {"track"} == fields
     newton_krylov = TrackerOptions.from_keys(resolve({}, SOLVER_KEYS), track=False, max_iter=77)
     assert newton_krylov.newton_iters == 77 and newton_krylov.linear_solver == "gmres"
+
+
+@pytest.mark.parametrize("improves", ["none", "some", "all"])
+def test_best_iterate_keeps_each_rows_best_and_owns_its_copy(improves):
+    """The best iterate takes exactly the rows whose residual fell (checked row by row),
+    with f there, and holds copies: writing into the evaluated buffers afterwards (as
+    Anderson's ring buffers do) does not change it."""
+    from torchdeq_homotopy.outcome import BestIterate
+
+    inf = torch.full((4,), float("inf"))
+    best = BestIterate(torch.zeros(4, 3), inf.clone(), inf.clone(), torch.zeros(4),
+                       fz=torch.zeros(4, 3))
+    first = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    best.update(torch.ones(4, 3), first, first, "abs", used=1, fz=2 * torch.ones(4, 3))
+    new_res = {"none": first + 1, "some": torch.tensor([0.5, 3.0, 1.0, 9.0]),
+               "all": first / 10}[improves]
+    z, fz = torch.full((4, 3), 5.0), torch.full((4, 3), 6.0)
+    best.update(z, new_res, new_res, "abs", used=2, fz=fz)
+    z.fill_(-1.0)
+    fz.fill_(-1.0)
+    for row in range(4):
+        took = bool(new_res[row] < first[row])
+        assert best.z[row].tolist() == ([5.0] * 3 if took else [1.0] * 3)
+        assert best.fz[row].tolist() == ([6.0] * 3 if took else [2.0] * 3)
+        assert best.abs_res[row] == min(new_res[row], first[row])
+        assert best.step[row] == (2.0 if took else 1.0)

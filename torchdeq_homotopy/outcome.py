@@ -131,12 +131,26 @@ class BestIterate:
         evaluations spent when z was evaluated."""
         better = (by_stop_mode(stop_mode, abs_res, rel_res)
                   < by_stop_mode(stop_mode, self.abs_res, self.rel_res))
-        if fz is not None:
-            self.fz = _where(better, fz, self.fz if self.fz is not None else fz)
-        self.z = _where(better, z, self.z)
+        self.z, self.fz = self._select(better, z, fz)
         self.abs_res = torch.where(better, abs_res, self.abs_res)
         self.rel_res = torch.where(better, rel_res, self.rel_res)
         self.step = self.step.masked_fill(better, float(used))
+
+    def _select(self, better: Tensor, z: Tensor, fz: Tensor | None
+                ) -> tuple[Tensor, Tensor | None]:
+        """The new best (z, f(z)): rows of the new point where ``better``. On CPU one host
+        check picks the cheap cases, since a contracting iteration improves every row at
+        each step and a stalled one none: a copy of the new point, or nothing (a masked
+        select reads both and the mask); elsewhere the masked select, without a sync."""
+        old_fz = self.fz if self.fz is not None or fz is None else fz
+        if z.device.type == "cpu":
+            count = int(better.sum())
+            if count == 0:
+                return self.z, old_fz
+            if count == better.numel():
+                return z.clone(), (None if fz is None else fz.clone())
+        return (_where(better, z, self.z),
+                None if fz is None else _where(better, fz, old_fz))
 
     def residual(self, stop_mode: str) -> Tensor:
         """The best residual in the ``stop_mode``'s sense."""
