@@ -251,3 +251,17 @@ def test_best_iterate_keeps_each_rows_best_and_owns_its_copy(improves):
         assert best.fz[row].tolist() == ([6.0] * 3 if took else [2.0] * 3)
         assert best.abs_res[row] == min(new_res[row], first[row])
         assert best.step[row] == (2.0 if took else 1.0)
+
+
+def test_best_iterate_starts_from_an_owned_copy_when_the_first_point_is_not_finite():
+    """A first evaluation with no finite residual keeps the start as the best z, and the
+    f it records is a copy: rewriting the caller's buffer leaves it unchanged."""
+    from torchdeq_homotopy.outcome import BestIterate
+
+    inf = torch.full((2,), float("inf"))
+    best = BestIterate(torch.zeros(2, 3), inf.clone(), inf.clone(), torch.zeros(2))
+    fz = torch.full((2, 3), float("nan"))
+    best.update(torch.ones(2, 3), inf, inf, "abs", used=1, fz=fz)
+    fz.fill_(7.0)
+    assert best.z.tolist() == [[0.0] * 3] * 2
+    assert torch.isnan(best.fz).all()

@@ -142,15 +142,18 @@ class BestIterate:
         check picks the cheap cases, since a contracting iteration improves every row at
         each step and a stalled one none: a copy of the new point, or nothing (a masked
         select reads both and the mask); elsewhere the masked select, without a sync."""
-        old_fz = self.fz if self.fz is not None or fz is None else fz
+        if fz is None:
+            kept_fz = self.fz
+        else:   # before any f is kept, rows that did not improve take this one (a copy)
+            kept_fz = self.fz if self.fz is not None else fz.clone()
         if z.device.type == "cpu":
             count = int(better.sum())
             if count == 0:
-                return self.z, old_fz
+                return self.z, kept_fz
             if count == better.numel():
-                return z.clone(), (None if fz is None else fz.clone())
+                return z.clone(), (kept_fz if fz is None else fz.clone())
         return (_where(better, z, self.z),
-                None if fz is None else _where(better, fz, old_fz))
+                kept_fz if fz is None else _where(better, fz, kept_fz))
 
     def residual(self, stop_mode: str) -> Tensor:
         """The best residual in the ``stop_mode``'s sense."""
