@@ -252,8 +252,9 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         z, lam = state.path.y[:, :n], state.path.y[:, n]
         newton = state.phase == Phase.NEWTON
         started = newton
-        kept = state.newton
-        res_prev, worse_in_row, lowest = kept.res_prev, kept.worse_in_row, kept.lowest
+        record_in = state.newton
+        res_prev, worse_in_row, lowest = (record_in.res_prev, record_in.worse_in_row,
+                                          record_in.lowest)
         fz, abs_res, failed = loop.fz, loop.abs_res, state.jacobian.solve_failed
         converged = torch.zeros_like(newton)
         while True:
@@ -268,11 +269,11 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             abs_res, _ = record.add(z, fz, lam)
             done = newton & (record.best.residual(record.stop_mode) <= loop.tol)
             converged, newton = converged | done, newton & ~done
-            kept = (worse_in_row, lowest)        # what :meth:`_leave_broyden` starts from
+            before = (worse_in_row, lowest)      # what :meth:`_leave_broyden` starts from
             worse_in_row, lowest, stalled = self._broyden_progress(
                 newton, abs_res, worse_in_row, lowest, failed, budget)
             if budget.left <= 0 or not bool((newton & ~stalled).any()):
-                worse_in_row, lowest = kept
+                worse_in_row, lowest = before
                 break
         y = torch.cat([z, lam.masked_fill(converged, 1.0)[:, None]], dim=1)
         state = replace(
