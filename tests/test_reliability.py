@@ -439,3 +439,32 @@ def test_driving_loop_steps_the_newton_homotopy_to_a_dense_solve_within_its_budg
     assert ((lam >= 0) & (lam <= 1)).all()
     assert (result.status == Status.CONVERGED).all()
     torch.testing.assert_close(result.z_best, exact, rtol=0, atol=1e-8)
+
+
+def test_dense_solves_past_the_batched_factorization_limit_match_torch_solve():
+    """n = 160 > ``BATCHED_LU_MAX``, batch 3, under torch's default threads: the dense path
+    (``homo_linear_solver='dense'``) solves z = A z + b, A divergent (spectral radius 2),
+    to torch.linalg.solve's solution, matrix by matrix. torch 2.14.1's batched CPU LU with
+    two threads raised an error there ("Pivots given to lu_solve ...") or never returned."""
+    from torchdeq_homotopy.linalg import BATCHED_LU_MAX, lu_factor
+
+    n = 160
+    assert n > BATCHED_LU_MAX
+    g = torch.Generator().manual_seed(11)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.linspace(-2.0, 2.0, n, dtype=torch.float64) + 0.013   # none at 1
+    A = Q @ torch.diag(eig) @ Q.T
+    b = torch.randn(3, n, generator=g, dtype=torch.float64)
+    exact = torch.stack([torch.linalg.solve(torch.eye(n, dtype=torch.float64) - A, row)
+                         for row in b])
+    f = lambda z: z @ A.T + b                                          # noqa: E731
+    z, _, info = get_solver("homotopy")(f, torch.zeros(3, n, dtype=torch.float64),
+                                        max_iter=2000, tol=1e-9, homo_linear_solver="dense")
+    assert (info["status"] == Status.CONVERGED).all()
+    torch.testing.assert_close(z, exact, rtol=1e-6, atol=1e-6)
+    M = torch.randn(4, n, n, generator=g, dtype=torch.float64)
+    lu, pivots, info = lu_factor(M)
+    rhs = torch.randn(4, n, 1, generator=g, dtype=torch.float64)
+    reference = torch.stack([torch.linalg.solve(M[i], rhs[i]) for i in range(4)])
+    torch.testing.assert_close(torch.linalg.lu_solve(lu, pivots, rhs), reference)
+    assert (info == 0).all()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .homotopies import FixedPointHomotopy, NewtonHomotopy
-from .linalg import Linearization, batch_dot, dense_jacobian, finite_rows, gmres
+from .linalg import Linearization, batch_dot, dense_jacobian, finite_rows, gmres, lu_factor
 from .outcome import Budget, _where
 from .secant import LowRankJacobian
 from .tracker_state import JacobianModels, _maybe_any
@@ -225,6 +225,7 @@ class BorderedSolves:
         top = torch.cat([h_z, h_lam[:, :, None]], dim=2)
         matrix = torch.cat([top, border[:, None, :]], dim=1)
         matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
-        sol, info = torch.linalg.solve_ex(matrix, rhs)
+        lu, pivots, info = lu_factor(matrix)
+        sol = torch.linalg.lu_solve(lu, pivots, rhs.unsqueeze(-1)).squeeze(-1)
         finite = (info == 0) & (sol.sum(dim=1).abs() < float("inf"))   # all entries finite
         return torch.where(finite[:, None], sol, torch.zeros_like(sol)), finite

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from .linalg import bmv, finite_rows
+from .linalg import bmv, finite_rows, lu_factor
 
 Tensor = torch.Tensor
 
@@ -207,7 +207,7 @@ class LowRankJacobian:
         K[:, m + 1, m] = (t_z * h_lam).sum(dim=1)
         K[:, m + 1, m + 1] = t_lam
         K = torch.nan_to_num(K, nan=0.0, posinf=0.0, neginf=0.0)
-        lu, pivots, info = torch.linalg.lu_factor_ex(K)
+        lu, pivots, info = lu_factor(K)
         regular = info == 0
         U = self.U
 
@@ -261,7 +261,7 @@ def compact_inverse(X: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
     St, dFt = X[:, 1:] - X[:, :-1], F[:, 1:] - F[:, :-1]                # (B, k, n)
     St_w, dFt_w = St.to(wide), dFt.to(wide)
     M = torch.triu(St_w @ St_w.transpose(1, 2)) - St_w @ dFt_w.transpose(1, 2)
-    lu, pivots, info = torch.linalg.lu_factor_ex(torch.nan_to_num(M))
+    lu, pivots, info = lu_factor(torch.nan_to_num(M))
     eye = torch.eye(M.shape[-1], dtype=wide, device=M.device).expand_as(M)
     M_inv_t = torch.linalg.lu_solve(lu, pivots, eye, adjoint=True)      # M⁻ᵀ
     Ct = torch.bmm(M_inv_t.to(X.dtype), dFt)                            # Cᵀ = M⁻ᵀ ΔFᵀ
