@@ -468,3 +468,24 @@ def test_dense_solves_past_the_batched_factorization_limit_match_torch_solve():
     reference = torch.stack([torch.linalg.solve(M[i], rhs[i]) for i in range(4)])
     torch.testing.assert_close(torch.linalg.lu_solve(lu, pivots, rhs), reference)
     assert (info == 0).all()
+
+
+def test_path_only_solve_spends_its_single_evaluation_on_the_start():
+    """Path tracking from λ = 0 (no warm-up, no Newton phase) at a budget of one evaluation:
+    f(x0), which the homotopy needs, is the solve's one evaluation and its best iterate
+    (before, the start was evaluated twice, and a budget of one ended with no trace at all)."""
+    calls = []
+    W = 3.0 * torch.eye(4).roll(1, dims=0)
+
+    def f(z):
+        calls.append(1)
+        return torch.tanh(z @ W.T + 0.5)
+
+    x0 = torch.zeros(2, 4)
+    z, _, info = get_solver("homotopy")(f, x0, max_iter=1, tol=1e-8, homo_warmup=0,
+                                        homo_newton_iters=0)
+    assert len(calls) == 1 and info["nfe"].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(z, x0)
+    torch.testing.assert_close(info["abs_lowest"], (torch.tanh(torch.full((2, 4), 0.5)))
+                               .norm(dim=1))
+    assert (info["status"] == Status.MAX_EVALS).all()

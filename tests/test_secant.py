@@ -488,3 +488,16 @@ def test_finite_rows_equals_the_elementwise_test(dtype):
     expected = torch.isfinite(x).flatten(1).all(dim=1)
     assert expected.tolist() == [True, False, False, False, True, False, True]
     assert torch.equal(finite_rows(x), expected)
+
+
+def test_absorbing_more_products_than_the_state_has_entries_gives_the_exact_jacobian():
+    """GMRES on the bordered system of n + 1 unknowns can make n + 1 products; absorbed,
+    they span all of R^n, so the model becomes J itself (a QR of more columns than rows
+    used to fail on mismatched shapes)."""
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(2, 3, 3, generator=g, dtype=F64)
+    S = torch.randn(2, 3, 4, generator=g, dtype=F64)                  # k = 4 > n = 3
+    model = LowRankJacobian(2, 3, rank=8, dtype=F64, device=A.device)
+    model.absorb(S, A @ S)
+    v = torch.randn(2, 3, generator=g, dtype=F64)
+    torch.testing.assert_close(model.matvec(v), (A @ v[..., None])[..., 0])

@@ -183,12 +183,14 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                                 broyden_next=self._broyden_next(record.budget.left),
                                 homotopy=NewtonHomotopy(x0, x0),
                                 dense=SecantJacobian(self.f, opt.jvp), jvp_mode=opt.jvp)
+        known_fz = newton_start_fz if newton_start is not None else None
         if not newton_first:
+            # The path starts at x0: the homotopy's f(x0) is f at the start (one call).
             self._build_homotopy(models, record.budget)
+            known_fz = models.fz0
         loop = Loop(state=state, models=models, record=record, tol=tol)
-        # f at the Newton start, when the warm-up already evaluated it, costs nothing here.
-        known = newton_first and newton_start is not None and newton_start_fz is not None
-        self._evaluate(loop, newton_start_fz if known else None)
+        # f at the start, when the warm-up or the homotopy already evaluated it, is free.
+        self._evaluate(loop, known_fz)
         return loop
 
     def terminate(self, loop: Loop) -> bool:

@@ -157,18 +157,20 @@ class LowRankJacobian:
         self._write(Yq - BQ, Q, valid)
 
     def _newest_products(self, S: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
-        """At most ``rank`` columns per sample: its newest nonzero products. A sample's
-        nonzero products come first (a row whose Krylov solve stopped early multiplies
-        zeros from then on), so its newest ``rank`` of them are the columns
-        [c − rank, c) of its count c; they are gathered to the front. Keeping the batch's
+        """At most ``rank`` columns per sample (and at most n, the most that can be
+        independent: GMRES on the bordered system of n + 1 unknowns may make n + 1 products),
+        its newest nonzero products. A sample's nonzero products come first (a row whose
+        Krylov solve stopped early multiplies zeros from then on), so its newest m of them
+        (m = min(``rank``, n)) are the columns [c − m, c) of its count c; they are gathered
+        to the front. Keeping the batch's
         last ``rank`` columns instead would keep mostly zeros for a row that stopped early,
         and drop its products from the model."""
-        k = S.shape[2]
-        if k <= self.rank:
+        k, limit = S.shape[2], min(self.rank, S.shape[1])   # at most n independent columns
+        if k <= limit:
             return S, Y
         count = (S.norm(dim=1) > 0).long().sum(dim=1)                    # (B,)
-        first = (count - self.rank).clamp_min(0)
-        index = first[:, None] + torch.arange(self.rank, device=S.device)   # (B, rank) < k
+        first = (count - limit).clamp_min(0)
+        index = first[:, None] + torch.arange(limit, device=S.device)    # (B, limit) < k
         index = index[:, None, :].expand(-1, S.shape[1], -1)
         return S.gather(2, index), Y.gather(2, index)
 
