@@ -354,6 +354,55 @@ def test_contract_holds_for_random_problems(bsz, feature_shape, dtype, gain, see
     assert info["abs_trace"].shape[0] == bsz and info["nfe"].le(400).all()
 
 
+
+option_values = {
+    "homo_type": st.sampled_from(["fixed_point", "newton"]),
+    "homo_predictor": st.sampled_from(["tangent", "secant", "ode"]),
+    "homo_jvp": st.sampled_from(["finite_difference", "forward", "auto"]),
+    "homo_warmup": st.sampled_from([0, 5, 30]),
+    "homo_newton_iters": st.sampled_from([0, 1, 6]),
+    "homo_linear_solver": st.sampled_from(["auto", "secant", "gmres", "dense"]),
+    "homo_secant_rank": st.sampled_from([1, 4, 32]),
+    "homo_broyden_memory": st.sampled_from([None, 1, 3]),
+    "homo_secant_patience": st.sampled_from([None, 1, 5]),
+    "homo_krylov_dim": st.sampled_from([1, 5, 40]),
+    "homo_forcing": st.sampled_from(["eisenstat_walker", "constant"]),
+    "homo_restarts": st.sampled_from([0, 2]),
+    "homo_corrector_iters": st.sampled_from([1, 4]),
+    "homo_step_init": st.sampled_from([0.01, 0.1, 1.0]),
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(options=st.fixed_dictionaries({}, optional=option_values), n=st.integers(1, 9),
+       bsz=st.integers(1, 4), gain=st.sampled_from([0.5, 1.5, 4.0, 8.0]),
+       budget=st.sampled_from([1, 2, 5, 60, 300]), stop_mode=st.sampled_from(["abs", "rel"]),
+       seed=st.integers(0, 2**16))
+def test_contract_holds_under_any_combination_of_options(options, n, bsz, gain, budget,
+                                                         stop_mode, seed):
+    """Any combination of the solver's keys, any budget from one evaluation: the budget is
+    kept, the returned iterate is the best one and its residual is the reported one, and
+    CONVERGED is claimed exactly where it holds (recomputed here). A random sweep of this
+    kind (23,000 solves) found two crashes: a budget of one on a path-only solve, and a
+    secant model absorbing more products than the state has entries."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, 2).clamp_min(1e-6) * gain
+    x = torch.randn(bsz, n, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T + x)                              # noqa: E731
+    tol = 1e-6
+    z, _, info = get_solver("homotopy")(f, torch.zeros(bsz, n, dtype=torch.float64),
+                                        max_iter=budget, tol=tol, stop_mode=stop_mode,
+                                        **options)
+    fz = f(z)
+    abs_res = (fz - z).norm(dim=1)
+    stop = abs_res if stop_mode == "abs" else abs_res / (fz.norm(dim=1) + 1e-9)
+    lowest = info["abs_lowest"] if stop_mode == "abs" else info["rel_lowest"]
+    torch.testing.assert_close(lowest, stop, rtol=1e-6, atol=1e-12)
+    assert torch.equal(info["converged"], stop <= tol * (1 + 1e-9))
+    assert info["nfe"].le(budget).all() and info["abs_trace"].shape[1] >= 1
+
+
 def test_residuals_match_torchdeqs_formula_and_mark_non_finite_rows_inf():
     """abs = ||f(z) - z||, rel = abs / (||f(z)|| + 1e-9) on finite rows (recomputed here);
     a NaN or inf anywhere in a row of z or f(z) gives inf for both, never NaN."""
