@@ -1,0 +1,196 @@
+"""Random client sweep: the solvers and the HomoODE core under random keys, shapes and maps.
+
+    python benchmarks/robustness.py [--seconds 100] [--seed 1]
+        [--out benchmarks/results/robustness.md]
+
+Three families, each run for ``--seconds`` of wall time with problems drawn from ``--seed``:
+
+* ``solver-options``: ``homotopy`` on tanh(W z + x) (1–150 wide, batch 1–8, ‖W‖₂ 0.5–8,
+  float32/float64, both stop modes, budgets 1–300), each ``homo_*`` solver key set with
+  probability 1/2 to a random allowed value (including ranks and Krylov dimensions past the
+  state's size);
+* ``solver-maps``: ``homotopy`` and ``newton_krylov`` on maps that break solvers: NaN rows,
+  rows that turn infinite away from the start, square roots of negative numbers, a constant,
+  the identity, outputs of 1e30; float16/bfloat16 states; ``indexing``;
+* ``homoode``: ``get_deq(core='homoode')`` with a random integrator (dopri5, bosh3,
+  adaptive_heun, rk4, euler), field, initial point, adjoint, residual and tolerance keys, on
+  states of 2–5 dimensions, in training (with backward) and evaluation mode.
+
+A run fails when it raises, returns the wrong shape or dtype, claims CONVERGED where the
+recomputed residual misses the tolerance, spends more than its budget (solvers), or returns
+non-finite states or gradients (HomoODE, whose maps are bounded). Failures are printed with
+everything needed to rerun them.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torchdeq import get_deq
+from torchdeq.solver import get_solver
+
+import torchdeq_homotopy  # noqa: F401  (registers the solvers and the core)
+
+Tensor = torch.Tensor
+
+SOLVER_VALUES = dict(
+    homo_type=["fixed_point", "newton"], homo_predictor=["tangent", "secant", "ode"],
+    homo_jvp=["finite_difference", "forward", "auto"], homo_warmup=[0, 5, 30],
+    homo_newton_iters=[0, 1, 6], homo_linear_solver=["auto", "secant", "gmres", "dense"],
+    homo_secant_rank=[1, 4, 32, 160], homo_broyden_memory=[None, 1, 3, 50],
+    homo_secant_patience=[None, 1, 5], homo_krylov_dim=[1, 5, 40, 200],
+    homo_forcing=["eisenstat_walker", "constant"], homo_restarts=[0, 2],
+    homo_corrector_iters=[1, 4], homo_step_init=[0.01, 0.1, 1.0])
+
+
+def _matrix(n: int, gain: float, seed: int, dtype: torch.dtype) -> Tensor:
+    W = torch.randn(n, n, generator=torch.Generator().manual_seed(seed))
+    return (W / torch.linalg.matrix_norm(W, 2) * gain).to(dtype)
+
+
+def _solver_failures(solver: str, f: Callable[[Tensor], Tensor], x0: Tensor, budget: int,
+                     tol: float, stop: str, options: dict, indexing: list[int] | None
+                     ) -> list[str]:
+    """Run one solve; what it got wrong (empty when nothing)."""
+    try:
+        z, traj, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode=stop,
+                                           indexing=indexing, **options)
+    except Exception as error:                       # any raise is a failure
+        return [f"raised {error!r:.200}"]
+    wrong = []
+    if z.shape != x0.shape or z.dtype != x0.dtype:
+        wrong.append("shape or dtype")
+    if len(traj) != len(indexing or []):
+        wrong.append("trajectory length")
+    fz, zd = f(z).double(), z.double()
+    abs_res = (fz - zd).flatten(1).norm(dim=1)
+    res = abs_res if stop == "abs" else abs_res / (fz.flatten(1).norm(dim=1) + 1e-9)
+    slack = 1e-6 if x0.dtype in (torch.float32, torch.float64) else None
+    converged = info["converged"]
+    if slack is not None and (converged & ~(res <= tol * 1.05 + slack)).any():
+        wrong.append(f"CONVERGED at residual {res[converged].max().item():.2e}")
+    if float(info["nfe"].max()) > budget:
+        wrong.append(f"{float(info['nfe'].max())} evaluations over a budget of {budget}")
+    return wrong
+
+
+def solver_options(rng: random.Random, k: int) -> tuple[str, list[str]]:
+    options = {key: rng.choice(v) for key, v in SOLVER_VALUES.items() if rng.random() < 0.5}
+    n, bsz = rng.choice([1, 2, 7, 33, 41, 64, 150]), rng.choice([1, 3, 8])
+    gain, dtype = rng.choice([0.5, 1.5, 4.0, 8.0]), rng.choice([torch.float32, torch.float64])
+    stop, budget, tol = rng.choice(["abs", "rel"]), rng.choice([1, 2, 5, 20, 60, 300]), \
+        rng.choice([1e-3, 1e-6])
+    W = _matrix(n, gain, k, dtype)
+    x = rng.choice([0.1, 1.0]) * torch.randn(bsz, n, generator=torch.Generator()
+                                             .manual_seed(k + 1)).to(dtype)
+    f = lambda z: torch.tanh(z @ W.T + x)                             # noqa: E731
+    desc = (f"seed {k}: n {n}, batch {bsz}, ‖W‖ {gain}, {dtype}, {stop}, budget {budget}, "
+            f"tol {tol}, {options}")
+    return desc, _solver_failures("homotopy", f, torch.zeros(bsz, n, dtype=dtype), budget,
+                                  tol, stop, options, None)
+
+
+def solver_maps(rng: random.Random, k: int) -> tuple[str, list[str]]:
+    solver = rng.choice(["homotopy", "homotopy", "newton_krylov"])
+    options = {key: rng.choice(v) for key, v in SOLVER_VALUES.items() if rng.random() < 0.4}
+    n, bsz = rng.choice([1, 3, 8, 33, 64]), rng.choice([1, 3, 8])
+    dtype = rng.choice([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    kind = rng.choice(["nan rows", "inf away from 0", "sqrt", "constant", "identity", "1e30",
+                       "tanh"])
+    budget, tol, stop = rng.choice([1, 3, 20, 100]), rng.choice([1e-3, 1e-6]), \
+        rng.choice(["abs", "rel"])
+    W = _matrix(n, rng.choice([0.5, 3.0]), k, dtype)
+    x = torch.randn(bsz, n, generator=torch.Generator().manual_seed(k + 1)).to(dtype)
+
+    def f(z: Tensor) -> Tensor:
+        out = torch.tanh(z @ W.T + x)
+        if kind == "nan rows":
+            return torch.where(x[:, :1] > 0, out, out * float("nan"))
+        if kind == "inf away from 0":
+            return torch.where(z.abs().sum(1, keepdim=True) > 0.5, out * float("inf"), out)
+        if kind == "sqrt":
+            return torch.sqrt(z + x)
+        if kind == "constant":
+            return x.clone()
+        if kind == "identity":
+            return z.clone()
+        return 1e30 * out if kind == "1e30" else out
+
+    indexing = rng.choice([None, [1], [2, 50]])
+    desc = (f"seed {k}: {solver}, map {kind}, n {n}, batch {bsz}, {dtype}, {stop}, budget "
+            f"{budget}, tol {tol}, indexing {indexing}, {options}")
+    return desc, _solver_failures(solver, f, torch.zeros(bsz, n, dtype=dtype), budget, tol,
+                                  stop, options, indexing)
+
+
+def homoode(rng: random.Random, k: int) -> tuple[str, list[str]]:
+    method = rng.choice(["dopri5", "bosh3", "adaptive_heun", "rk4", "euler"])
+    options: dict = {"homo_method": method}
+    if method in ("rk4", "euler"):
+        options["homo_options"] = {"step_size": rng.choice([0.25, 0.5])}
+    for key, values in dict(homo_field=["direct", "residual", "fixed_point"],
+                            homo_init=["learned", "zeros", "given"], homo_adjoint=[False, True],
+                            homo_residual=[None, True, False], homo_step_memory=[True, False],
+                            homo_rtol=[1e-2, 1e-4], homo_init_every=[1, 20]).items():
+        if rng.random() < 0.5:
+            options[key] = rng.choice(values)
+    shape = rng.choice([(3, 5), (2, 4, 6), (2, 3, 4, 4), (1, 2, 2, 3, 3), (4, 1)])
+    dtype, train = rng.choice([torch.float32, torch.float64]), rng.random() < 0.6
+    desc = f"seed {k}: shape {shape}, {dtype}, training {train}, {options}"
+    torch.manual_seed(k)
+    try:
+        deq = get_deq(core="homoode", **options).to(dtype).train(train)
+        n = 1
+        for size in shape[1:]:
+            n *= size
+        W = (torch.randn(n, n, dtype=dtype) / n ** 0.5).requires_grad_()
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        z_out, _ = deq(lambda z: torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x),
+                       torch.zeros(shape, dtype=dtype))
+        z = z_out[-1]
+        wrong = [] if z.shape == shape and z.dtype == dtype else ["shape or dtype"]
+        if not torch.isfinite(z).all():
+            wrong.append("non-finite state")
+        if train:
+            z.square().sum().backward()
+            if any(p.grad is None or not torch.isfinite(p.grad).all() for p in (W, x)):
+                wrong.append("missing or non-finite gradient")
+        return desc, wrong
+    except Exception as error:                       # any raise is a failure
+        return desc, [f"raised {error!r:.200}"]
+
+
+FAMILIES = {"solver-options": solver_options, "solver-maps": solver_maps, "homoode": homoode}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=100.0, help="wall time per family")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    lines = [f"Random client sweep, seed {args.seed}, {args.seconds:g} s per family.", "",
+             "| family | runs | failures |", "|---|---|---|"]
+    for name, draw in FAMILIES.items():
+        rng, runs, failures = random.Random(f"{name}-{args.seed}"), 0, 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            desc, wrong = draw(rng, runs)
+            runs += 1
+            if wrong:
+                failures += 1
+                print(f"FAIL {name} {desc}: {wrong}", flush=True)
+        lines.append(f"| {name} | {runs} | {failures} |")
+        print(lines[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
