@@ -3,7 +3,7 @@
     python benchmarks/robustness.py [--seconds 100] [--seed 1]
         [--out benchmarks/results/robustness.md]
 
-Three families, each run for ``--seconds`` of wall time with problems drawn from ``--seed``:
+Four families, each run for ``--seconds`` of wall time with problems drawn from ``--seed``:
 
 * ``solver-options``: ``homotopy`` on tanh(W z + x) (1–150 wide, batch 1–8, ‖W‖₂ 0.5–8,
   float32/float64, both stop modes, budgets 1–300), each ``homo_*`` solver key set with
@@ -14,12 +14,15 @@ Three families, each run for ``--seconds`` of wall time with problems drawn from
   the identity, outputs of 1e30; float16/bfloat16 states; ``indexing``;
 * ``homoode``: ``get_deq(core='homoode')`` with a random integrator (dopri5, bosh3,
   adaptive_heun, rk4, euler), field, initial point, adjoint, residual and tolerance keys, on
-  states of 2–5 dimensions, in training (with backward) and evaluation mode.
+  states of 2–5 dimensions, in training (with backward) and evaluation mode;
+* ``deq-configs``: TorchDEQ's ``get_deq`` (indexing and sliced cores, ``n_states``,
+  ``grad``, IFT or not, budgets from 1) with the plugin's solvers forward, backward or both,
+  and random ``homo_*`` keys, on states of 2–4 dimensions, with backward.
 
 A run fails when it raises, returns the wrong shape or dtype, claims CONVERGED where the
 recomputed residual misses the tolerance, spends more than its budget (solvers), or returns
-non-finite states or gradients (HomoODE, whose maps are bounded). Failures are printed with
-everything needed to rerun them.
+non-finite states or gradients (HomoODE, whose maps are bounded; gradients of the DEQ
+configs). Failures are printed with everything needed to rerun them.
 """
 from __future__ import annotations
 
@@ -164,7 +167,43 @@ def homoode(rng: random.Random, k: int) -> tuple[str, list[str]]:
         return desc, [f"raised {error!r:.200}"]
 
 
-FAMILIES = {"solver-options": solver_options, "solver-maps": solver_maps, "homoode": homoode}
+def deq_configs(rng: random.Random, k: int) -> tuple[str, list[str]]:
+    plugin = ("homotopy", "newton_krylov")
+    config = dict(core=rng.choice(["indexing", "sliced"]),
+                  f_solver=rng.choice([*plugin, "anderson"]),
+                  b_solver=rng.choice([*plugin, "fixed_point_iter", "broyden"]),
+                  ift=rng.choice([True, False]), f_max_iter=rng.choice([1, 5, 30]),
+                  b_max_iter=rng.choice([1, 5, 30]), f_tol=rng.choice([1e-3, 1e-6]),
+                  f_stop_mode=rng.choice(["abs", "rel"]), n_states=rng.choice([1, 2]),
+                  grad=rng.choice([1, 2]))
+    if config["f_solver"] in plugin or config["b_solver"] in plugin:
+        config.update({key: rng.choice(SOLVER_VALUES[key]) for key in
+                       ("homo_warmup", "homo_newton_iters", "homo_linear_solver",
+                        "homo_secant_rank", "homo_jvp") if rng.random() < 0.4})
+    shape = rng.choice([(3, 5), (2, 4, 6), (2, 3, 4, 4), (1, 7)])
+    dtype = rng.choice([torch.float32, torch.float64])
+    desc = f"seed {k}: shape {shape}, {dtype}, {config}"
+    torch.manual_seed(k)
+    try:
+        deq = get_deq(**config)
+        n = 1
+        for size in shape[1:]:
+            n *= size
+        W = (rng.choice([0.5, 2.0]) * torch.randn(n, n, dtype=dtype) / n ** 0.5).requires_grad_()
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        z_out, _ = deq(lambda z: torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x),
+                       torch.zeros(shape, dtype=dtype))
+        wrong = [] if all(z.shape == shape for z in z_out) else ["shape"]
+        sum(z.square().sum() for z in z_out).backward()
+        if any(p.grad is None or not torch.isfinite(p.grad).all() for p in (W, x)):
+            wrong.append("missing or non-finite gradient")
+        return desc, wrong
+    except Exception as error:                       # any raise is a failure
+        return desc, [f"raised {error!r:.200}"]
+
+
+FAMILIES = {"solver-options": solver_options, "solver-maps": solver_maps, "homoode": homoode,
+            "deq-configs": deq_configs}
 
 
 def main() -> None:

@@ -538,3 +538,33 @@ def test_path_only_solve_spends_its_single_evaluation_on_the_start():
     torch.testing.assert_close(info["abs_lowest"], (torch.tanh(torch.full((2, 4), 0.5)))
                                .norm(dim=1))
     assert (info["status"] == Status.MAX_EVALS).all()
+
+
+@pytest.mark.parametrize("solver", ["homotopy", "newton_krylov"])
+def test_a_budget_of_zero_returns_the_start_unevaluated_as_torchdeqs_solvers_do(solver):
+    """TorchDEQ's sliced core gives each of ``n_states`` slices ``f_max_iter // n_states``
+    calls: 0 when ``f_max_iter`` < ``n_states``. TorchDEQ's solvers then return x0 without
+    calling f; the plugin's raised. A negative budget still raises."""
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return torch.tanh(z + 1)
+
+    x0 = torch.randn(3, 4)
+    z, traj, info = get_solver(solver)(f, x0, max_iter=0, tol=1e-3, indexing=[0])
+    assert not calls and torch.equal(z, x0) and len(traj) == 1
+    assert (info["status"] == Status.MAX_EVALS).all() and not info["converged"].any()
+    assert torch.isinf(info["abs_lowest"]).all() and info["nfe"].eq(0).all()
+    with pytest.raises(ValueError, match=">= 0"):
+        get_solver(solver)(f, x0, max_iter=-1)
+    # Through TorchDEQ's own sliced core, with backward: the same config as with Anderson.
+    W = torch.randn(4, 4, requires_grad=True)
+    outputs = {}
+    for f_solver in (solver, "anderson"):
+        deq = torchdeq_get_deq(core="sliced", f_solver=f_solver, n_states=2, f_max_iter=1,
+                               ift=True)
+        z_out, _ = deq(lambda z: torch.tanh(z @ W.T + 1), torch.zeros(3, 4))
+        z_out[-1].sum().backward()
+        outputs[f_solver] = z_out[-1].detach()
+    torch.testing.assert_close(outputs[solver], outputs["anderson"])

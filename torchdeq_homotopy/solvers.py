@@ -113,8 +113,8 @@ def _check_x0(x0: Tensor, stop_mode: str, max_iter: int, tol: float) -> None:
                         "pass x0.float() or x0.double().")
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"stop_mode={stop_mode!r} is not valid; choose 'abs' or 'rel'.")
-    if max_iter < 1:
-        raise ValueError(f"max_iter={max_iter} must be >= 1 (it counts evaluations of func).")
+    if max_iter < 0:
+        raise ValueError(f"max_iter={max_iter} must be >= 0 (it counts evaluations of func).")
     if not tol > 0:
         raise ValueError(f"tol={tol} must be > 0.")
 
@@ -147,7 +147,26 @@ def _empty(x0: Tensor, indexing: list[int] | None) -> tuple[Tensor, list[Tensor]
                 converged=torch.zeros(0, dtype=torch.bool, device=x0.device), lam=empty,
                 nfe=empty, trace_nfe=torch.zeros(0, dtype=torch.long),
                 lam_trace=x0.new_zeros(0, 0),
-                restarts=torch.zeros(0, dtype=torch.long, device=x0.device))
+                restarts=torch.zeros(0, dtype=torch.long, device=x0.device),
+                krylov_solves=0, krylov_products=0)
+    return x0.clone(), [x0.clone() for _ in (indexing or [])], info
+
+
+def _unevaluated(x0: Tensor, bsz: int, indexing: list[int] | None
+                 ) -> tuple[Tensor, list[Tensor], SolverStat]:
+    """``max_iter`` 0, as TorchDEQ's solvers take it (its ``DEQSliced`` gives each of
+    ``n_states`` slices ``f_max_iter // n_states`` calls, 0 when ``f_max_iter`` < ``n_states``):
+    x0 unchanged, f not called; every sample MAX_EVALS with an unknown (inf) residual in one
+    trace column."""
+    inf = torch.full((bsz,), float("inf"), dtype=_work_dtype(x0), device=x0.device)
+    info = SolverStat(abs_lowest=inf, rel_lowest=inf.clone(), abs_trace=inf[:, None].clone(),
+                      rel_trace=inf[:, None].clone(), nstep=torch.zeros_like(inf))
+    info.update(status=torch.full((bsz,), int(Status.MAX_EVALS), device=x0.device),
+                converged=torch.zeros(bsz, dtype=torch.bool, device=x0.device),
+                lam=torch.ones_like(inf), nfe=torch.zeros_like(inf),
+                trace_nfe=torch.zeros(1, dtype=torch.long), lam_trace=torch.ones_like(inf)[:, None],
+                restarts=torch.zeros(bsz, dtype=torch.long, device=x0.device),
+                krylov_solves=0, krylov_products=0)
     return x0.clone(), [x0.clone() for _ in (indexing or [])], info
 
 
@@ -159,6 +178,10 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
     bsz = x0.shape[0] if x0.dim() >= 2 else x0.numel()
     if bsz == 0 or x0.numel() == 0:
         return _empty(x0, indexing)
+    if int(max_iter) == 0:
+        z_star, trajectory, info = _unevaluated(x0, bsz, indexing)
+        _check_strict(opts, info, bsz)
+        return z_star, trajectory, info
     flat_f = _flatten_func(func, x0)
     x_flat = x0.detach().reshape(bsz, -1).to(_work_dtype(x0))
     with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):
@@ -174,6 +197,12 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
     info = _stat(result, stop_mode, bsz)
     z_star = result.z_best.view(x0.shape).to(x0.dtype)
     trajectory = [z.view(x0.shape).to(x0.dtype) for z in result.trajectory]
+    _check_strict(opts, info, bsz)
+    return z_star, trajectory, info
+
+
+def _check_strict(opts: dict[str, Any], info: SolverStat, bsz: int) -> None:
+    """Under ``homo_strict``, raise :class:`HomotopyConvergenceError` if a sample failed."""
     if opts["homo_strict"] and not bool(info["converged"].all()):
         failed = (~info["converged"]).nonzero().flatten().tolist()
         names = [Status(int(info["status"][i])).name for i in failed[:10]]
@@ -181,7 +210,6 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
             f"{len(failed)} of {bsz} samples did not converge (first: samples {failed[:10]} "
             f"with status {names}); raise max_iter or loosen tol, or set homo_strict=False to "
             "read the per-sample status in info['status'].", info)
-    return z_star, trajectory, info
 
 
 def _solve(f: Callable[[Tensor], Tensor], x: Tensor, max_iter: int, tol: float,
