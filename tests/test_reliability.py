@@ -568,3 +568,23 @@ def test_a_budget_of_zero_returns_the_start_unevaluated_as_torchdeqs_solvers_do(
         z_out[-1].sum().backward()
         outputs[f_solver] = z_out[-1].detach()
     torch.testing.assert_close(outputs[solver], outputs["anderson"])
+
+
+def test_the_path_reuses_the_warm_ups_evaluation_at_the_start():
+    """f(x0), which the path's homotopy needs, is the warm-up's first call: after the
+    warm-up, no call of f evaluates the whole batch at x0 again (the path's own first
+    evaluation covers only the rows that start on it, with the others elsewhere)."""
+    g = torch.Generator().manual_seed(10)
+    W = torch.randn(64, 64, generator=g)
+    W = W / torch.linalg.matrix_norm(W, 2) * 6.0
+    x = 0.1 * torch.randn(8, 64, generator=g)
+    whole_batch_at_x0 = []
+
+    def f(z):
+        whole_batch_at_x0.append(bool((z == 0).all()))
+        return torch.tanh(z @ W.T + x)
+
+    _, _, info = get_solver("homotopy")(f, torch.zeros(8, 64), max_iter=600, tol=1e-5,
+                                        stop_mode="rel", homo_secant_patience=5)
+    assert (info["lam_trace"] < 1).any()                 # some sample tracked the path
+    assert whole_batch_at_x0[0] and not any(whole_batch_at_x0[1:])

@@ -155,7 +155,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         self.n = x0.shape[1]
 
     def run(self, record: Record, tol: float, newton_start: Tensor | None = None,
-            newton_start_fz: Tensor | None = None) -> TrackerResult:
+            newton_start_fz: Tensor | None = None, x0_fz: Tensor | None = None
+            ) -> TrackerResult:
         """Track every sample until it converges, fails, or the budget of ``record`` is
         spent: ``init``, then ``step`` until ``terminate``
         (:func:`~torchdeq_homotopy.iteration.drive`).
@@ -164,12 +165,13 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
         best iterate is kept unless a later iterate beats it. ``newton_start`` (default
         ``x0``) is where the Newton phase starts; the path itself always starts at
         (x0, 0). ``newton_start_fz``, f at ``newton_start`` if already known, saves its
-        evaluation.
+        evaluation; ``x0_fz``, f at x0 if already known, saves the homotopy's.
         """
-        return self.result(drive(self, self.init(record, tol, newton_start, newton_start_fz)))
+        return self.result(drive(self, self.init(record, tol, newton_start, newton_start_fz,
+                                                 x0_fz)))
 
     def init(self, record: Record, tol: float, newton_start: Tensor | None = None,
-             newton_start_fz: Tensor | None = None) -> Loop:
+             newton_start_fz: Tensor | None = None, x0_fz: Tensor | None = None) -> Loop:
         """Every sample at its start (see :meth:`run`), with f evaluated there."""
         opt, x0 = self.opt, self.x0
         newton_first = opt.newton_iters > 0 or not opt.track
@@ -182,7 +184,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
                                 broyden_newton=self._broyden_newton(record.budget.left),
                                 broyden_next=self._broyden_next(record.budget.left),
                                 homotopy=NewtonHomotopy(x0, x0),
-                                dense=SecantJacobian(self.f, opt.jvp), jvp_mode=opt.jvp)
+                                dense=SecantJacobian(self.f, opt.jvp), jvp_mode=opt.jvp,
+                                x0_fz=x0_fz)
         known_fz = newton_start_fz if newton_start is not None else None
         if not newton_first:
             # The path starts at x0: the homotopy's f(x0) is f at the start (one call).

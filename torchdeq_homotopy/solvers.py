@@ -226,7 +226,7 @@ def _solve(f: Callable[[Tensor], Tensor], x: Tensor, max_iter: int, tol: float,
     if warm.solved(tol) or record.budget.left <= 0:
         return warm.result()
     return tracker.run(record, tol, newton_start=warm.newton_start,
-                       newton_start_fz=warm.newton_start_fz)
+                       newton_start_fz=warm.newton_start_fz, x0_fz=warm.x0_fz)
 
 
 def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50,

@@ -259,6 +259,7 @@ class JacobianModels:
     jvp_mode: str                 # how Jacobian-vector products are taken (may fall back)
     broyden_next: bool = False    # stalled exact Newton hands over to Broyden's method
     fz0: Tensor | None = None     # f(z0), once the path's homotopy is built
+    x0_fz: Tensor | None = None   # f(z0) if an earlier phase evaluated it (free then)
     low_rank: LowRankJacobian | None = None   # secant solves: J_f ≈ U Vᵀ per sample
     broyden: InverseBroyden | None = None     # secant solves' NEWTON phase (Broyden)
     generator: torch.Generator | None = None  # the restarts' perturbations (fixed seed)

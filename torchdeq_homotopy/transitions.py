@@ -43,13 +43,17 @@ class PhaseTransitions:
     with each call, in ``models``)."""
 
     def _build_homotopy(self, models: JacobianModels, budget: Budget) -> bool:
-        """The path's homotopy, with f(z0) (one evaluation, once); False if the budget
-        cannot pay for it."""
+        """The path's homotopy, with f(z0): free when an earlier phase evaluated it
+        (``models.x0_fz``, the warm-up's first call), else one evaluation, once; False if the
+        budget cannot pay for it."""
         if models.fz0 is None:
-            if not budget.spend():
-                return False
-            models.fz0 = self.f(self.x0)
-            models.homotopy = HOMOTOPIES[self.opt.type](self.x0, models.fz0)
+            fz0 = models.x0_fz
+            if fz0 is None:
+                if not budget.spend():
+                    return False
+                fz0 = self.f(self.x0)
+            models.fz0 = fz0
+            models.homotopy = HOMOTOPIES[self.opt.type](self.x0, fz0)
         return True
 
     def _mark_stale(self, state: _State, models: JacobianModels, abs_res: Tensor) -> _State:

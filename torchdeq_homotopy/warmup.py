@@ -27,11 +27,13 @@ Tensor = torch.Tensor
 @dataclass
 class Warmup:
     """What the warm-up leaves: its record of every evaluation (the budget and best
-    iterate included), and where Newton starts, with f there (already evaluated)."""
+    iterate included), where Newton starts, with f there, and f at x0 (the path's start;
+    both already evaluated)."""
 
     record: Record
     newton_start: Tensor
     newton_start_fz: Tensor
+    x0_fz: Tensor
 
     def solved(self, tol: float) -> bool:
         """Whether every sample's best iterate meets the tolerance (one host sync)."""
@@ -457,4 +459,5 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     helped = (best.abs_res <= 0.1 * loop.first_res)[:, None]
     return Warmup(record=record,
                   newton_start=torch.where(helped, best.z, loop.first_z),
-                  newton_start_fz=torch.where(helped, best.fz, loop.first_fz))
+                  newton_start_fz=torch.where(helped, best.fz, loop.first_fz),
+                  x0_fz=loop.first_fz)
