@@ -162,9 +162,8 @@ class LowRankJacobian:
         its newest nonzero products. A sample's nonzero products come first (a row whose
         Krylov solve stopped early multiplies zeros from then on), so its newest m of them
         (m = min(``rank``, n)) are the columns [c − m, c) of its count c; they are gathered
-        to the front. Keeping the batch's
-        last ``rank`` columns instead would keep mostly zeros for a row that stopped early,
-        and drop its products from the model."""
+        to the front. Keeping the batch's last m columns instead would keep mostly zeros
+        for a row that stopped early, and drop its products from the model."""
         k, limit = S.shape[2], min(self.rank, S.shape[1])   # at most n independent columns
         if k <= limit:
             return S, Y
