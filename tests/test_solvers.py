@@ -208,6 +208,10 @@ def test_bad_inputs_get_errors_that_name_the_fix():
 def test_empty_batch_and_one_dimensional_states():
     z, traj, info = th.homotopy_solver(torch.cos, torch.zeros(0, 3), indexing=[3])
     assert z.shape == (0, 3) and len(traj) == 1 and info["abs_lowest"].shape == (0,)
+    # three samples with no entries: each is a fixed point, reported per sample
+    z, _, info = th.homotopy_solver(torch.cos, torch.zeros(3, 0))
+    assert z.shape == (3, 0) and info["converged"].tolist() == [True] * 3
+    assert info["abs_lowest"].tolist() == [0.0] * 3
     z, _, info = th.homotopy_solver(torch.cos, torch.zeros(5), tol=1e-8)   # 5 scalar samples
     torch.testing.assert_close(z, torch.full((5,), 0.7390851), atol=1e-6, rtol=0)
     assert info["abs_lowest"].shape == (5,)

@@ -139,32 +139,21 @@ def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     return info
 
 
-def _empty(x0: Tensor, indexing: list[int] | None) -> tuple[Tensor, list[Tensor], SolverStat]:
-    empty = x0.new_zeros(0)
-    info = SolverStat(abs_lowest=empty, rel_lowest=empty, abs_trace=x0.new_zeros(0, 0),
-                      rel_trace=x0.new_zeros(0, 0), nstep=empty)
-    info.update(status=torch.zeros(0, dtype=torch.long, device=x0.device),
-                converged=torch.zeros(0, dtype=torch.bool, device=x0.device), lam=empty,
-                nfe=empty, trace_nfe=torch.zeros(0, dtype=torch.long),
-                lam_trace=x0.new_zeros(0, 0),
-                restarts=torch.zeros(0, dtype=torch.long, device=x0.device),
-                krylov_solves=0, krylov_products=0)
-    return x0.clone(), [x0.clone() for _ in (indexing or [])], info
-
-
-def _unevaluated(x0: Tensor, bsz: int, indexing: list[int] | None
+def _unevaluated(x0: Tensor, bsz: int, indexing: list[int] | None, residual: float
                  ) -> tuple[Tensor, list[Tensor], SolverStat]:
-    """``max_iter`` 0, as TorchDEQ's solvers take it (its ``DEQSliced`` gives each of
-    ``n_states`` slices ``f_max_iter // n_states`` calls, 0 when ``f_max_iter`` < ``n_states``):
-    x0 unchanged, f not called; every sample MAX_EVALS with an unknown (inf) residual in one
-    trace column."""
-    inf = torch.full((bsz,), float("inf"), dtype=_work_dtype(x0), device=x0.device)
-    info = SolverStat(abs_lowest=inf, rel_lowest=inf.clone(), abs_trace=inf[:, None].clone(),
-                      rel_trace=inf[:, None].clone(), nstep=torch.zeros_like(inf))
-    info.update(status=torch.full((bsz,), int(Status.MAX_EVALS), device=x0.device),
-                converged=torch.zeros(bsz, dtype=torch.bool, device=x0.device),
-                lam=torch.ones_like(inf), nfe=torch.zeros_like(inf),
-                trace_nfe=torch.zeros(1, dtype=torch.long), lam_trace=torch.ones_like(inf)[:, None],
+    """The solve without a call of f: x0 unchanged, every sample with ``residual`` in one
+    trace column. For ``max_iter`` 0, as TorchDEQ's solvers take it (its ``DEQSliced``
+    gives each of ``n_states`` slices ``f_max_iter // n_states`` calls, 0 when
+    ``f_max_iter`` < ``n_states``), the residual is unknown (inf, MAX_EVALS); a state with
+    no entries is a fixed point (0, CONVERGED)."""
+    res = torch.full((bsz,), residual, dtype=_work_dtype(x0), device=x0.device)
+    status = Status.CONVERGED if residual == 0 else Status.MAX_EVALS
+    info = SolverStat(abs_lowest=res, rel_lowest=res.clone(), abs_trace=res[:, None].clone(),
+                      rel_trace=res[:, None].clone(), nstep=torch.zeros_like(res))
+    info.update(status=torch.full((bsz,), int(status), device=x0.device),
+                converged=torch.full((bsz,), status == Status.CONVERGED, device=x0.device),
+                lam=torch.ones_like(res), nfe=torch.zeros_like(res),
+                trace_nfe=torch.zeros(1, dtype=torch.long), lam_trace=torch.ones_like(res)[:, None],
                 restarts=torch.zeros(bsz, dtype=torch.long, device=x0.device),
                 krylov_solves=0, krylov_products=0)
     return x0.clone(), [x0.clone() for _ in (indexing or [])], info
@@ -176,10 +165,9 @@ def _run(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float
     _check_x0(x0, stop_mode, int(max_iter), tol)
     opts = resolve(options, SOLVER_KEYS)
     bsz = x0.shape[0] if x0.dim() >= 2 else x0.numel()
-    if bsz == 0 or x0.numel() == 0:
-        return _empty(x0, indexing)
-    if int(max_iter) == 0:
-        z_star, trajectory, info = _unevaluated(x0, bsz, indexing)
+    if x0.numel() == 0 or int(max_iter) == 0:
+        z_star, trajectory, info = _unevaluated(x0, bsz, indexing,
+                                                0.0 if x0.numel() == 0 else float("inf"))
         _check_strict(opts, info, bsz)
         return z_star, trajectory, info
     flat_f = _flatten_func(func, x0)
