@@ -19,6 +19,10 @@ Four families, each run for ``--seconds`` of wall time with problems drawn from 
   ``grad``, IFT or not, budgets from 1) with the plugin's solvers forward, backward or both,
   and random ``homo_*`` keys, on states of 2–4 dimensions, with backward.
 
+In the last two, half the runs first make a forward under ``torch.no_grad`` or
+``torch.inference_mode`` (in training or evaluation mode), as an evaluation pass before
+training would.
+
 A run fails when it raises, returns the wrong shape or dtype, claims CONVERGED where the
 recomputed residual misses the tolerance, spends more than its budget (solvers), or returns
 non-finite states or gradients (HomoODE, whose maps are bounded; gradients of the DEQ
@@ -130,6 +134,18 @@ def solver_maps(rng: random.Random, k: int) -> tuple[str, list[str]]:
                                   stop, options, indexing)
 
 
+CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+def _quiet_forward(rng: random.Random) -> tuple[str, bool] | None:
+    """With probability 1/2, a forward to run first without autograd (``no_grad`` or
+    ``inference_mode``, in training or evaluation mode), as an evaluation pass before
+    training: its name and mode."""
+    if rng.random() < 0.5:
+        return None
+    return rng.choice(sorted(CONTEXTS)), rng.random() < 0.5
+
+
 def homoode(rng: random.Random, k: int) -> tuple[str, list[str]]:
     method = rng.choice(["dopri5", "bosh3", "adaptive_heun", "rk4", "euler"])
     options: dict = {"homo_method": method}
@@ -143,7 +159,8 @@ def homoode(rng: random.Random, k: int) -> tuple[str, list[str]]:
             options[key] = rng.choice(values)
     shape = rng.choice([(3, 5), (2, 4, 6), (2, 3, 4, 4), (1, 2, 2, 3, 3), (4, 1)])
     dtype, train = rng.choice([torch.float32, torch.float64]), rng.random() < 0.6
-    desc = f"seed {k}: shape {shape}, {dtype}, training {train}, {options}"
+    quiet = _quiet_forward(rng)
+    desc = f"seed {k}: shape {shape}, {dtype}, training {train}, first {quiet}, {options}"
     torch.manual_seed(k)
     try:
         deq = get_deq(core="homoode", **options).to(dtype).train(train)
@@ -152,9 +169,15 @@ def homoode(rng: random.Random, k: int) -> tuple[str, list[str]]:
             n *= size
         W = (torch.randn(n, n, dtype=dtype) / n ** 0.5).requires_grad_()
         x = torch.randn(shape, dtype=dtype, requires_grad=True)
-        z_out, _ = deq(lambda z: torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x),
-                       torch.zeros(shape, dtype=dtype))
-        z = z_out[-1]
+
+        def f(z: Tensor) -> Tensor:
+            return torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x)
+
+        if quiet is not None:
+            with CONTEXTS[quiet[0]]():
+                deq.train(quiet[1])(f, torch.zeros(shape, dtype=dtype))
+            deq.train(train)
+        z = deq(f, torch.zeros(shape, dtype=dtype))[0][-1]
         wrong = [] if z.shape == shape and z.dtype == dtype else ["shape or dtype"]
         if not torch.isfinite(z).all():
             wrong.append("non-finite state")
@@ -182,7 +205,8 @@ def deq_configs(rng: random.Random, k: int) -> tuple[str, list[str]]:
                         "homo_secant_rank", "homo_jvp") if rng.random() < 0.4})
     shape = rng.choice([(3, 5), (2, 4, 6), (2, 3, 4, 4), (1, 7)])
     dtype = rng.choice([torch.float32, torch.float64])
-    desc = f"seed {k}: shape {shape}, {dtype}, {config}"
+    quiet = _quiet_forward(rng)
+    desc = f"seed {k}: shape {shape}, {dtype}, first {quiet}, {config}"
     torch.manual_seed(k)
     try:
         deq = get_deq(**config)
@@ -191,8 +215,15 @@ def deq_configs(rng: random.Random, k: int) -> tuple[str, list[str]]:
             n *= size
         W = (rng.choice([0.5, 2.0]) * torch.randn(n, n, dtype=dtype) / n ** 0.5).requires_grad_()
         x = torch.randn(shape, dtype=dtype, requires_grad=True)
-        z_out, _ = deq(lambda z: torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x),
-                       torch.zeros(shape, dtype=dtype))
+
+        def f(z: Tensor) -> Tensor:
+            return torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x)
+
+        if quiet is not None:
+            with CONTEXTS[quiet[0]]():
+                deq.train(quiet[1])(f, torch.zeros(shape, dtype=dtype))
+            deq.train()
+        z_out, _ = deq(f, torch.zeros(shape, dtype=dtype))
         wrong = [] if all(z.shape == shape for z in z_out) else ["shape"]
         sum(z.square().sum() for z in z_out).backward()
         if any(p.grad is None or not torch.isfinite(p.grad).all() for p in (W, x)):

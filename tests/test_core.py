@@ -262,6 +262,36 @@ def test_learned_start_is_the_papers_init_layer_on_its_schedule():
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_training_forward_without_autograd_steps_the_initial_point_as_with_it(context):
+    """A training-mode forward under ``no_grad`` or ``inference_mode`` (an evaluation
+    without ``model.eval()``) steps z0 exactly as a plain one, as BatchNorm updates its
+    statistics there; and a core whose first forward ran in inference mode still trains."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3)
+    func = lambda z: torch.tanh(z + x)                          # noqa: E731
+    plain = get_deq(core="homoode", homo_init_every=1, homo_init_lr=0.5).eval()
+    plain(func, torch.zeros_like(x))                            # creates z0, unchanged
+    start = plain.init_point.clone()
+    quiet = copy.deepcopy(plain)
+    plain.train(), quiet.train()
+    for _ in range(3):
+        plain(func, torch.zeros_like(x))
+        with context():
+            quiet(func, torch.zeros_like(x))
+    assert (plain.init_point - start).abs().max() > 1e-3
+    torch.testing.assert_close(quiet.init_point, plain.init_point)
+    first = get_deq(core="homoode", homo_init_every=1, homo_init_lr=0.5).eval()
+    with torch.inference_mode():
+        first(func, torch.zeros_like(x))                        # creates z0's buffers
+    before = first.init_point.clone()
+    first.train()
+    xg = x.clone().requires_grad_()
+    first(lambda z: torch.tanh(z + xg), torch.zeros_like(x))[0][-1].sum().backward()
+    assert xg.grad is not None and bool(torch.isfinite(xg.grad).all())
+    assert not torch.equal(first.init_point, before)
+
+
 def test_step_callbacks_on_func_see_the_same_steps_as_plain_odeint():
     """A func carrying torchdiffeq's step callbacks has them called at every tried step,
     exactly as torchdiffeq calls them on a plain odeint of the same field."""

@@ -222,10 +222,13 @@ class HomoODECore(DEQBase):
             return torch.zeros_like(z_init)
         channels = z_init.shape[1]
         if self.init_weight.numel() == 0:
-            # nn.Conv2d(1, C, 1)'s default init: kaiming_uniform(a=√5), bound 1/sqrt(1) = 1
-            self.init_weight = torch.empty(channels, device=z_init.device).uniform_(-1, 1)
-            self.init_gamma = torch.ones(channels, device=z_init.device)
-            self.init_beta = torch.zeros(channels, device=z_init.device)
+            # Normal tensors even in a first forward under torch.inference_mode: buffers made
+            # there could never be updated by a later training forward.
+            with torch.inference_mode(False):
+                # nn.Conv2d(1, C, 1)'s default init: kaiming_uniform(a=√5), bound 1/sqrt(1) = 1
+                self.init_weight = torch.empty(channels, device=z_init.device).uniform_(-1, 1)
+                self.init_gamma = torch.ones(channels, device=z_init.device)
+                self.init_beta = torch.zeros(channels, device=z_init.device)
         if self.init_weight.shape != (channels,):
             raise ValueError(
                 f"the learned initial point has {self.init_weight.numel()} channels but the "
@@ -237,12 +240,18 @@ class HomoODECore(DEQBase):
     @torch.no_grad()
     def _train_init_point(self, z_end: Tensor) -> Tensor:
         """SmoothL1(z0, z(1).detach()); on every ``homo_init_every``-th call (the first
-        included) one SGD step on (w, γ, β) with this call's gradient."""
-        leaves = [t.detach().to(z_end.dtype).requires_grad_()
-                  for t in (self.init_weight, self.init_gamma, self.init_beta)]
-        with torch.enable_grad():
+        included) one SGD step on (w, γ, β) with this call's gradient. A training-mode
+        forward steps it under ``torch.no_grad`` and ``torch.inference_mode`` too, as
+        BatchNorm updates its statistics there (the gradient is taken outside both; the
+        target is copied out of an inference tensor)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = [t.detach().to(z_end.dtype).requires_grad_()
+                      for t in (self.init_weight, self.init_gamma, self.init_beta)]
+            target = z_end.detach()
+            if target.is_inference():
+                target = target.clone()
             point = _init_layer(*leaves)
-            loss = F.smooth_l1_loss(self._broadcast(point, z_end), z_end.detach())
+            loss = F.smooth_l1_loss(self._broadcast(point, target), target)
             grads = torch.autograd.grad(loss, leaves)
         if int(self.init_count) % self.options["homo_init_every"] == 0:
             for name, grad in zip(_INIT_BUFFERS, grads, strict=True):
