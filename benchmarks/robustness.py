@@ -6,9 +6,9 @@
 Four families, each run for ``--seconds`` of wall time with problems drawn from ``--seed``:
 
 * ``solver-options``: ``homotopy`` on tanh(W z + x) (1–150 wide, batch 1–8, ‖W‖₂ 0.5–8,
-  float32/float64, both stop modes, budgets 1–300), each ``homo_*`` solver key set with
-  probability 1/2 to a random allowed value (including ranks and Krylov dimensions past the
-  state's size);
+  float32/float64, both stop modes, tolerances 1e-3, 1e-6 and 0, budgets 1–300), each
+  ``homo_*`` solver key set with probability 1/2 to a random allowed value (including ranks
+  and Krylov dimensions past the state's size);
 * ``solver-maps``: ``homotopy`` and ``newton_krylov`` on maps that break solvers: NaN rows,
   rows that turn infinite away from the start, square roots of negative numbers, a constant,
   the identity, outputs of 1e30; float16/bfloat16 states; ``indexing``;
@@ -90,7 +90,7 @@ def solver_options(rng: random.Random, k: int) -> tuple[str, list[str]]:
     n, bsz = rng.choice([1, 2, 7, 33, 41, 64, 150]), rng.choice([1, 3, 8])
     gain, dtype = rng.choice([0.5, 1.5, 4.0, 8.0]), rng.choice([torch.float32, torch.float64])
     stop, budget, tol = rng.choice(["abs", "rel"]), rng.choice([1, 2, 5, 20, 60, 300]), \
-        rng.choice([1e-3, 1e-6])
+        rng.choice([1e-3, 1e-6, 0.0])
     W = _matrix(n, gain, k, dtype)
     x = rng.choice([0.1, 1.0]) * torch.randn(bsz, n, generator=torch.Generator()
                                              .manual_seed(k + 1)).to(dtype)

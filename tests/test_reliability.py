@@ -573,6 +573,35 @@ def test_a_budget_of_zero_returns_the_start_unevaluated_as_torchdeqs_solvers_do(
     torch.testing.assert_close(outputs[solver], outputs["anderson"])
 
 
+@pytest.mark.parametrize("solver", ["homotopy", "newton_krylov"])
+def test_a_tolerance_of_zero_spends_the_whole_budget_as_torchdeqs_solvers_do(solver):
+    """TorchDEQ's solvers take ``tol=0`` (run every iteration, keep the best iterate); the
+    plugin's raised. Now they spend the whole budget on every sample, report none CONVERGED
+    (no float32 residual of this map is exactly 0), and end at least as close to the
+    solution of the linear system as a run with a tolerance of 1e-4. A negative tolerance
+    still raises."""
+    torch.manual_seed(3)
+    A = torch.randn(6, 6)
+    A = 0.9 * A / torch.linalg.matrix_norm(A, 2)
+    b = torch.randn(4, 6)
+    exact = torch.linalg.solve(torch.eye(6) - A, b.T).T
+    f = lambda z: z @ A.T + b                                   # noqa: E731
+    calls = []
+
+    def counted(z):
+        calls.append(1)
+        return f(z)
+
+    z, _, info = get_solver(solver)(counted, torch.zeros(4, 6), max_iter=25, tol=0.0)
+    assert len(calls) == 25 and info["nfe"].eq(25).all()
+    assert not info["converged"].any()
+    loose, _, _ = get_solver(solver)(f, torch.zeros(4, 6), max_iter=25, tol=1e-4)
+    assert ((z - exact).norm(dim=1) <= (loose - exact).norm(dim=1) + 1e-6).all()
+    torch.testing.assert_close(info["abs_lowest"], (f(z) - z).norm(dim=1))
+    with pytest.raises(ValueError, match=">= 0"):
+        get_solver(solver)(f, torch.zeros(4, 6), tol=-1e-3)
+
+
 def test_the_path_reuses_the_warm_ups_evaluation_at_the_start():
     """f(x0), which the path's homotopy needs, is the warm-up's first call: after the
     warm-up, no call of f evaluates the whole batch at x0 again (the path's own first

@@ -115,8 +115,8 @@ def _check_x0(x0: Tensor, stop_mode: str, max_iter: int, tol: float) -> None:
         raise ValueError(f"stop_mode={stop_mode!r} is not valid; choose 'abs' or 'rel'.")
     if max_iter < 0:
         raise ValueError(f"max_iter={max_iter} must be >= 0 (it counts evaluations of func).")
-    if not tol > 0:
-        raise ValueError(f"tol={tol} must be > 0.")
+    if not tol >= 0:
+        raise ValueError(f"tol={tol} must be >= 0 (0 spends the whole budget).")
 
 
 def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
@@ -250,7 +250,7 @@ def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int 
             per element.
         max_iter: evaluation budget (calls of f plus Jacobian-vector products).
         tol: tolerance on the residual ||f(z) - z|| ('abs') or ||f(z) - z|| / ||f(z)||
-            ('rel').
+            ('rel'); 0 spends the whole budget and returns the best iterate.
         stop_mode: 'abs' or 'rel'.
         indexing: 1-based evaluation counts at which the best iterate so far is recorded
             in ``trajectory`` (every index yields one entry).
