@@ -292,6 +292,30 @@ def test_training_forward_without_autograd_steps_the_initial_point_as_with_it(co
     assert not torch.equal(first.init_point, before)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_a_compiled_model_gives_the_eager_output_gradient_and_initial_point(training):
+    """``torch.compile`` of a model holding the core: torchdiffeq's adaptive integrators
+    cannot be traced (data-dependent shapes), so the integration runs eagerly inside the
+    compiled model; output, input gradient and the learned z0 equal the eager model's."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(1)                      # the same random z0 for both
+        deq = get_deq(core="homoode").train(training)
+
+        def model(x, deq=deq):
+            return deq(lambda z: torch.tanh(conv(z) + x), torch.zeros_like(x))[0][-1]
+
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        out = run(x)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        results.append((out.detach(), grad, deq.init_point))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
+
+
 def test_step_callbacks_on_func_see_the_same_steps_as_plain_odeint():
     """A func carrying torchdiffeq's step callbacks has them called at every tried step,
     exactly as torchdiffeq calls them on a plain odeint of the same field."""

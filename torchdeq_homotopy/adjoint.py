@@ -61,6 +61,7 @@ def closure_inputs(func: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor,
     return tuple(recorder.found.values())
 
 
+@torch.compiler.disable
 def integrate(field: Callable[[Tensor, Tensor], Tensor], y0: Tensor, *, method: str,
               rtol: float, atol: float, options: dict[str, Any] | None,
               adjoint: bool, adjoint_params: tuple[Tensor, ...] = ()) -> Tensor:
@@ -68,6 +69,9 @@ def integrate(field: Callable[[Tensor, Tensor], Tensor], y0: Tensor, *, method: 
 
     With ``adjoint=True`` the backward pass solves the adjoint ODE (memory independent of
     the number of steps), with respect to ``y0`` and ``adjoint_params``.
+
+    Under ``torch.compile`` it runs eagerly (a graph break): torchdiffeq's adaptive
+    integrators have data-dependent step counts and shapes that the compiler cannot lower.
 
     Example:
         >>> y1 = integrate(lambda t, y: -y, torch.ones(1), method='dopri5', rtol=1e-8,
