@@ -42,6 +42,25 @@ def test_gradcheck_wrt_input_features_and_parameters(adjoint):
     assert torch.autograd.gradcheck(run, (x, weight), atol=1e-6, rtol=1e-5)
 
 
+def test_second_derivatives_by_finite_differences_and_a_clear_error_under_adjoint():
+    """Double backward (gradient penalties) through the direct method, against finite
+    differences of the first derivatives (``gradgradcheck``); the adjoint method's backward
+    is not differentiable, and says so, naming the fix, instead of failing later."""
+    conv, gn, _ = small_problem(2)
+    x = torch.randn(1, 2, 3, 3, dtype=F64, requires_grad=True)
+
+    def run(x_in, adjoint=False):
+        deq = get_deq(core="homoode", homo_adjoint=adjoint, homo_method="rk4",
+                      homo_options={"step_size": 0.25}, homo_init="zeros")
+        return deq(lambda z: gn(torch.tanh(conv(z)) + x_in), torch.zeros_like(x_in))[0][-1]
+
+    assert torch.autograd.gradgradcheck(run, (x,), atol=1e-6, rtol=1e-5)
+    grad, = torch.autograd.grad(run(x, adjoint=True).square().sum(), x)      # first order
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) > 0
+    with pytest.raises(RuntimeError, match="homo_adjoint=False"):
+        torch.autograd.grad(run(x, adjoint=True).square().sum(), x, create_graph=True)
+
+
 def test_adjoint_gradients_equal_direct_backpropagation():
     conv, gn, x0 = small_problem(1)
     grads = {}

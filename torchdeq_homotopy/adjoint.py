@@ -84,5 +84,25 @@ def integrate(field: Callable[[Tensor, Tensor], Tensor], y0: Tensor, *, method: 
     grid = torch.tensor([0.0, 1.0], dtype=y0.dtype, device=y0.device)
     if not adjoint:
         return odeint(field, y0, grid, rtol=rtol, atol=atol, method=method, options=options)[-1]
-    return odeint_adjoint(field, y0, grid, rtol=rtol, atol=atol, method=method, options=options,
-                          adjoint_params=adjoint_params)[-1]
+    y1 = odeint_adjoint(field, y0, grid, rtol=rtol, atol=atol, method=method, options=options,
+                        adjoint_params=adjoint_params)[-1]
+    return _FirstOrderOnly.apply(y1)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity, whose backward refuses ``create_graph=True``: torchdiffeq's adjoint
+    backward is not differentiable, and without this a double backward failed later with
+    "element 0 of tensors does not require grad"."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "homo_adjoint=True gives first-order gradients only (torchdiffeq's adjoint "
+                "backward is not differentiable); for create_graph=True (double backward, "
+                "gradient penalties) use homo_adjoint=False.")
+        return grad
