@@ -6,9 +6,9 @@
 Four families, each run for ``--seconds`` of wall time with problems drawn from ``--seed``:
 
 * ``solver-options``: ``homotopy`` on tanh(W z + x) (1–150 wide, batch 1–8, ‖W‖₂ 0.5–8,
-  float32/float64, both stop modes, tolerances 1e-3, 1e-6 and 0, budgets 1–300), each
-  ``homo_*`` solver key set with probability 1/2 to a random allowed value (including ranks
-  and Krylov dimensions past the state's size);
+  float32/float64 under either default dtype, both stop modes, tolerances 1e-3, 1e-6 and
+  0, budgets 1–300), each ``homo_*`` solver key set with probability 1/2 to a random
+  allowed value (including ranks and Krylov dimensions past the state's size);
 * ``solver-maps``: ``homotopy`` and ``newton_krylov`` on maps that break solvers: NaN rows,
   rows that turn infinite away from the start, square roots of negative numbers, a constant,
   the identity, outputs of 1e30; float16/bfloat16 states; ``indexing``;
@@ -95,10 +95,16 @@ def solver_options(rng: random.Random, k: int) -> tuple[str, list[str]]:
     x = rng.choice([0.1, 1.0]) * torch.randn(bsz, n, generator=torch.Generator()
                                              .manual_seed(k + 1)).to(dtype)
     f = lambda z: torch.tanh(z @ W.T + x)                             # noqa: E731
-    desc = (f"seed {k}: n {n}, batch {bsz}, ‖W‖ {gain}, {dtype}, {stop}, budget {budget}, "
-            f"tol {tol}, {options}")
-    return desc, _solver_failures("homotopy", f, torch.zeros(bsz, n, dtype=dtype), budget,
-                                  tol, stop, options, None)
+    default = rng.choice([torch.float32, torch.float64])     # torch.set_default_dtype
+    desc = (f"seed {k}: n {n}, batch {bsz}, ‖W‖ {gain}, {dtype} (default {default}), {stop}, "
+            f"budget {budget}, tol {tol}, {options}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        return desc, _solver_failures("homotopy", f, torch.zeros(bsz, n, dtype=dtype), budget,
+                                      tol, stop, options, None)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def solver_maps(rng: random.Random, k: int) -> tuple[str, list[str]]:

@@ -602,6 +602,34 @@ def test_a_tolerance_of_zero_spends_the_whole_budget_as_torchdeqs_solvers_do(sol
         get_solver(solver)(f, torch.zeros(4, 6), tol=-1e-3)
 
 
+@pytest.mark.parametrize("predictor", ["tangent", "ode"])
+def test_the_default_dtype_does_not_change_a_float32_solve(predictor):
+    """Under ``torch.set_default_dtype(torch.float64)`` a float32 solve takes the same
+    iterates as under float32: a step-size factor made from Python scalars took the default
+    dtype, mixed float64 into the path's state, and raised "expected scalar type"."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(48, 48, generator=g)
+    W = W / torch.linalg.matrix_norm(W, 2) * 6.0
+    x = 0.1 * torch.randn(4, 48, generator=g)
+    f = lambda z: torch.tanh(z @ W.T + x)                       # noqa: E731
+    runs = []
+    previous = torch.get_default_dtype()
+    for default in (torch.float32, torch.float64):
+        torch.set_default_dtype(default)
+        try:
+            z, _, info = get_solver("homotopy")(f, torch.zeros(4, 48, dtype=torch.float32),
+                                                max_iter=400, tol=1e-5,
+                                                stop_mode="rel", homo_secant_patience=5,
+                                                homo_predictor=predictor)
+        finally:
+            torch.set_default_dtype(previous)
+        runs.append((z, info))
+    (z32, info32), (z64, info64) = runs
+    assert (info32["lam_trace"] < 1).any()               # some sample tracked the path
+    assert z64.dtype == torch.float32 and info64["abs_lowest"].dtype == torch.float32
+    assert torch.equal(z64, z32) and torch.equal(info64["nfe"], info32["nfe"])
+
+
 def test_the_path_reuses_the_warm_ups_evaluation_at_the_start():
     """f(x0), which the path's homotopy needs, is the warm-up's first call: after the
     warm-up, no call of f evaluates the whole batch at x0 again (the path's own first

@@ -362,8 +362,8 @@ class PhaseTransitions:
         a poor secant Jacobian, so the tangent there is taken with a fresh one."""
         path, steps = state.path, state.corrector.steps
         stale = state.jacobian.stale | (continuing & (steps >= _SLOW_CORRECTOR))
-        grow = torch.where(steps <= 1, _GROW_FAST,
-                           torch.where(steps == 2, _GROW_SLOW, _SHRINK_SLOW))
+        grow = torch.where(steps <= 1, _GROW_FAST,       # scalars: the default dtype
+                           torch.where(steps == 2, _GROW_SLOW, _SHRINK_SLOW)).to(path.step)
         h_max = self.opt.step_max * path.step_unit
         path = replace(
             path, step=torch.where(continuing, torch.minimum(path.step * grow, h_max), path.step),
