@@ -630,6 +630,27 @@ def test_the_default_dtype_does_not_change_a_float32_solve(predictor):
     assert torch.equal(z64, z32) and torch.equal(info64["nfe"], info32["nfe"])
 
 
+def test_a_sample_whose_start_is_not_finite_costs_the_batch_nothing():
+    """A NaN start (f(x0) not finite) can be solved by no phase. It counted as contracting
+    fast (inf <= 0.7 · inf), so fixed-point iteration ran the whole budget on a batch whose
+    other samples converged in 10 calls. Now it is NONFINITE at no cost: the others take
+    the clean batch's iterates and evaluations."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 8, generator=g)
+    W = 0.5 * W / torch.linalg.matrix_norm(W, 2)
+    x = 0.5 * torch.randn(4, 8, generator=g)
+    f = lambda z: torch.tanh(z @ W.T + x)                       # noqa: E731
+    clean_z, _, clean = get_solver("homotopy")(f, torch.zeros(4, 8), max_iter=300, tol=1e-5)
+    x0 = torch.zeros(4, 8)
+    x0[1] = float("nan")
+    z, _, info = get_solver("homotopy")(f, x0, max_iter=300, tol=1e-5)
+    assert info["status"].tolist() == [Status.CONVERGED, Status.NONFINITE,
+                                       Status.CONVERGED, Status.CONVERGED]
+    assert torch.equal(info["nfe"], clean["nfe"]) and int(clean["nfe"][0]) < 30
+    keep = torch.tensor([0, 2, 3])
+    assert torch.equal(z[keep], clean_z[keep])
+
+
 def test_the_path_reuses_the_warm_ups_evaluation_at_the_start():
     """f(x0), which the path's homotopy needs, is the warm-up's first call: after the
     warm-up, no call of f evaluates the whole batch at x0 again (the path's own first

@@ -34,10 +34,14 @@ class Warmup:
     newton_start: Tensor
     newton_start_fz: Tensor
     x0_fz: Tensor
+    hopeless: Tensor
 
     def solved(self, tol: float) -> bool:
-        """Whether every sample's best iterate meets the tolerance (one host sync)."""
-        return bool((self.record.best.residual(self.record.stop_mode) <= tol).all())
+        """Whether every sample's best iterate meets the tolerance, or is hopeless (f(x0) not
+        finite: no phase can start from x0; the solver reports them NONFINITE) (one host
+        sync)."""
+        met = self.record.best.residual(self.record.stop_mode) <= tol
+        return bool((met | self.hopeless).all())
 
     def result(self) -> TrackerResult:
         """The solve's result when the warm-up left nothing for the tracker: every sample
@@ -165,6 +169,7 @@ class WarmupLoop:
     first_z: Tensor                  # x0, and f and the residual there
     first_fz: Tensor
     first_res: Tensor
+    hopeless: Tensor                 # rows where f(x0) is not finite: never open
     best_recent: deque[Tensor] = field(
         default_factory=lambda: deque(maxlen=PROGRESS_WINDOW + 1))
     history: deque[Tensor] = field(  # fixed-point phase: residuals of its last iterates
@@ -181,12 +186,21 @@ class WarmupLoop:
 
 def _evaluate(f: Callable[[Tensor], Tensor], loop: WarmupLoop, z: Tensor
               ) -> tuple[Tensor, Tensor]:
-    """f at z, counted and recorded; returns (f(z), the residual of the stop mode)."""
+    """f at z, counted and recorded; returns (f(z), the residual of the stop mode, 0 on
+    hopeless rows)."""
     loop.record.budget.spend()
     fz = f(z)
     abs_res, rel_res = loop.record.add(z, fz)
-    loop.best_recent.append(loop.record.best.residual(loop.record.stop_mode))
-    return fz, by_stop_mode(loop.record.stop_mode, abs_res, rel_res)
+    loop.best_recent.append(_closed(loop.record.best.residual(loop.record.stop_mode),
+                                    loop.hopeless))
+    return fz, _closed(by_stop_mode(loop.record.stop_mode, abs_res, rel_res), loop.hopeless)
+
+
+def _closed(residual: Tensor, hopeless: Tensor) -> Tensor:
+    """The residual as the warm-up's rules read it: 0 on hopeless rows (f(x0) not finite),
+    which no phase can solve, so that they never hold the batch's iteration open or count
+    as stalled or slow."""
+    return residual.masked_fill(hopeless, 0.0)
 
 
 class FixedPointIteration:
@@ -214,10 +228,12 @@ class FixedPointIteration:
         record.budget.spend()
         fz = self.f(x0)
         abs_res, rel_res = record.add(x0, fz)
+        hopeless = ~torch.isfinite(abs_res)
         loop = WarmupLoop(record=record, tol=tol, fz=fz, z=x0, prev_z=None, first_z=x0,
-                          first_fz=fz, first_res=abs_res)
-        loop.best_recent.append(record.best.residual(record.stop_mode))
-        return self._judge(loop, by_stop_mode(record.stop_mode, abs_res, rel_res), abs_res)
+                          first_fz=fz, first_res=abs_res, hopeless=hopeless)
+        loop.best_recent.append(_closed(record.best.residual(record.stop_mode), hopeless))
+        return self._judge(loop, _closed(by_stop_mode(record.stop_mode, abs_res, rel_res),
+                                         hopeless), abs_res)
 
     def step(self, loop: WarmupLoop) -> WarmupLoop:
         """z ← f(z)."""
@@ -335,7 +351,7 @@ class AndersonIteration:
         else:
             X[:, 0], F[:, 0] = best.z, best.fz
             X[:, 1] = F[:, 0]
-            start = best.residual(warm.record.stop_mode)
+            start = _closed(best.residual(warm.record.stop_mode), warm.hopeless)
             F[:, 1], stop = _evaluate(self.f, warm, X[:, 1])
         if self.switch:
             loop.switched = torch.zeros_like(stop, dtype=torch.bool)
@@ -448,7 +464,7 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
         return None
     fixed_point = FixedPointIteration(f, rate, reserve)
     loop = drive(fixed_point, fixed_point.init(record, x0, tol))
-    open_ = record.best.residual(record.stop_mode) > tol
+    open_ = _closed(record.best.residual(record.stop_mode), loop.hopeless) > tol
     training = 0 < budget.left < 2 * reserve
     if (training or not loop.expanding) and bool(open_.any()) and budget.left >= 1:
         rule = ProgressRule(guaranteed if guaranteed is not None else budget.limit,
@@ -460,4 +476,4 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     return Warmup(record=record,
                   newton_start=torch.where(helped, best.z, loop.first_z),
                   newton_start_fz=torch.where(helped, best.fz, loop.first_fz),
-                  x0_fz=loop.first_fz)
+                  x0_fz=loop.first_fz, hopeless=loop.hopeless)
