@@ -375,7 +375,7 @@ def test_warm_up_anderson_takes_torchdeqs_iterates():
     theirs, ours = [], []
     anderson_solver(spied(f, theirs), x0, max_iter=25, tol=1e-300)
     record = Record.start(x0, Budget(25), "abs")
-    warm = FixedPointIteration(spied(f, ours), rate=0.7, reserve=0).init(record, x0, 1e-300)
+    warm = FixedPointIteration(spied(f, ours), reserve=0).init(record, x0, 1e-300)
     anderson = AndersonIteration(spied(f, ours), ProgressRule(25, 25, 1e-300), relative=False)
     drive(anderson, anderson.init(warm))
     assert len(ours) == len(theirs) == 25
@@ -401,7 +401,7 @@ def test_warm_up_anderson_is_scale_free_with_relative_regularization(relative):
             points.append(z / c)
             return c * f(z / c)
         record = Record.start(x0, Budget(20), "abs")
-        warm = FixedPointIteration(g, rate=0.7, reserve=0).init(record, x0, 1e-300)
+        warm = FixedPointIteration(g, reserve=0).init(record, x0, 1e-300)
         anderson = AndersonIteration(g, ProgressRule(20, 20, 1e-300), relative=relative)
         drive(anderson, anderson.init(warm))
         return torch.stack(points)

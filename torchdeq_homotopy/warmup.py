@@ -1,5 +1,5 @@
-"""The homotopy solver's cheap first phase: fixed-point iteration while it contracts fast,
-then Anderson acceleration (TorchDEQ's, with a scale-free regularization).
+"""The homotopy solver's cheap first phase: fixed-point iteration while it is projected to
+converge in time, then Anderson acceleration (TorchDEQ's, with a scale-free regularization).
 
 On benign cells this solves everything at the cost of the cheapest TorchDEQ solver; on
 the rest it leaves a best iterate (kept in the solve's :class:`~torchdeq_homotopy.outcome.Record`)
@@ -65,9 +65,6 @@ fraction at 30 / 40 / 60 calls from 0.136 / 0.375 / 0.670 to 0.147 / 0.380 / 0.6
 no benign training-budget solve of ``benchmarks/parity.py`` (BENCHMARKS.md, "Warm-up
 hand-over at moderate budgets")."""
 
-FAST_CONTRACTION = 0.7
-"""Fixed-point iteration goes on, without projecting, while each step shrinks every open
-sample's residual at least by this factor."""
 
 
 def horizon(calls_left: int, reserve: int) -> float:
@@ -75,13 +72,15 @@ def horizon(calls_left: int, reserve: int) -> float:
     converge to keep the budget: ``reserve``, so that a slow method never holds a large
     budget that Broyden's method or the path would use better; but unbounded (it keeps
     the budget while it makes progress at all) once fewer than 2 · ``reserve`` calls are
-    left, too few for the next phase to catch up.
+    left, too few for the next phase to catch up, or when no calls are reserved.
 
     Example:
         >>> horizon(calls_left=500, reserve=30), horizon(calls_left=40, reserve=30)
         (30.0, inf)
+        >>> horizon(calls_left=500, reserve=0)
+        inf
     """
-    return float("inf") if calls_left < 2 * reserve else float(reserve)
+    return float("inf") if calls_left < 2 * reserve or reserve <= 0 else float(reserve)
 
 
 def on_time(history: list[Tensor], tol: float, within: float,
@@ -206,22 +205,30 @@ def _closed(residual: Tensor, hopeless: Tensor) -> Tensor:
 class FixedPointIteration:
     """z_{k+1} = f(z_k) while it pays, judged per step on each unconverged sample's
     residual r (one host sync per step, as TorchDEQ's own iteration): it goes on while
-    every open sample contracts fast, r_k <= ``rate`` · r_{k−1}, or at a rate that
-    reaches the tolerance within the calls left and their :func:`horizon`
-    (:func:`on_time`). The map expands at x0 when the first step grew the residual,
-    r_1 > r_0 (judged on ||f(z) − z||), for at least half the open samples.
+    every open sample's rate reaches the tolerance within the calls left and their
+    :func:`horizon` (:func:`on_time`). However fast a sample contracts, iteration that is
+    projected to miss the tolerance hands over to the accelerators: at budget 20 and
+    tolerance 1e-6, fixed-point iteration at a rate of 0.5 per call, held while it
+    contracted faster than 0.7, ended above the tolerance where Broyden's method solved
+    (BENCHMARKS.md, "Random client sweep"). The map expands at x0 when the first step grew
+    the residual, r_1 > r_0 (judged on ||f(z) − z||), for at least half the open samples.
 
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
         >>> record = Record.start(torch.zeros(1, 2), Budget(50), 'abs')
-        >>> fixed_point = FixedPointIteration(lambda z: 0.5 * z + 1, rate=0.7, reserve=0)
+        >>> fixed_point = FixedPointIteration(lambda z: 0.5 * z + 1, reserve=30)
         >>> loop = drive(fixed_point, fixed_point.init(record, torch.zeros(1, 2), 1e-6))
-        >>> loop.record.best.abs_res.item() <= 1e-6, loop.calls
+        >>> loop.record.best.abs_res.item() <= 1e-6, loop.calls   # on time: 22 calls
         (True, 22)
+        >>> x0 = torch.zeros(1, 2, dtype=torch.float64)
+        >>> record = Record.start(x0, Budget(500), 'abs')
+        >>> loop = drive(fixed_point, fixed_point.init(record, x0, 1e-12))
+        >>> loop.slow, loop.calls          # 40 calls needed, 30 allowed: hands over
+        (True, 6)
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor], rate: float, reserve: int) -> None:
-        self.f, self.rate, self.reserve = f, rate, reserve
+    def __init__(self, f: Callable[[Tensor], Tensor], reserve: int) -> None:
+        self.f, self.reserve = f, reserve
 
     def init(self, record: Record, x0: Tensor, tol: float) -> WarmupLoop:
         """f at x0."""
@@ -250,11 +257,10 @@ class FixedPointIteration:
         history.append(stop)
         open_ = stop > tol
         if len(history) > 1:
-            fast = stop <= self.rate * history[-2]
             left = loop.record.budget.left
             # the accelerator that follows beats slow iteration: no unbounded horizon
             within = min(left, horizon(left, self.reserve))
-            loop.slow = bool((open_ & ~fast & ~on_time(list(history), tol, within)).any())
+            loop.slow = bool((open_ & ~on_time(list(history), tol, within)).any())
         if loop.slow and loop.calls == 2:
             loop.expanding = (2 * int((open_ & (abs_res > loop.first_res)).sum())
                               >= int(open_.sum()))
@@ -319,7 +325,7 @@ class AndersonIteration:
         >>> f = lambda z: 0.95 * z + 0.05 * torch.arange(3.0)   # fixed-point: ~90 calls
         >>> x0 = torch.zeros(1, 3)
         >>> record = Record.start(x0, Budget(30), 'abs')
-        >>> warm = FixedPointIteration(f, rate=0.7, reserve=0).init(record, x0, 1e-3)
+        >>> warm = FixedPointIteration(f, reserve=0).init(record, x0, 1e-3)
         >>> anderson = AndersonIteration(f, ProgressRule(30, 30, 1e-3))
         >>> loop = drive(anderson, anderson.init(warm))
         >>> loop.warm.record.best.abs_res.item() <= 1e-3, loop.warm.calls <= 6
@@ -433,9 +439,9 @@ class AndersonIteration:
 
 
 def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: float,
-            rate: float = FAST_CONTRACTION, guaranteed: int | None = None,
-            reserve: int = 0) -> Warmup | None:
-    """Fixed-point iteration while it contracts by ``rate`` per step, then Anderson
+            guaranteed: int | None = None, reserve: int = 0) -> Warmup | None:
+    """Fixed-point iteration while it is projected to converge in time
+    (:class:`FixedPointIteration`), then Anderson
     acceleration (:class:`AndersonIteration`) from the best iterate, within the budget of
     ``record``, to which every evaluation is added. After ``guaranteed`` calls (default:
     the whole budget) Anderson hands over to the next phase once an open sample is no
@@ -462,7 +468,7 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     budget = record.budget
     if budget.left <= 0:
         return None
-    fixed_point = FixedPointIteration(f, rate, reserve)
+    fixed_point = FixedPointIteration(f, reserve)
     loop = drive(fixed_point, fixed_point.init(record, x0, tol))
     open_ = _closed(record.best.residual(record.stop_mode), loop.hopeless) > tol
     training = 0 < budget.left < 2 * reserve
