@@ -27,8 +27,8 @@ Tensor = torch.Tensor
 @dataclass
 class Warmup:
     """What the warm-up leaves: its record of every evaluation (the budget and best
-    iterate included), where Newton starts, with f there, and f at x0 (the path's start;
-    both already evaluated)."""
+    iterate included), where Newton starts, with f there, f at x0 (the path's start;
+    both already evaluated), and the samples where that f is not finite (``hopeless``)."""
 
     record: Record
     newton_start: Tensor
@@ -64,7 +64,6 @@ fraction at 30 / 40 / 60 calls from 0.136 / 0.375 / 0.670 to 0.147 / 0.380 / 0.6
 400–405, never used for the choice; chosen on 300–305 against a window of 3), and changed
 no benign training-budget solve of ``benchmarks/parity.py`` (BENCHMARKS.md, "Warm-up
 hand-over at moderate budgets")."""
-
 
 
 def horizon(calls_left: int, reserve: int) -> float:
@@ -210,8 +209,9 @@ class FixedPointIteration:
     projected to miss the tolerance hands over to the accelerators: at budget 20 and
     tolerance 1e-6, fixed-point iteration at a rate of 0.5 per call, held while it
     contracted faster than 0.7, ended above the tolerance where Broyden's method solved
-    (BENCHMARKS.md, "Random client sweep"). The map expands at x0 when the first step grew
-    the residual, r_1 > r_0 (judged on ||f(z) − z||), for at least half the open samples.
+    (BENCHMARKS.md, "Random benign problems at small budgets"). The map expands at x0
+    when the first step grew the residual, r_1 > r_0 (judged on ||f(z) − z||), for at
+    least half the open samples.
 
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
