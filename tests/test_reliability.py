@@ -2,6 +2,7 @@
 solver library: each test fails on the defect it guards against."""
 import copy
 import io
+import math
 import pickle
 from itertools import pairwise
 
@@ -673,6 +674,32 @@ def test_fast_fixed_point_iteration_that_would_miss_the_tolerance_hands_over(see
     assert solved("fixed_point_iter", 20) <= 0.5
     assert solved("broyden", 19) == 1.0                 # 19 steps: 20 evaluations
     assert solved("homotopy", 20) == 1.0
+
+
+def test_fixed_point_iteration_on_a_tiny_state_hands_over_after_2n_calls():
+    """On a 2-entry state contracting at 0.6 per call, fixed-point iteration needs 26 calls
+    for 1e-5, within the 30 it was allowed; Broyden's method solves a linear system of n
+    unknowns in at most 2n steps (TorchDEQ's takes 5 calls here). Fixed-point iteration
+    projected to need more than 2n calls now hands over: 10 calls, not 26, to the same
+    solution (torch.linalg.solve)."""
+    A = 0.6 * torch.tensor([[math.cos(1.0), -math.sin(1.0)], [math.sin(1.0), math.cos(1.0)]],
+                           dtype=torch.float64)
+    b = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - A, b.T).T
+    calls = {}
+    for solver in ("fixed_point_iter", "homotopy"):
+        count = []
+
+        def f(z, count=count):
+            count.append(1)
+            return z @ A.T + b
+
+        z, _, _ = get_solver(solver)(f, torch.zeros(2, 2, dtype=torch.float64), max_iter=500,
+                                     tol=1e-5)
+        calls[solver] = len(count)
+        assert ((z @ A.T + b - z).norm(dim=1) <= 1e-5).all()
+        torch.testing.assert_close(z, exact, atol=1e-4, rtol=0)
+    assert calls["fixed_point_iter"] > 20 and calls["homotopy"] <= 12
 
 
 def test_the_path_reuses_the_warm_ups_evaluation_at_the_start():

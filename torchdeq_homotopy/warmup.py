@@ -204,8 +204,12 @@ def _closed(residual: Tensor, hopeless: Tensor) -> Tensor:
 class FixedPointIteration:
     """z_{k+1} = f(z_k) while it pays, judged per step on each unconverged sample's
     residual r (one host sync per step, as TorchDEQ's own iteration): it goes on while
-    every open sample's rate reaches the tolerance within the calls left and their
-    :func:`horizon` (:func:`on_time`). However fast a sample contracts, iteration that is
+    every open sample's rate reaches the tolerance within the calls left, their
+    :func:`horizon` and 2n calls for states of n entries (:func:`on_time`; Broyden's
+    method solves a linear system of n unknowns in at most 2n steps, Gay 1979, and on
+    states of 2–8 entries it needed 5–10 calls where fixed-point iteration took 10–30:
+    BENCHMARKS.md, "Random benign problems at small budgets"). However fast a sample
+    contracts, iteration that is
     projected to miss the tolerance hands over to the accelerators: at budget 20 and
     tolerance 1e-6, fixed-point iteration at a rate of 0.5 per call, held while it
     contracted faster than 0.7, ended above the tolerance where Broyden's method solved
@@ -215,12 +219,12 @@ class FixedPointIteration:
 
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
-        >>> record = Record.start(torch.zeros(1, 2), Budget(50), 'abs')
+        >>> record = Record.start(torch.zeros(1, 16), Budget(50), 'abs')
         >>> fixed_point = FixedPointIteration(lambda z: 0.5 * z + 1, reserve=30)
-        >>> loop = drive(fixed_point, fixed_point.init(record, torch.zeros(1, 2), 1e-6))
-        >>> loop.record.best.abs_res.item() <= 1e-6, loop.calls   # on time: 22 calls
-        (True, 22)
-        >>> x0 = torch.zeros(1, 2, dtype=torch.float64)
+        >>> loop = drive(fixed_point, fixed_point.init(record, torch.zeros(1, 16), 1e-6))
+        >>> loop.record.best.abs_res.item() <= 1e-6, loop.calls   # on time: 23 calls
+        (True, 23)
+        >>> x0 = torch.zeros(1, 16, dtype=torch.float64)
         >>> record = Record.start(x0, Budget(500), 'abs')
         >>> loop = drive(fixed_point, fixed_point.init(record, x0, 1e-12))
         >>> loop.slow, loop.calls          # 40 calls needed, 30 allowed: hands over
@@ -258,8 +262,9 @@ class FixedPointIteration:
         open_ = stop > tol
         if len(history) > 1:
             left = loop.record.budget.left
-            # the accelerator that follows beats slow iteration: no unbounded horizon
-            within = min(left, horizon(left, self.reserve))
+            # the accelerator that follows beats slow iteration: no unbounded horizon, and
+            # none past 2n calls, within which Broyden's method solves linear systems
+            within = min(left, horizon(left, self.reserve), 2 * loop.z.shape[1])
             loop.slow = bool((open_ & ~on_time(list(history), tol, within)).any())
         if loop.slow and loop.calls == 2:
             loop.expanding = (2 * int((open_ & (abs_res > loop.first_res)).sum())
