@@ -209,6 +209,13 @@ def test_bad_core_config_is_rejected():
         get_deq(core="homoode", homo_field="sideways")
     with pytest.raises(th.ConfigError, match="homo_adjoint"):
         get_deq(core="homoode", homo_adjiont=True)
+    # a step of 0 or below: torchdiffeq raised "unsupported range: 0 -> inf", or a
+    # first_step of 0 underflowed every forward into the RK4 fallback
+    for options in ({"step_size": 0.0}, {"step_size": -0.1}, {"first_step": 0},
+                    {"step_size": "a quarter"}):
+        with pytest.raises(th.ConfigError, match="step_size and first_step"):
+            get_deq(core="homoode", homo_method="rk4", homo_options=options)
+    get_deq(core="homoode", homo_options={"first_step": 0.005, "max_num_steps": 100})
 
 
 def test_solver_kwargs_override_core_keys_for_one_call_only():

@@ -84,6 +84,22 @@ def _unit_interval(x: Any) -> bool:
     return 0 < x < 1
 
 
+_STEP_OPTIONS = ("step_size", "first_step")
+
+
+def _integrator_options(x: Any) -> bool:
+    """None, or a dict whose steps (``step_size``, ``first_step``), where given, are > 0:
+    torchdiffeq raises an opaque error at 0 or below ("unsupported range: 0 -> inf")."""
+    if x is None:
+        return True
+    if not isinstance(x, Mapping):
+        return False
+    try:
+        return all(float(x[name]) > 0 for name in _STEP_OPTIONS if x.get(name) is not None)
+    except (TypeError, ValueError):                 # not a number
+        return False
+
+
 SOLVER_KEYS: dict[str, Key] = {
     k.name: k
     for k in [
@@ -184,7 +200,9 @@ CORE_KEYS: dict[str, Key] = {
         Key("homo_atol", 1e-3, "absolute tolerance of the HomoODE integrator",
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_options", None, "torchdiffeq options dict of the integrator "
-            "(e.g. {'first_step': 0.005}, or {'step_size': 0.25} for fixed-grid methods)"),
+            "(e.g. {'first_step': 0.005}, or {'step_size': 0.25} for fixed-grid methods)",
+            check=_integrator_options,
+            check_doc="None or a dict whose step_size and first_step, if given, are > 0"),
         Key("homo_step_memory", True, "adaptive methods start each forward with the step "
             "their controller proposed after the first step of the last training forward "
             "(torchdiffeq's first_step; a homo_options first_step wins) instead of "
