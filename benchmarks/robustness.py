@@ -31,6 +31,7 @@ configs). Failures are printed with everything needed to rerun them.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from collections.abc import Callable
@@ -152,6 +153,30 @@ def _quiet_forward(rng: random.Random) -> tuple[str, bool] | None:
     return rng.choice(sorted(CONTEXTS)), rng.random() < 0.5
 
 
+def _cell(shape: tuple[int, ...], dtype: torch.dtype, scale: float
+          ) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """tanh(W z + x) on states of ``shape``, W of scale ``scale`` / sqrt(n); (f, W, x), both
+    requiring gradients."""
+    n = math.prod(shape[1:])
+    W = (scale * torch.randn(n, n, dtype=dtype) / n ** 0.5).requires_grad_()
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+
+    def f(z: Tensor) -> Tensor:
+        return torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x)
+
+    return f, W, x
+
+
+def _forward_first(deq: torch.nn.Module, f: Callable[[Tensor], Tensor], z0: Tensor,
+                   quiet: tuple[str, bool] | None, train: bool) -> None:
+    """The forward drawn by :func:`_quiet_forward` (if any), then ``deq`` back in the
+    mode ``train``."""
+    if quiet is not None:
+        with CONTEXTS[quiet[0]]():
+            deq.train(quiet[1])(f, z0)
+        deq.train(train)
+
+
 def homoode(rng: random.Random, k: int) -> tuple[str, list[str]]:
     method = rng.choice(["dopri5", "bosh3", "adaptive_heun", "rk4", "euler"])
     options: dict = {"homo_method": method}
@@ -170,19 +195,8 @@ def homoode(rng: random.Random, k: int) -> tuple[str, list[str]]:
     torch.manual_seed(k)
     try:
         deq = get_deq(core="homoode", **options).to(dtype).train(train)
-        n = 1
-        for size in shape[1:]:
-            n *= size
-        W = (torch.randn(n, n, dtype=dtype) / n ** 0.5).requires_grad_()
-        x = torch.randn(shape, dtype=dtype, requires_grad=True)
-
-        def f(z: Tensor) -> Tensor:
-            return torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x)
-
-        if quiet is not None:
-            with CONTEXTS[quiet[0]]():
-                deq.train(quiet[1])(f, torch.zeros(shape, dtype=dtype))
-            deq.train(train)
+        f, W, x = _cell(shape, dtype, 1.0)
+        _forward_first(deq, f, torch.zeros(shape, dtype=dtype), quiet, train)
         z = deq(f, torch.zeros(shape, dtype=dtype))[0][-1]
         wrong = [] if z.shape == shape and z.dtype == dtype else ["shape or dtype"]
         if not torch.isfinite(z).all():
@@ -216,19 +230,8 @@ def deq_configs(rng: random.Random, k: int) -> tuple[str, list[str]]:
     torch.manual_seed(k)
     try:
         deq = get_deq(**config)
-        n = 1
-        for size in shape[1:]:
-            n *= size
-        W = (rng.choice([0.5, 2.0]) * torch.randn(n, n, dtype=dtype) / n ** 0.5).requires_grad_()
-        x = torch.randn(shape, dtype=dtype, requires_grad=True)
-
-        def f(z: Tensor) -> Tensor:
-            return torch.tanh((z.reshape(shape[0], -1) @ W.T).reshape(shape) + x)
-
-        if quiet is not None:
-            with CONTEXTS[quiet[0]]():
-                deq.train(quiet[1])(f, torch.zeros(shape, dtype=dtype))
-            deq.train()
+        f, W, x = _cell(shape, dtype, rng.choice([0.5, 2.0]))
+        _forward_first(deq, f, torch.zeros(shape, dtype=dtype), quiet, True)
         z_out, _ = deq(f, torch.zeros(shape, dtype=dtype))
         wrong = [] if all(z.shape == shape for z in z_out) else ["shape"]
         sum(z.square().sum() for z in z_out).backward()
