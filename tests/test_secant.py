@@ -350,6 +350,22 @@ def test_secant_budget_counts_every_call_and_product():
     assert info["krylov_products"] <= calls
 
 
+def test_stalled_broyden_goes_on_where_the_budget_cannot_pay_for_a_path():
+    """At n = 128 a path costs about 16 n = 2,048 evaluations: with 1,500 in all, samples
+    whose Broyden steps stall keep Broyden's iterates (those of a run that never leaves),
+    where the code before this rule spent the rest on paths that ended below λ = 1. An
+    explicit ``homo_secant_patience`` still starts the path."""
+    f = tanh_cell(4, 128, 8.0, seed=3, dtype=torch.float32)
+    x0 = torch.zeros(4, 128)
+    kwargs = dict(max_iter=1500, tol=1e-5, stop_mode="rel")
+    z, _, info = th.homotopy_solver(f, x0, **kwargs)
+    z_broyden, _, _ = th.homotopy_solver(f, x0, homo_secant_patience=10**6, **kwargs)
+    assert (info["lam_trace"] == 1).all()
+    assert torch.equal(z, z_broyden)
+    _, _, info_patient = th.homotopy_solver(f, x0, homo_secant_patience=500, **kwargs)
+    assert (info_patient["lam_trace"] < 1).any()
+
+
 def test_secant_solver_keeps_best_iterate_and_reports_failures():
     f = tanh_cell(4, 64, 6.0, seed=8, dtype=torch.float32)
     z, _, info = th.homotopy_solver(f, torch.zeros(4, 64), max_iter=30, tol=1e-9,

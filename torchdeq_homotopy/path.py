@@ -24,10 +24,12 @@ options. The phases:
             Newton stalls after three steps in a row above the lowest residual it has met
             (Newton may climb before it converges) or past its Newton budget; Broyden's
             method after ``homo_secant_patience`` steps (a third of the budget) without a
-            new lowest residual. Stalled samples wait until no sample of the phase is still
-            converging; then all of them go on together: under ``'auto'`` with dense
-            solves from exact Newton to Broyden's method restarted at z0, otherwise to
-            the path from (z0, 0), so that their path steps share linear solves.
+            new lowest residual, by default only while the calls left can pay for a path
+            that is not dense (16 n; else Broyden's method goes on). Stalled samples
+            wait until no sample of the phase is still converging; then all of them go
+            on together: under ``'auto'`` with dense solves from exact Newton to
+            Broyden's method restarted at z0, otherwise to the path from (z0, 0), so
+            that their path steps share linear solves.
 ``TANGENT`` at an accepted point y_a, the unit tangent t of the path solves the bordered
             system   [H_z  H_λ; t_prevᵀ] w = [0; 1],  t = w / ||w||,
             which stays regular at turning points (where H_z = I - λJ is singular) and

@@ -43,6 +43,11 @@ _NEWTON_PROGRESS = 0.5
 _END_GAP = 1e-3
 # The endgame's step length α halves after each rejected exact step, down to this.
 _MIN_DAMPING = 2.0 ** -10
+# A path whose solves are not dense (n > homo_krylov_dim) costs about this many evaluations
+# per state entry to reach λ = 1 from λ = 0: median path cost about 1,000 evaluations at
+# n = 64 and 2,000 at n = 128, most paths unfinished after 9,900 at n = 512 (tanh cells,
+# ‖W‖₂ 4.5-8, seeds 201-203; BENCHMARKS.md, "Broyden's stall and the path's cost").
+_PATH_EVALS_PER_ENTRY = 16
 
 
 class Phase(enum.IntEnum):

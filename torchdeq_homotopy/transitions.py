@@ -22,6 +22,7 @@ from .tracker_state import (
     _GROW_SLOW,
     _MIN_DAMPING,
     _NEWTON_PROGRESS,
+    _PATH_EVALS_PER_ENTRY,
     _PATIENCE,
     _RETRY_FACTOR,
     _SHRINK_SLOW,
@@ -226,18 +227,33 @@ class PhaseTransitions:
         """The stall record of Broyden's method after an evaluation with residual r:
 
             worse_in_row ← 0 if r < lowest, else worse_in_row + 1;   lowest ← min(lowest, r);
-            stalled = r not finite, or the step failed, or worse_in_row >= patience
+            stalled = r not finite, or the step failed,
+                      or (worse_in_row >= patience and the path is affordable)
 
-        (patience ``homo_secant_patience``, default a third of the budget), for the samples
-        in ``in_newton``. Returns (worse_in_row, lowest, stalled)."""
+        (patience ``homo_secant_patience``, default a third of the budget; affordable:
+        :meth:`_path_affordable`), for the samples in ``in_newton``. Returns
+        (worse_in_row, lowest, stalled)."""
         progress = in_newton & (abs_res < lowest)
         worse_in_row = torch.where(progress, 0,
                                    torch.where(in_newton, worse_in_row + 1, worse_in_row))
         lowest = torch.where(in_newton, torch.minimum(lowest, abs_res), lowest)
         patience = self.opt.secant_patience or max(1, budget.limit // 3)
-        stalled = in_newton & (~(abs_res < float("inf")) | solve_failed
-                               | (worse_in_row >= patience))
+        stuck = (worse_in_row >= patience) & self._path_affordable(budget)
+        stalled = in_newton & (~(abs_res < float("inf")) | solve_failed | stuck)
         return worse_in_row, lowest, stalled
+
+    def _path_affordable(self, budget: Budget) -> bool:
+        """Whether samples whose Broyden steps stopped making progress should start on the
+        path. A path whose solves are not dense costs about ``_PATH_EVALS_PER_ENTRY`` · n
+        evaluations (about 2,000 at n = 128), so with the default patience it starts only
+        when that many are left; with less, Broyden's method goes on, which on 64-512-wide
+        cells at budget 2,000 solved 5 samples that the path, started with the rest of the
+        budget, did not, and lost none (BENCHMARKS.md, "Broyden's stall and the path's
+        cost"). Dense paths (n <= ``homo_krylov_dim``) and an explicit
+        ``homo_secant_patience`` always may."""
+        if self.opt.secant_patience is not None or self._linear_solver() == "dense":
+            return True
+        return budget.left >= _PATH_EVALS_PER_ENTRY * self.n
 
     def _start_path(self, state: _State, models: JacobianModels, mask: Tensor,
                     z0: Tensor) -> _State:
