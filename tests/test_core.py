@@ -533,3 +533,32 @@ def test_step_watch_passes_on_no_more_than_the_accepted_step_after_a_rejected_st
     first_ok = next(i for i, (_, _, ok) in enumerate(log) if ok)
     assert first_ok == 0
     assert float(watch.next_first_step()) == pytest.approx(min(log[1][1], 1.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_cuda_core_matches_cpu_and_keeps_its_state_on_the_device(adjoint):
+    """The reference classifier with the learned initial point, moved to CUDA after a CPU
+    training step: its output in evaluation mode is the CPU model's within the
+    integrator's tolerance, a training step gives finite gradients, and the core's
+    buffers (initial point, step memory) and ``info`` stay on the device."""
+    torch.manual_seed(0)
+    model = ImplicitClassifier(1, 10, width=8, dropout=0.0, homo_adjoint=adjoint)
+    images = torch.randn(4, 1, 8, 8)
+    logits, _ = model(images)
+    logits.sum().backward()
+    model_cuda = copy.deepcopy(model).cuda()
+    model.eval()
+    model_cuda.eval()
+    with torch.no_grad():
+        expected, _ = model(images)
+        got, info = model_cuda(images.cuda())
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-2, atol=1e-2)
+    assert all(v.is_cuda for v in info.values() if torch.is_tensor(v))
+    model_cuda.train()
+    model_cuda.zero_grad()
+    logits, _ = model_cuda(images.cuda())
+    logits.sum().backward()
+    grads = [p.grad for p in model_cuda.parameters() if p.grad is not None]
+    assert grads and all(g.is_cuda and torch.isfinite(g).all() for g in grads)
+    assert all(b.is_cuda for b in model_cuda.buffers())

@@ -290,6 +290,28 @@ def test_cuda_solve_matches_cpu():
     assert ((f_cpu(z.cpu()) - z.cpu()).norm(dim=1) <= 2e-4).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n, budget", [(10, 40), (128, 30), (128, 2000)])
+def test_cuda_info_lives_on_the_device_and_residuals_are_true(n, budget):
+    """Every stage on CUDA: dense (n = 10) and secant (n = 128) solves, the warm-up's
+    per-row switch at a training budget (30) and Broyden's phase and path (2,000). Every
+    tensor of ``info`` is on the device, and a CONVERGED sample's residual, recomputed on
+    the CPU, meets the tolerance."""
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(n, n, generator=g)
+    W = W / torch.linalg.matrix_norm(W, 2) * 3.0
+    x = 0.1 * torch.randn(8, n, generator=g)
+    W_cuda, x_cuda = W.cuda(), x.cuda()
+    z, _, info = th.homotopy_solver(lambda z: torch.tanh(z @ W_cuda.T + x_cuda),
+                                    torch.zeros(8, n, device="cuda"), max_iter=budget,
+                                    tol=1e-4)
+    assert z.is_cuda
+    assert all(v.is_cuda for v in info.values() if torch.is_tensor(v))
+    residual = (torch.tanh(z.cpu() @ W.T + x) - z.cpu()).norm(dim=1)
+    converged = info["converged"].cpu()
+    assert (residual[converged] <= 1e-4 * (1 + 1e-3)).all()
+
+
 def test_readme_configuration_table_matches_defaults():
     """The README's key table is what users read: every key and default must be current."""
     from pathlib import Path

@@ -131,7 +131,8 @@ def _stat(result: TrackerResult, stop_mode: str, shape_b: int) -> SolverStat:
     info["converged"] = result.status == Status.CONVERGED
     info["lam"] = result.lam
     info["nfe"] = torch.full((shape_b,), float(result.evals), device=result.lam.device)
-    info["trace_nfe"] = torch.tensor(result.trace_nfe, dtype=torch.long)
+    info["trace_nfe"] = torch.tensor(result.trace_nfe, dtype=torch.long,
+                                     device=result.lam.device)
     info["lam_trace"] = torch.stack(result.lam_trace, dim=1)
     info["restarts"] = result.restarts
     info["krylov_solves"] = result.krylov_solves
@@ -153,7 +154,8 @@ def _unevaluated(x0: Tensor, bsz: int, indexing: list[int] | None, residual: flo
     info.update(status=torch.full((bsz,), int(status), device=x0.device),
                 converged=torch.full((bsz,), status == Status.CONVERGED, device=x0.device),
                 lam=torch.ones_like(res), nfe=torch.zeros_like(res),
-                trace_nfe=torch.zeros(1, dtype=torch.long), lam_trace=torch.ones_like(res)[:, None],
+                trace_nfe=torch.zeros(1, dtype=torch.long, device=x0.device),
+                lam_trace=torch.ones_like(res)[:, None],
                 restarts=torch.zeros(bsz, dtype=torch.long, device=x0.device),
                 krylov_solves=0, krylov_products=0)
     return x0.clone(), [x0.clone() for _ in (indexing or [])], info
