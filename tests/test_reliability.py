@@ -720,3 +720,28 @@ def test_the_path_reuses_the_warm_ups_evaluation_at_the_start():
                                         stop_mode="rel", homo_secant_patience=5)
     assert (info["lam_trace"] < 1).any()                 # some sample tracked the path
     assert whole_batch_at_x0[0] and not any(whole_batch_at_x0[1:])
+
+
+@pytest.mark.parametrize("solver, budget", [("homotopy", 30), ("newton_krylov", 60)])
+def test_func_gets_contiguous_states_and_the_reported_residual_is_the_users(solver, budget):
+    """The iterates are often rows of a history buffer (Anderson's, batch stride m·n). A
+    user's f that flattens the whole batch, ``z.view(-1)``, raised on them ("view size is
+    not compatible"), and matmul kernels on them rounded differently from the returned,
+    contiguous state, so ``abs_lowest`` could differ from the residual the user recomputes
+    (2.98e-8 reported where the user's f gives exactly 0). f now always gets a contiguous
+    state, and the reported lowest residual is bitwise the recomputed one."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(24, 24, generator=g)
+    W = 1.5 * W / torch.linalg.matrix_norm(W, 2)
+    x = torch.randn(8, 24, generator=g)
+    seen_contiguous = []
+
+    def f(z):
+        seen_contiguous.append(z.is_contiguous())
+        flat = z.view(-1)                         # needs a contiguous batch
+        return torch.tanh((flat.view(z.shape)) @ W.T + x)
+
+    z, _, info = get_solver(solver)(f, torch.zeros(8, 24), max_iter=budget, tol=1e-6)
+    assert all(seen_contiguous)
+    recomputed = (f(z) - z).norm(dim=1)
+    assert torch.equal(info["abs_lowest"], recomputed)

@@ -79,7 +79,10 @@ def _flatten_func(func: Callable[[Tensor], Tensor], x0: Tensor) -> Callable[[Ten
         nonlocal checked
         # a disabled autocast context costs more to enter (3 µs) than small fs take
         with torch.autocast(device_type, dtype=autocast_dtype) if autocast else nullcontext():
-            out = func(z.to(x0.dtype).view(shape))
+            # contiguous: the iterates are often rows of a history buffer (batch stride
+            # m·n), which a user's z.view(-1) rejects, and on which matmul kernels round
+            # differently from the returned (contiguous) state
+            out = func(z.to(x0.dtype).contiguous().view(shape))
         if not checked:
             if not torch.is_tensor(out):
                 raise TypeError(f"func must return a tensor, got {type(out).__name__}.")
