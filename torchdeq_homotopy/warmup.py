@@ -73,6 +73,12 @@ fixed-point part was chosen) this raised 0.147 / 0.380 / 0.678 to 0.163 / 0.392 
 iterates 0.151 / 0.433 / 0.714); design seeds 300–302: the same total."""
 
 
+def _known_window(history: Sequence[Tensor]) -> int:
+    """The window of a rate judged from the first step on at training budgets: the last
+    ``SWITCH_WINDOW`` steps, or all of those known while fewer are (at least one)."""
+    return max(1, min(SWITCH_WINDOW, len(history) - 1))
+
+
 def horizon(calls_left: int, reserve: int) -> float:
     """Calls within which a slowly converging warm-up method must be projected to
     converge to keep the budget: ``reserve``, so that a slow method never holds a large
@@ -221,11 +227,11 @@ class FixedPointIteration:
     tolerance 1e-6, fixed-point iteration at a rate of 0.5 per call, held while it
     contracted faster than 0.7, ended above the tolerance where Broyden's method solved
     (BENCHMARKS.md, "Random benign problems at small budgets"). The rate is taken over
-    ``window`` steps: ``PROGRESS_WINDOW``, with any fall of the residual enough until that
-    many are known; at training budgets (at most 2 · ``reserve`` calls) ``SWITCH_WINDOW``,
-    projected from the first step on. The map expands at x0
-    when the first step grew the residual, r_1 > r_0 (judged on ||f(z) − z||), for at
-    least half the open samples.
+    ``PROGRESS_WINDOW`` steps, with any fall of the residual enough until that many are
+    known; with ``training`` (a budget of at most 2 · ``reserve`` calls) over
+    ``SWITCH_WINDOW``, projected from the first step on (:func:`_known_window`). The map
+    expands at x0 when the first step grew the residual, r_1 > r_0 (judged on
+    ||f(z) − z||), for at least half the open samples.
 
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
@@ -242,8 +248,8 @@ class FixedPointIteration:
     """
 
     def __init__(self, f: Callable[[Tensor], Tensor], reserve: int,
-                 window: int = PROGRESS_WINDOW) -> None:
-        self.f, self.reserve, self.window = f, reserve, window
+                 training: bool = False) -> None:
+        self.f, self.reserve, self.training = f, reserve, training
 
     def init(self, record: Record, x0: Tensor, tol: float) -> WarmupLoop:
         """f at x0."""
@@ -276,8 +282,7 @@ class FixedPointIteration:
             # the accelerator that follows beats slow iteration: no unbounded horizon, and
             # none past 2n calls, within which Broyden's method solves linear systems
             within = min(left, horizon(left, self.reserve), 2 * loop.z.shape[1])
-            known = min(self.window, len(history) - 1) if self.window < PROGRESS_WINDOW \
-                else PROGRESS_WINDOW
+            known = _known_window(history) if self.training else PROGRESS_WINDOW
             loop.slow = bool((open_ & ~on_time(list(history), tol, within, known)).any())
         if loop.slow and loop.calls == 2:
             loop.expanding = (2 * int((open_ & (abs_res > loop.first_res)).sum())
@@ -427,9 +432,8 @@ class AndersonIteration:
         open_ = warm.best_recent[-1] > warm.tol
         late = stop > loop.recent[-1]
         loop.recent.append(stop)
-        known = min(SWITCH_WINDOW, len(loop.recent) - 1)
-        if known > 0:
-            late |= ~on_time(list(loop.recent), warm.tol, warm.record.budget.left, known)
+        late |= ~on_time(list(loop.recent), warm.tol, warm.record.budget.left,
+                         _known_window(loop.recent))
         new = open_ & late & ~loop.switched
         any_new, loop.open_any = torch.stack([new.any(), open_.any()]).tolist()
         if any_new:
@@ -488,8 +492,7 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     if budget.left <= 0:
         return None
     # at a training budget every call counts: rates are judged from the first step on
-    window = SWITCH_WINDOW if budget.left <= 2 * reserve else PROGRESS_WINDOW
-    fixed_point = FixedPointIteration(f, reserve, window)
+    fixed_point = FixedPointIteration(f, reserve, training=budget.left <= 2 * reserve)
     loop = drive(fixed_point, fixed_point.init(record, x0, tol))
     open_ = _closed(record.best.residual(record.stop_mode), loop.hopeless) > tol
     training = 0 < budget.left < 2 * reserve
