@@ -2,6 +2,8 @@
 
     python benchmarks/path_cost.py --cost --seeds 201 202 203 --widths 64 128
     python benchmarks/path_cost.py --compare --seeds 207 208 209 --widths 64 128
+    python benchmarks/path_cost.py --cost --seeds 207 208 209 --widths 128 \
+        --options '{"homo_secant_rank": 128}'
 
 Cells: tanh(W z + x), W Gaussian scaled to ‖W‖₂ = gain, x ~ bias · N(0, 1), batch 8,
 float32, start z = 0, relative tolerance 1e-5 (``benchmarks/sweep.py``'s cells).
@@ -9,7 +11,9 @@ float32, start z = 0, relative tolerance 1e-5 (``benchmarks/sweep.py``'s cells).
 ``--cost`` (budget 20,000): samples enter the path early (``homo_secant_patience=100``); a
 sample's path cost is the evaluations of the batch from its first iterate with λ < 1 to its
 first back at λ = 1 (``info['lam_trace']``, ``info['trace_nfe']``); a path that never
-returns is counted as unfinished.
+returns is counted as unfinished. ``--options`` (a JSON object of ``homo_*`` keys) changes the
+solver's settings; the table then also counts the samples solved and the Krylov products.
+With ``--compare`` it adds a column: the default with those settings.
 
 ``--compare`` (budget 2,000): the default; ``homo_secant_patience`` set to a third of the
 budget, which is the default's patience without its condition that 16 n evaluations be left
@@ -21,6 +25,7 @@ Writes ``benchmarks/results/path_cost/{cost,compare}_<seeds>.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -63,16 +68,19 @@ def path_costs(info: dict) -> list[float | None]:
     return costs
 
 
-def cost(seeds: list[int], widths: list[int], budget: int) -> str:
-    lines = ["| n | paths | finished | median cost of finished (evaluations) | quartiles |",
-             "|---|---|---|---|---|"]
+def cost(seeds: list[int], widths: list[int], budget: int, options: dict) -> str:
+    lines = ["| n | paths | finished | median cost of finished (evaluations) | quartiles "
+             "| samples solved | Krylov products |", "|---|---|---|---|---|---|---|"]
     for n in widths:
-        finished, unfinished = [], 0
+        finished, unfinished, solved_total, samples, products = [], 0, 0, 0, 0
         for seed in seeds:
             for gain in GAINS[1:]:
                 for bias in BIASES:
-                    _, info, wall, _ = solve("homotopy", n, gain, bias, seed, budget,
-                                             homo_secant_patience=100)
+                    solved, info, wall, _ = solve("homotopy", n, gain, bias, seed, budget,
+                                                  **{"homo_secant_patience": 100, **options})
+                    solved_total += int(solved.sum())
+                    samples += solved.numel()
+                    products += info["krylov_products"]
                     costs = path_costs(info)
                     finished += [c for c in costs if c is not None]
                     unfinished += sum(c is None for c in costs)
@@ -81,15 +89,17 @@ def cost(seeds: list[int], widths: list[int], budget: int) -> str:
         quart = (statistics.quantiles(finished, n=4) if len(finished) > 1 else [float("nan")] * 3)
         median = statistics.median(finished) if finished else float("nan")
         lines.append(f"| {n} | {len(finished) + unfinished} | {len(finished)} | {median:.0f} "
-                     f"| {quart[0]:.0f}–{quart[2]:.0f} |")
+                     f"| {quart[0]:.0f}–{quart[2]:.0f} | {solved_total} / {samples} | {products} |")
     return "\n".join(lines)
 
 
-def compare(seeds: list[int], widths: list[int], budget: int) -> str:
+def compare(seeds: list[int], widths: list[int], budget: int, options: dict) -> str:
     configs = {"default": ("homotopy", {}),
                "third, unconditional": ("homotopy", {"homo_secant_patience": budget // 3}),
                "never leave": ("homotopy", {"homo_secant_patience": 10 ** 6}),
                "broyden": ("broyden", {})}
+    if options:
+        configs[f"default with {json.dumps(options)}"] = ("homotopy", options)
     totals = {name: [0, 0.0] for name in configs}
     lines = ["| cell | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
     for seed in seeds:
@@ -121,20 +131,26 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--budget", type=int, default=None,
                         help="evaluations (default 20,000 for --cost, 2,000 for --compare)")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help="homo_* keys as a JSON object (--compare: one more column), e.g. "
+                             "'{\"homo_secant_rank\": 128}'")
     parser.add_argument("--out", default="benchmarks/results/path_cost")
     args = parser.parse_args()
     torch.set_num_threads(2)
     budget = args.budget or (20000 if args.cost else 2000)
-    text = (cost if args.cost else compare)(args.seeds, args.widths, budget)
+    text = (cost(args.seeds, args.widths, budget, args.options) if args.cost
+            else compare(args.seeds, args.widths, budget, args.options))
     header = (f"Seeds {args.seeds}, widths {args.widths}, budget {budget}, batch 8, float32, "
               f"rel. tol {TOL:g}; `python benchmarks/path_cost.py "
               f"{'--cost' if args.cost else '--compare'} --seeds "
               f"{' '.join(map(str, args.seeds))} --widths {' '.join(map(str, args.widths))}`"
-              + (f" --budget {budget}" if args.budget else "") + "\n\n")
+              + (f" --budget {budget}" if args.budget else "")
+              + (f" --options '{json.dumps(args.options)}'" if args.options else "") + "\n\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "cost" if args.cost else "compare"
-    suffix = "_" + "-".join(map(str, args.seeds))
+    suffix = "_" + "-".join(map(str, args.seeds)) + "".join(
+        f"_{key.removeprefix('homo_')}{value}" for key, value in args.options.items())
     (out / f"{name}{suffix}.md").write_text(header + text + "\n")
     print(text)
 
