@@ -57,7 +57,8 @@ def solve(f, x0: torch.Tensor, solver: str, options: dict, budget: int
     return float((residual <= TOL).float().mean()), wall, residual
 
 
-def synthetic(budget: int, seeds: list[int]) -> dict[str, tuple[float, float, float]]:
+def synthetic(budget: int, seeds: list[int]
+              ) -> dict[str, tuple[float, float, float | None]]:
     """Per run over the synthetic cells: mean solved fraction, total wall time, and the
     geometric mean of the relative residual over the samples that no run solves (how far
     each method gets where none reaches the tolerance)."""
@@ -78,8 +79,13 @@ def synthetic(budget: int, seeds: list[int]) -> dict[str, tuple[float, float, fl
                 nobody = torch.stack([r > TOL for r in residuals.values()]).all(dim=0)
                 for key, r in residuals.items():
                     unsolved_logs.setdefault(key, []).append(r[nobody].log())
-    return {k: (s / c, w, float(torch.cat(unsolved_logs[k]).mean().exp()))
+    return {k: (s / c, w, _geometric_mean(torch.cat(unsolved_logs[k])))
             for k, (s, w, c) in totals.items()}
+
+
+def _geometric_mean(logs: torch.Tensor) -> float | None:
+    """exp(mean(logs)); None when there are no samples."""
+    return float(logs.mean().exp()) if logs.numel() else None
 
 
 def trained_deq(budget: int) -> dict[str, tuple[float, float]]:
@@ -135,7 +141,8 @@ def main() -> None:
              "| their samples that no solver solves: geometric-mean rel. residual "
              "| trained ‖W‖₂ = 4 DEQ, 512 forwards |",
              "|---|---|---|---|"]
-    lines += [f"| {k} | {cells[k][0]:.3f} / {cells[k][1]:.1f} | {cells[k][2]:.3g} | "
+    lines += [f"| {k} | {cells[k][0]:.3f} / {cells[k][1]:.1f} | "
+              f"{'—' if cells[k][2] is None else format(cells[k][2], '.3g')} | "
               f"{deq[k][0]:.3f} / {deq[k][1]:.2f} |" for k in cells]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
