@@ -765,3 +765,59 @@ def test_a_training_budget_judges_rates_from_the_first_step(seed):
     z, _, _ = th.homotopy_solver(f, x0, **kwargs)
     z_broyden, _, _ = th.homotopy_solver(f, x0, homo_warmup=0, **kwargs)
     torch.testing.assert_close(z, z_broyden, rtol=1e-9, atol=1e-10)
+
+
+def _host_syncs():
+    """``benchmarks/host_syncs.py`` as a module (its counter of host reads)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("host_syncs", bench / "host_syncs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("cell", ["benign (512 wide, ‖W‖₂ 1.5)",
+                                  "training budget (64 wide, ‖W‖₂ 4, 30 calls)"])
+def test_the_warm_up_reads_the_device_about_once_per_call_as_fixed_point_iteration(
+        cell, monkeypatch):
+    """Each host read of a device value is a stall on CUDA. Counted on CPU, over the same
+    Python code: TorchDEQ's fixed-point iteration reads once per call of f (the counter's
+    independent check), and the homotopy solver's warm-up (fixed-point iteration, then
+    Anderson, or the per-sample switch at a training budget) at most once per call, once
+    more at each call where samples switch to Broyden's method (their indices), and three
+    times in all (the hand-overs, Anderson's first verdict); TorchDEQ's Anderson reads
+    about twice per call."""
+    from torchdeq_homotopy import warmup
+
+    host_syncs = _host_syncs()
+    spec = host_syncs.CELLS[cell]
+    calls, counter = host_syncs.count("fixed_point_iter", spec, prefix="torchdeq")
+    assert counter.total == calls
+    switches = 0
+    join = warmup.AndersonIteration._join
+
+    def counted_join(self, loop, rows):
+        nonlocal switches
+        switches += 1
+        return join(self, loop, rows)
+
+    monkeypatch.setattr(warmup.AndersonIteration, "_join", counted_join)
+    calls, counter = host_syncs.count("homotopy", spec)
+    stalls = host_syncs.on_cuda(counter)
+    assert 0 < stalls.total() <= calls + switches + 3, (stalls, switches)
+    calls, counter = host_syncs.count("anderson", spec, prefix="torchdeq")
+    assert counter.total >= 1.8 * calls
+
+
+def test_the_path_reads_the_device_far_less_than_once_per_call():
+    """A path-only solve (GMRES's stopping test read late, as on CUDA) stalls a CUDA
+    device about twice per tracker iteration, not once per Jacobian-vector product."""
+    host_syncs = _host_syncs()
+    calls, counter = host_syncs.count("homotopy", host_syncs.CELLS["path only (128 wide, ‖W‖₂ 6)"])
+    stalls = host_syncs.on_cuda(counter)
+    assert calls > 100 and stalls.total() <= 0.3 * calls, (calls, stalls)

@@ -277,17 +277,20 @@ class FixedPointIteration:
         history, tol = loop.history, loop.tol
         history.append(stop)
         open_ = stop > tol
+        slow = torch.zeros((), dtype=torch.bool, device=stop.device)
         if len(history) > 1:
             left = loop.record.budget.left
             # the accelerator that follows beats slow iteration: no unbounded horizon, and
             # none past 2n calls, within which Broyden's method solves linear systems
             within = min(left, horizon(left, self.reserve), 2 * loop.z.shape[1])
             known = _known_window(history) if self.training else PROGRESS_WINDOW
-            loop.slow = bool((open_ & ~on_time(list(history), tol, within, known)).any())
-        if loop.slow and loop.calls == 2:
-            loop.expanding = (2 * int((open_ & (abs_res > loop.first_res)).sum())
-                              >= int(open_.sum()))
-        loop.open_any = bool(open_.any())
+            slow = (open_ & ~on_time(list(history), tol, within, known)).any()
+        verdicts = [slow, open_.any()]
+        if loop.calls == 2:      # the first step grew the residual of half the open samples
+            verdicts.append(2 * (open_ & (abs_res > loop.first_res)).sum() >= open_.sum())
+        # every verdict in one read of the device (one host sync per step)
+        loop.slow, loop.open_any, *first = torch.stack(verdicts).tolist()
+        loop.expanding = loop.slow and first == [True]
         return loop
 
 
@@ -420,8 +423,12 @@ class AndersonIteration:
             scale = gg.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(
                 torch.finfo(X.dtype).tiny)[:, None, None]
         loop.gram[:, 1:n + 1, 1:n + 1] = gg + self.lam * scale * eye
-        alpha = torch.linalg.solve(loop.gram[:, :n + 1, :n + 1],
-                                   loop.rhs[:, :n + 1])[:, 1:n + 1, 0]
+        # ``solve_ex``: without the error check, a host sync per call on CUDA. The ridge
+        # keeps the matrix regular (GGᵀ + λ s I is positive definite, so the bordered
+        # matrix's Schur complement −1ᵀ(GGᵀ + λ s I)⁻¹1 is not 0); non-finite G gives
+        # non-finite weights either way.
+        alpha = torch.linalg.solve_ex(loop.gram[:, :n + 1, :n + 1],
+                                      loop.rhs[:, :n + 1])[0][:, 1:n + 1, 0]
         return (alpha[:, None] @ F[:, :n])[:, 0]
 
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
