@@ -54,10 +54,10 @@ CHECKED_LINALG = ("solve", "inv", "cholesky", "lu_factor")
 class HostSyncCounter:
     """Counts the calls that make the host wait for a CUDA device, per call site.
 
-    A site is the innermost frame of ``site_prefix`` code on the stack (``file:function``);
-    calls made from elsewhere (the user's f, TorchDEQ's solvers) count under their own
-    innermost frame. Only the outermost of nested counted calls counts (a ``nonzero``
-    inside a mask index is one stall).
+    A site is the innermost frame on the stack whose file lies in a folder named
+    ``site_prefix`` (``file:qualified function``); reads with no such frame count under
+    ``elsewhere``. Only the outermost of nested counted calls counts (a ``nonzero`` inside
+    a mask index is one stall).
 
     Example:
         >>> with HostSyncCounter() as counter:

@@ -1,4 +1,4 @@
-"""Size sweep: every solver on tanh and conv + GroupNorm cells from 32 to 16,384 entries.
+"""Size sweep: every solver on tanh and conv + GroupNorm cells from 32 to 65,536 entries.
 
     python benchmarks/sweep.py [--seeds 200] [--tols 1e-5] [--budget 2000] [--quick]
     python benchmarks/sweep.py --quick --seeds 200 --only "conv 16" "conv 32×16×16 gain 1"
@@ -57,7 +57,7 @@ def cells(quick: bool) -> list[tuple[str, int, dict]]:
         for gain in (1.5, 3.0, 4.5, 6.0, 8.0):
             for bias in (0.1, 1.0):
                 out.append(("tanh", n, dict(n=n, gain=gain, bias=bias)))
-    for width, side in ((16, 8), (32, 16)) if quick else ((16, 8), (32, 16), (64, 16)):
+    for width, side in ((16, 8), (32, 16)) if quick else ((16, 8), (32, 16), (64, 16), (64, 32)):
         for gain in (1.0, 4.0, 8.0):
             out.append(("conv", width * side * side, dict(width=width, side=side, gain=gain)))
     return out
