@@ -10,9 +10,12 @@ counts those calls on CPU, where they run the same Python code, by wrapping each
 (:class:`HostSyncCounter`). The figure is a count of stalls, not their cost: a stall
 costs the device queue's depth, which only a GPU run measures.
 
-Reads made only on CPU, and reads of host copies, are listed in :data:`CPU_ONLY_SITES` and
-not counted as CUDA stalls. GMRES's stopping test is read late, as on CUDA
-(:func:`lagged_krylov_stops`). Cells: tanh(W z + x), float32, rel. tol 1e-5, batch 8, budget
+The plugin's solvers run their accelerator code path (:func:`accelerator_path`): no read
+to skip masked work (``torchdeq_homotopy.host.reads_cheap`` False), GMRES's stopping test
+read late from its asynchronous host copy (those reads of host memory are not counted,
+:data:`HOST_COPY_SITES`); the CPU path's reads are counted too, in a second solve.
+
+Cells: tanh(W z + x), float32, rel. tol 1e-5, batch 8, budget
 2,000, W and x from the cell's seed (``benchmarks/sweep.py``'s ``tanh_cell``), the solver's
 defaults unless said:
 
@@ -33,14 +36,14 @@ import argparse
 import collections
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torchdeq.solver import get_solver
 
 import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
-from torchdeq_homotopy import linalg
+from torchdeq_homotopy import host, linalg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import tanh_cell
@@ -126,36 +129,32 @@ def _masks(tensor: torch.Tensor, index: object, *rest: object) -> bool:
 
 
 @contextmanager
-def lagged_krylov_stops() -> Iterator[None]:
-    """GMRES reads its stopping test late, as it does on CUDA, for the duration."""
-    original = linalg.LaggedAll.__init__
+def accelerator_path() -> Iterator[None]:
+    """The plugin's accelerator code path on CPU, for the duration: no host read to skip
+    masked work (``host.reads_cheap`` False), and GMRES's stopping test read late, from
+    its host copy, as on CUDA."""
+    original_cheap, original_init = host.reads_cheap, linalg.LaggedAll.__init__
 
     def lagged(self, device, lagged=None):
-        original(self, device, True if lagged is None else lagged)
+        original_init(self, device, True if lagged is None else lagged)
 
+    host.reads_cheap = lambda t: False
     linalg.LaggedAll.__init__ = lagged
     try:
         yield
     finally:
-        linalg.LaggedAll.__init__ = original
+        host.reads_cheap, linalg.LaggedAll.__init__ = original_cheap, original_init
 
 
-CPU_ONLY_SITES = {
-    "outcome.py:BestIterate._select": "on CPU one check picks a copy or nothing over a "
-                                      "masked select; on other devices the masked select",
-    "tracker_state.py:_maybe_any": "on CPU skips empty masked updates; True elsewhere",
-    "linalg.py:SecantJacobian.observe": "on CPU gathers the rows that moved; all rows "
-                                        "elsewhere",
-    "linalg.py:LaggedAll.__call__": "reads the asynchronous host copy (pinned memory on "
-                                    "CUDA, landed before it is read)",
-}
-"""Sites whose reads are made on CPU only, or read host memory on CUDA: not stalls there."""
+HOST_COPY_SITES = {"linalg.py:LaggedAll._read"}
+"""Sites that read an asynchronous host copy on CUDA (pinned memory, landed before it is
+read): not stalls."""
 
 
-def on_cuda(counter: HostSyncCounter) -> collections.Counter[str]:
-    """The counted sites that stall a CUDA device: all but :data:`CPU_ONLY_SITES`."""
+def stalls(counter: HostSyncCounter) -> collections.Counter[str]:
+    """The counted sites that stall a CUDA device: all but :data:`HOST_COPY_SITES`."""
     return collections.Counter({site: k for site, k in counter.sites.items()
-                                if site not in CPU_ONLY_SITES})
+                                if site not in HOST_COPY_SITES})
 
 
 CELLS = {
@@ -172,8 +171,10 @@ CELLS = {
 }
 
 
-def count(solver: str, cell: dict, prefix: str = PACKAGE) -> tuple[int, HostSyncCounter]:
-    """(calls of f, the counter) of one solve."""
+def count(solver: str, cell: dict, prefix: str = PACKAGE, accelerator: bool = True
+          ) -> tuple[int, HostSyncCounter]:
+    """(calls of f, the counter) of one solve; ``accelerator``: on the plugin's
+    accelerator code path (:func:`accelerator_path`), else on CPU's."""
     options = cell.get(solver, {})
     f, x0 = tanh_cell(cell["n"], cell["gain"], cell["bias"], cell.get("seed", 200),
                       bsz=cell["bsz"])
@@ -184,7 +185,8 @@ def count(solver: str, cell: dict, prefix: str = PACKAGE) -> tuple[int, HostSync
         calls += 1
         return f(z)
 
-    with torch.no_grad(), lagged_krylov_stops(), HostSyncCounter(prefix) as counter:
+    path = accelerator_path() if accelerator else nullcontext()
+    with torch.no_grad(), path, HostSyncCounter(prefix) as counter:
         get_solver(solver)(counted, x0, max_iter=cell["budget"], tol=cell["tol"],
                            stop_mode="rel", **options)
     return calls, counter
@@ -196,16 +198,17 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=6, help="call sites listed per cell")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print("| cell | solver | calls of f | reads on CPU | stalls on CUDA | per call on CUDA "
-          "| CUDA stalls by site (most first) |")
+    print("| cell | solver | calls of f | reads, CPU path | stalls, accelerator path "
+          "| per call | stalls by site (most first) |")
     print("|---|---|---|---|---|---|---|")
     for label, cell in CELLS.items():
         for solver in [s for s in args.solvers if s in cell.get("solvers", args.solvers)]:
             prefix = PACKAGE if solver in ("homotopy", "newton_krylov") else "torchdeq"
+            _, on_cpu = count(solver, cell, prefix, accelerator=False)
             calls, counter = count(solver, cell, prefix)
-            cuda = on_cuda(counter)
+            cuda = stalls(counter)
             sites = ", ".join(f"{site} {k}" for site, k in cuda.most_common(args.top))
-            print(f"| {label} | {solver} | {calls} | {counter.total} | {cuda.total()} | "
+            print(f"| {label} | {solver} | {calls} | {on_cpu.total} | {cuda.total()} | "
                   f"{cuda.total() / max(calls, 1):.2f} | {sites} |", flush=True)
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import host
+
 Tensor = torch.Tensor
 MatVec = Callable[[Tensor], Tensor]
 
@@ -56,36 +58,49 @@ def eisenstat_walker(h_norm: Tensor, h_prev: Tensor, eta_prev: Tensor, eta_first
 
 
 class LaggedAll:
-    """``bool(mask.all())`` for a loop's stopping test, without stalling an accelerator.
+    """``bool(mask.all())`` for a loop's stopping test, without stalling an accelerator
+    at every iteration.
 
     On CPU (or with ``lagged=False``) the answer is read at once. On CUDA reading it would
-    wait for every queued kernel (a host sync per iteration), so the reduction is copied to
-    pinned host memory asynchronously instead, and read once its copy has landed
-    (``torch.cuda.Event.query``), one iteration or more later. For masks that only gain True
-    entries (rows that stop stay stopped) a stale answer is never a wrong True: the loop may
-    run past the iteration where it could have stopped, never stop early. ``lagged=True``
-    on CPU reads each answer exactly one call late (tests).
+    wait for every queued kernel (a host sync per iteration), so after the first test the
+    reduction is copied to pinned host memory asynchronously instead, and read once its
+    copy has landed (``torch.cuda.Event.query``), one iteration or more later. For masks
+    that only gain True entries (rows that stop stay stopped) a stale answer is never a
+    wrong True: the loop may run past the iteration where it could have stopped, never
+    stop early. The first test is read at once everywhere (one sync per loop): a loop
+    with nothing to do, such as a Krylov solve for which no row is required, must not run
+    a step, and on the tracker's GMRES that step would be a product charged to the
+    budget. ``lagged=True`` on CPU reads each later answer exactly one call late (tests).
 
     Example:
         >>> flag = LaggedAll(torch.device('cpu'), lagged=True)
-        >>> flag(torch.tensor([True])), flag(torch.tensor([True]))
-        (False, True)
+        >>> flag(torch.tensor([False])), flag(torch.tensor([True])), flag(torch.tensor([True]))
+        (False, False, True)
+        >>> LaggedAll(torch.device('cpu'), lagged=True)(torch.tensor([True]))   # first: at once
+        True
     """
 
     def __init__(self, device: torch.device, lagged: bool | None = None) -> None:
         self.lagged = device.type == "cuda" if lagged is None else lagged
         self._pending: tuple[Callable[[], bool], Tensor] | None = None
+        self._first = True
 
     def __call__(self, mask: Tensor) -> bool:
-        if not self.lagged:
+        if not self.lagged or self._first:
+            self._first = False
             return bool(mask.all())
         if self._pending is not None and self._pending[0]():
-            if bool(self._pending[1]):
+            if self._read(self._pending[1]):
                 return True
             self._pending = None
         if self._pending is None:
             self._pending = self._copy_to_host(mask.all())
         return False
+
+    @staticmethod
+    def _read(host_copy: Tensor) -> bool:
+        """The value of a landed host copy (host memory: no device sync)."""
+        return bool(host_copy)
 
     @staticmethod
     def _copy_to_host(flag: Tensor) -> tuple[Callable[[], bool], Tensor]:
@@ -448,7 +463,7 @@ class SecantJacobian:
             # moved, with every entry of Δf and Δz finite (a sum is finite only then)
             moved = ((dz_sq > torch.finfo(z.dtype).tiny) & (dz_sq < float("inf"))
                      & (df.sum(dim=1).abs() < float("inf")))
-            gather = (z.device.type == "cpu") if self.gather_rows is None else self.gather_rows
+            gather = host.reads_cheap(z) if self.gather_rows is None else self.gather_rows
             if gather:
                 rows = moved.nonzero().squeeze(1)
                 if rows.numel():

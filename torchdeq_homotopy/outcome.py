@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import host
+
 Tensor = torch.Tensor
 
 
@@ -146,7 +148,7 @@ class BestIterate:
             kept_fz = self.fz
         else:   # before any f is kept, rows that did not improve take this one (a copy)
             kept_fz = self.fz if self.fz is not None else fz.clone()
-        if z.device.type == "cpu":
+        if host.reads_cheap(z):
             count = int(better.sum())
             if count == 0:
                 return self.z, kept_fz

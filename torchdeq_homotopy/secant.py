@@ -317,21 +317,65 @@ class InverseBroyden:
         self._written = 0              # pairs written (zero pairs where an update was skipped)
         self._z: Tensor | None = None
         self._step: Tensor | None = None   # W (f(z) − z) at the recorded point
+        # :meth:`restart` (accelerators): each column's write number, the first write
+        # number that counts, and whether the next evaluation starts afresh
+        self._restartable = False
+        self._writes = 0
+        self._stamps = torch.zeros(0, dtype=torch.long, device=device)
+        self._counts_from = torch.zeros((), dtype=torch.long, device=device)
+        self._fresh = torch.zeros((), dtype=torch.bool, device=device)
 
     def _used(self) -> tuple[Tensor, Tensor]:
         """C and Dᵀ over the columns written so far."""
         k = min(self._written, self.C.shape[2])
         return self.C[..., :k], self.Dt[:, :k]
 
+    def _counting(self, k: int) -> Tensor | None:
+        """Which of the first k columns count (written since the last :meth:`restart`),
+        as a ``(k,)`` 0/1 mask; None while the model was never restarted (all count)."""
+        if not self._restartable:
+            return None
+        return (self._stamps[:k] >= self._counts_from).to(self.C.dtype)
+
     def apply(self, r: Tensor) -> Tensor:
         """W r = r + C (Dᵀ r)."""
         C, Dt = self._used()
-        return r + bmv(C, bmv(Dt, r))
+        coeffs = bmv(Dt, r)
+        counting = self._counting(C.shape[2])
+        if counting is not None:
+            coeffs = coeffs * counting
+        return r + bmv(C, coeffs)
 
     def apply_t(self, r: Tensor) -> Tensor:
         """Wᵀ r = r + D (Cᵀ r)."""
         C, Dt = self._used()
-        return r + torch.bmm(r.unsqueeze(1), C).matmul(Dt).squeeze(1)
+        coeffs = torch.bmm(r.unsqueeze(1), C)
+        counting = self._counting(C.shape[2])
+        if counting is not None:
+            coeffs = coeffs * counting
+        return r + coeffs.matmul(Dt).squeeze(1)
+
+    def restart(self, when: Tensor) -> None:
+        """Start afresh if ``when`` (a 0-dim bool on the model's device) holds, as a new
+        model would: W = I (the pairs written so far stop counting), and the next
+        evaluation is recorded as the start, with no pair across the gap to it. It reads
+        nothing on the host: on accelerators the model lives on through iterations in
+        which no sample is in its phase (no read tells), and a return to the phase then
+        starts from W = I, as on CPU, where the model is dropped meanwhile.
+
+        Example:
+            >>> model = InverseBroyden(1, 2, memory=8, dtype=torch.float32, device='cpu')
+            >>> for z in ([0.0, 0.0], [1.0, 0.5]):
+            ...     _ = model.observe(torch.tensor([z]), torch.tensor([[2.0, 1.0]]))
+            >>> model.restart(torch.tensor(True))
+            >>> _ = model.observe(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]]))
+            >>> model.step()                     # W = I again: the fixed-point step
+            tensor([[3., 4.]])
+        """
+        self._restartable = True
+        writes = torch.tensor(self._writes, dtype=torch.long, device=self._fresh.device)
+        self._counts_from = torch.where(when, writes, self._counts_from)
+        self._fresh = self._fresh | when
 
     def step(self) -> Tensor:
         """Broyden's step δ = W (f(z) − z) at the last recorded point (computed by
@@ -359,6 +403,12 @@ class InverseBroyden:
         denom = (s * w_dg).sum(dim=1)
         ok = (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom) \
             & ((s * s).sum(dim=1) > 0) & finite
+        if self._restartable:            # a fresh start records z, as a new model's first call
+            fresh = self._fresh
+            ok = ok & ~fresh
+            self._z = torch.where(fresh, z, self._z)
+            self._step = torch.where(fresh, w_g, self._step)
+            self._fresh = torch.zeros_like(fresh)
         safe = torch.where(ok, denom, torch.ones_like(denom))[:, None]
         c = torch.where(ok[:, None], -(s + w_dg) / safe, torch.zeros_like(s))
         d = torch.where(ok[:, None], self.apply_t(s), torch.zeros_like(s))
@@ -373,7 +423,9 @@ class InverseBroyden:
         if self._written < self.memory:
             return 0.0
         slot = self._written % self.memory
-        return self.C[..., slot] * (self.Dt[:, slot] * g).sum(dim=1, keepdim=True)
+        term = self.C[..., slot] * (self.Dt[:, slot] * g).sum(dim=1, keepdim=True)
+        counting = self._counting(slot + 1)
+        return term if counting is None else term * counting[slot]
 
     def _write(self, c: Tensor, d: Tensor) -> None:
         """Store the pair (c, d) of every sample in column ``written mod memory``, in place,
@@ -390,7 +442,9 @@ class InverseBroyden:
         slot = self._written % self.memory
         self.C[..., slot] = c
         self.Dt[:, slot] = d
+        self._stamps[slot] = self._writes
         self._written += 1
+        self._writes += 1
 
     def _grow(self, extra: int) -> None:
         """``extra`` more columns (doubling from 4: amortised O(1) copies per pair, and a
@@ -398,6 +452,7 @@ class InverseBroyden:
         self.C = torch.cat([self.C, self.C.new_zeros(*self.C.shape[:2], extra)], dim=2)
         self.Dt = torch.cat([self.Dt, self.Dt.new_zeros(self.Dt.shape[0], extra,
                                                         self.Dt.shape[2])], dim=1)
+        self._stamps = torch.cat([self._stamps, self._stamps.new_zeros(extra)])
 
     def _merge(self) -> None:
         """C ← C Dᵀ (n × n per sample), D ← I: the same W in n columns, the other n
@@ -412,9 +467,13 @@ class InverseBroyden:
         C, Dt = self._used()
         n = C.shape[1]
         wide = _wide(C.dtype, C.device)
+        counting = self._counting(C.shape[2])
+        if counting is not None:            # only the pairs since the last restart
+            C = C * counting
         merged = torch.bmm(C.to(wide), Dt.to(wide)).to(C.dtype)
         self.C.zero_()
         self.Dt.zero_()
         self.C[..., :n] = merged
         self.Dt[:, :n] = torch.eye(n, dtype=C.dtype, device=C.device)
+        self._stamps[:n] = self._writes      # the merged columns count from here on
         self._written = n

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import host
 from .config import SOLVER_KEYS
 from .outcome import Status, _where
 
@@ -120,7 +121,7 @@ def _maybe_any(mask: Tensor) -> bool:
     """False only when ``mask`` is known to be empty: checked on CPU, where the host check
     costs less than the masked updates it skips; assumed True on accelerators, where it
     would be a device sync."""
-    return mask.device.type != "cpu" or bool(mask.any())
+    return not host.reads_cheap(mask) or bool(mask.any())
 
 
 def _e_lambda(like: Tensor) -> Tensor:
@@ -267,6 +268,7 @@ class JacobianModels:
     x0_fz: Tensor | None = None   # f(z0) if an earlier phase evaluated it (free then)
     low_rank: LowRankJacobian | None = None   # secant solves: J_f ≈ U Vᵀ per sample
     broyden: InverseBroyden | None = None     # secant solves' NEWTON phase (Broyden)
+    broyden_rows: Tensor | None = None        # the samples in it at its last step
     generator: torch.Generator | None = None  # the restarts' perturbations (fixed seed)
     krylov_solves: int = 0        # GMRES solves run, and the products they made
     krylov_products: int = 0

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from . import host
 from .homotopies import HOMOTOPIES
 from .linalg import finite_rows
 from .outcome import Budget, Record, Status, _where, by_stop_mode
@@ -179,21 +180,28 @@ class PhaseTransitions:
         """Broyden's step δ = W (f(z) - z) (:class:`~torchdeq_homotopy.secant.InverseBroyden`,
         memory ``homo_broyden_memory``, default the budget as in TorchDEQ) for ``rows``;
         the model observes every evaluation, so its updates follow each sample's steps."""
-        if not _maybe_any(rows):     # no sample returns to this phase: free the pairs
-            models.broyden = None
+        if not _maybe_any(rows):     # no sample in this phase (CPU): free the pairs
+            models.broyden = models.broyden_rows = None
             return delta, finite
-        step, ok = self._broyden_direction(models, z, fz, max_evals)
+        step, ok = self._broyden_direction(models, z, fz, max_evals, rows)
         step = torch.cat([step, torch.zeros_like(step[:, :1])], dim=1)
         return _where(rows, step, delta), torch.where(rows, ok, finite)
 
     def _broyden_direction(self, models: JacobianModels, z: Tensor, fz: Tensor,
-                           max_evals: int) -> tuple[Tensor, Tensor]:
+                           max_evals: int, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The model observes f(z) (built at the first call), and Broyden's step
-        δ = W (f(z) − z) for every sample, ``(B, n)``, with where it is finite."""
+        δ = W (f(z) − z) for every sample, ``(B, n)``, with where it is finite; ``rows``:
+        the samples in the phase. On CPU the model is dropped while no sample is in the
+        phase (:meth:`_broyden_step`) and a return builds a new one; on accelerators, where
+        knowing that would take a host read, it lives on and restarts when the phase was
+        empty at its last call (:meth:`InverseBroyden.restart`): the same steps."""
         if models.broyden is None:
             memory = self.opt.broyden_memory or max_evals
             models.broyden = InverseBroyden(z.shape[0], self.n, memory, z.dtype, z.device,
                                             merge=memory >= max_evals)
+        elif models.broyden_rows is not None and not host.reads_cheap(rows):
+            models.broyden.restart(~models.broyden_rows.any())
+        models.broyden_rows = rows
         f_finite = models.broyden.observe(z, fz)
         step = models.broyden.step()
         return step, finite_rows(step) & f_finite
