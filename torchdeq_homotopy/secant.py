@@ -373,7 +373,8 @@ class InverseBroyden:
             tensor([[3., 4.]])
         """
         self._restartable = True
-        writes = torch.tensor(self._writes, dtype=torch.long, device=self._fresh.device)
+        # a fill, not a copy from the host (which would wait for the device's queue)
+        writes = torch.full((), self._writes, dtype=torch.long, device=self._fresh.device)
         self._counts_from = torch.where(when, writes, self._counts_from)
         self._fresh = self._fresh | when
 
