@@ -39,9 +39,11 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from host_syncs import accelerator_path
 from torchdeq import get_deq
 from torchdeq.solver import get_solver
 
@@ -259,23 +261,21 @@ def main() -> None:
                         help="the plugin's accelerator code path, run on CPU")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    if args.accelerator_path:
-        from host_syncs import accelerator_path
-        accelerator_path().__enter__()      # for the whole run
     path = ", the accelerator code path" if args.accelerator_path else ""
     lines = [f"Random client sweep, seed {args.seed}, {args.seconds:g} s per family{path}.",
              "", "| family | runs | failures |", "|---|---|---|"]
-    for name, draw in FAMILIES.items():
-        rng, runs, failures = random.Random(f"{name}-{args.seed}"), 0, 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < args.seconds:
-            desc, wrong = draw(rng, runs)
-            runs += 1
-            if wrong:
-                failures += 1
-                print(f"FAIL {name} {desc}: {wrong}", flush=True)
-        lines.append(f"| {name} | {runs} | {failures} |")
-        print(lines[-1], flush=True)
+    with accelerator_path() if args.accelerator_path else nullcontext():
+        for name, draw in FAMILIES.items():
+            rng, runs, failures = random.Random(f"{name}-{args.seed}"), 0, 0
+            start = time.perf_counter()
+            while time.perf_counter() - start < args.seconds:
+                desc, wrong = draw(rng, runs)
+                runs += 1
+                if wrong:
+                    failures += 1
+                    print(f"FAIL {name} {desc}: {wrong}", flush=True)
+            lines.append(f"| {name} | {runs} | {failures} |")
+            print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

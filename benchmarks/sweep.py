@@ -31,12 +31,13 @@ from homotopy_zoo.models import Cell
 SOLVERS = ["fixed_point_iter", "anderson", "broyden", "newton_krylov", "homotopy"]
 
 
-def tanh_cell(n: int, gain: float, bias: float, seed: int, bsz: int = 8):
+def tanh_cell(n: int, gain: float, bias: float, seed: int, bsz: int = 8,
+              dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(n, n, generator=g)
+    W = torch.randn(n, n, generator=g, dtype=dtype)
     W = W / torch.linalg.matrix_norm(W, 2) * gain
-    x = bias * torch.randn(bsz, n, generator=g)
-    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(bsz, n)
+    x = bias * torch.randn(bsz, n, generator=g, dtype=dtype)
+    return (lambda z: torch.tanh(z @ W.T + x)), torch.zeros(bsz, n, dtype=dtype)
 
 
 def conv_cell(width: int, side: int, gain: float, seed: int, bsz: int = 8):

@@ -865,15 +865,14 @@ def test_the_accelerator_code_path_gives_the_cpu_paths_solves(cell, monkeypatch)
     from torchdeq_homotopy import host
 
     spec = _host_syncs().CELLS[cell]
-    g = torch.Generator().manual_seed(spec.get("seed", 200))
-    W = torch.randn(spec["n"], spec["n"], generator=g, dtype=torch.float64)
-    W = W / torch.linalg.matrix_norm(W, 2) * spec["gain"]
-    x = spec["bias"] * torch.randn(spec["bsz"], spec["n"], generator=g, dtype=torch.float64)
+    import sweep  # on the path once _host_syncs has run
+
+    f, x0 = sweep.tanh_cell(spec["n"], spec["gain"], spec["bias"], spec.get("seed", 200),
+                            bsz=spec["bsz"], dtype=torch.float64)
 
     def solve():
         with torch.no_grad():
-            return get_solver("homotopy")(lambda z: torch.tanh(z @ W.T + x), torch.zeros_like(x),
-                                          max_iter=spec["budget"], tol=spec["tol"],
+            return get_solver("homotopy")(f, x0, max_iter=spec["budget"], tol=spec["tol"],
                                           stop_mode="rel", **spec.get("homotopy", {}))
 
     z_cpu, _, info_cpu = solve()
