@@ -579,6 +579,53 @@ def test_training_budget_takes_broydens_iterates_where_the_map_expands():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"call {k}")
 
 
+def test_no_switch_to_broyden_in_the_last_m_calls(monkeypatch):
+    """Rows leave Anderson for Broyden's method only while more than m (Anderson's memory,
+    6) calls are left: on the expansive map above, whose rows all want to switch at the
+    first judgement (after 2 calls), a budget of 8 keeps every row in Anderson, and one of
+    9 switches them."""
+    from torchdeq_homotopy import warmup
+
+    joined = []
+    join = warmup.AndersonIteration._join
+
+    def counted_join(self, loop, rows):
+        joined.append(len(rows))
+        return join(self, loop, rows)
+
+    monkeypatch.setattr(warmup.AndersonIteration, "_join", counted_join)
+    f = tanh_cell(3, 10, 5.0, seed=4, dtype=torch.float64)
+    x0 = torch.zeros(3, 10, dtype=torch.float64)
+    _, _, info = th.homotopy_solver(f, x0, max_iter=8, tol=1e-12)
+    assert joined == [] and float(info["nfe"][0]) == 8
+    th.homotopy_solver(f, x0, max_iter=9, tol=1e-12)
+    assert joined == [3]
+
+
+def test_a_few_calls_return_f_at_the_best_iterate_where_f_contracts():
+    """At a budget of a few calls on a contracting cell (‖W‖₂ 0.5), the samples that did not
+    converge return f at their best iterate (f applied here to ``homo_return='best'``'s
+    state, the same iterates), with a residual below the best iterate's (recomputed); the
+    converged ones return their best iterate. On an expansive cell at a training budget,
+    where the rows take Broyden's steps, every sample returns its best iterate."""
+    f = tanh_cell(32, 64, 0.5, seed=600)
+    x0 = torch.zeros(32, 64)
+    z_best, _, best = th.homotopy_solver(f, x0, max_iter=6, tol=1e-4, homo_return="best")
+    z, _, info = th.homotopy_solver(f, x0, max_iter=6, tol=1e-4)
+    image = info["image"]
+    assert image.sum() >= 8 and not best["image"].any()
+    assert not (image & info["converged"]).any()
+    torch.testing.assert_close(z[image], f(z_best)[image], rtol=0, atol=1e-6)
+    assert torch.equal(z[~image], z_best[~image])
+    residual = (f(z) - z).norm(dim=1)
+    assert (residual[image] < 0.5 * info["abs_lowest"][image]).all()
+    torch.testing.assert_close(info["abs_lowest"], best["abs_lowest"])
+
+    hard = tanh_cell(8, 16, 5.0, seed=4)
+    _, _, info = th.homotopy_solver(hard, torch.zeros(8, 16), max_iter=30, tol=1e-6)
+    assert not info["converged"].all() and not info["image"].any()
+
+
 def test_training_budget_gives_each_row_the_method_that_converges():
     """One batch, rows of two kinds: a slowly contracting linear map (Anderson's) and an
     expansive tanh cell on which Anderson fails. At ``max_iter`` 30 every row meets the

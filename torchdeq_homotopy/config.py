@@ -189,6 +189,14 @@ SOLVER_KEYS: dict[str, Key] = {
             check_doc="> 0 or None"),
         Key("homo_strict", False, "raise HomotopyConvergenceError when any sample fails "
             "instead of reporting it in info['status']", kind=bool),
+        Key("homo_return", "image", "the state returned for a sample that did not converge: "
+            "'image' returns f at its best iterate where the fixed-point or Anderson step "
+            "into that iterate shrank distances by f at least twofold (secant ratio < 1/2), "
+            "one fixed-point step further, as TorchDEQ's fixed_point_iter and anderson "
+            "return for every sample, its residual not evaluated (info['image'] marks "
+            "them; info's residuals are the best iterate's); 'best' always returns the best "
+            "evaluated iterate. A converged sample always returns its best iterate",
+            choices=("image", "best")),
     ]
 }
 

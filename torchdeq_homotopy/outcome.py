@@ -126,17 +126,26 @@ class BestIterate:
     rel_res: Tensor
     step: Tensor
     fz: Tensor | None = None    # f at z, where the caller passes it to update
+    contraction: Tensor | None = None   # q of the step into z (:meth:`Record.add`); inf: none
 
     def update(self, z: Tensor, abs_res: Tensor, rel_res: Tensor, stop_mode: str,
-               used: int, fz: Tensor | None = None) -> None:
+               used: int, fz: Tensor | None = None, contraction: Tensor | None = None
+               ) -> None:
         """Keep (z, f(z)) where its residual beats the best one so far; ``used``: the
-        evaluations spent when z was evaluated."""
+        evaluations spent when z was evaluated; ``contraction``: the secant ratio q of the
+        step that reached z (inf where not measured)."""
         better = (by_stop_mode(stop_mode, abs_res, rel_res)
                   < by_stop_mode(stop_mode, self.abs_res, self.rel_res))
         self.z, self.fz = self._select(better, z, fz)
         self.abs_res = torch.where(better, abs_res, self.abs_res)
         self.rel_res = torch.where(better, rel_res, self.rel_res)
         self.step = self.step.masked_fill(better, float(used))
+        if contraction is not None:
+            kept = (self.contraction if self.contraction is not None
+                    else torch.full_like(contraction, float("inf")))
+            self.contraction = torch.where(better, contraction, kept)
+        elif self.contraction is not None:
+            self.contraction = self.contraction.masked_fill(better, float("inf"))
 
     def _select(self, better: Tensor, z: Tensor, fz: Tensor | None
                 ) -> tuple[Tensor, Tensor | None]:
@@ -181,6 +190,28 @@ class TrackerResult:
     restarts: Tensor | None = None
     krylov_solves: int = 0
     krylov_products: int = 0
+    fz_best: Tensor | None = None         # f at z_best
+    contraction_best: Tensor | None = None   # q of the step into z_best (inf: not measured)
+
+
+def secant_ratio(z: Tensor, fz: Tensor, z_prev: Tensor, fz_prev: Tensor) -> Tensor:
+    """Per sample, how much f stretched the last step,
+
+        q = ||f(z) − f(z_prev)|| / ||z − z_prev||,
+
+    inf where the step is zero or q is not finite. After a fixed-point step
+    (z = f(z_prev)) q is the residual's ratio r(z) / r(z_prev), f's stretching along the
+    residual itself.
+
+    Example:
+        >>> z0, z1 = torch.zeros(1, 2), torch.ones(1, 2)
+        >>> secant_ratio(z1, 0.5 * z1, z0, 0.5 * z0)
+        tensor([0.5000])
+    """
+    step = torch.linalg.vector_norm(z - z_prev, dim=1)
+    q = torch.linalg.vector_norm(fz - fz_prev, dim=1) / step
+    return q.nan_to_num(nan=float("inf"), posinf=float("inf")).masked_fill(step == 0,
+                                                                           float("inf"))
 
 
 @dataclass
@@ -208,6 +239,7 @@ class Record:
     rel_trace: list[Tensor] = field(default_factory=list)
     trace_nfe: list[int] = field(default_factory=list)
     lam_trace: list[Tensor] = field(default_factory=list)
+    last: tuple[Tensor, Tensor] | None = None    # (z, f(z)) of the last evaluation
 
     @classmethod
     def start(cls, x0: Tensor, budget: Budget, stop_mode: str,
@@ -219,17 +251,29 @@ class Record:
         return cls(budget=budget, best=best, stop_mode=stop_mode,
                    indexing=sorted(indexing or []))
 
-    def add(self, z: Tensor, fz: Tensor, lam: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def add(self, z: Tensor, fz: Tensor, lam: Tensor | None = None,
+            mixing: Tensor | bool = False) -> tuple[Tensor, Tensor]:
         """Record fz = f(z), already counted in the budget, at homotopy parameter ``lam``
         (default 1): the residuals (returned), the traces, the best iterate and the
-        trajectory entries whose evaluation count is now reached."""
+        trajectory entries whose evaluation count is now reached. ``mixing``: the rows (or
+        all, True) whose step to z was a fixed-point or Anderson step from the last
+        evaluated point; for them the best iterate keeps the step's :func:`secant_ratio`
+        (which :func:`~torchdeq_homotopy.solvers.returned_state` reads). ``z`` and ``fz``
+        are held until the next call and must not be written in place before it."""
         abs_res, rel_res = residuals(z, fz)
         used = self.budget.used
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         self.trace_nfe.append(used)
         self.lam_trace.append(torch.ones_like(abs_res) if lam is None else lam.clone())
-        self.best.update(z, abs_res, rel_res, self.stop_mode, used, fz=fz)
+        contraction = None
+        if self.last is not None and (not isinstance(mixing, bool) or mixing):
+            contraction = secant_ratio(z, fz, *self.last)
+            if not isinstance(mixing, bool):
+                contraction = contraction.masked_fill(~mixing, float("inf"))
+        self.last = (z, fz)
+        self.best.update(z, abs_res, rel_res, self.stop_mode, used, fz=fz,
+                         contraction=contraction)
         while (len(self.trajectory) < len(self.indexing)
                and self.indexing[len(self.trajectory)] <= used):
             self.trajectory.append(self.best.z.clone())
@@ -248,4 +292,7 @@ class Record:
             trajectory=self.trajectory + [best.z.clone() for _ in range(missing)],
             trace_nfe=self.trace_nfe, lam_trace=self.lam_trace,
             restarts=torch.zeros_like(status) if restarts is None else restarts,
-            krylov_solves=krylov_solves, krylov_products=krylov_products)
+            krylov_solves=krylov_solves, krylov_products=krylov_products,
+            fz_best=best.fz,
+            contraction_best=(best.contraction if best.contraction is not None
+                              else torch.full_like(best.abs_res, float("inf"))))

@@ -105,10 +105,11 @@ class TrackerOptions:
     @classmethod
     def from_keys(cls, opts: dict[str, Any], track: bool, max_iter: int) -> TrackerOptions:
         """From resolved ``homo_*`` solver keys. The keys the tracker does not read
-        (``homo_strict``, ``homo_warmup``) are dropped; Newton–Krylov (``track=False``) takes
-        Newton steps for the whole budget, with GMRES under ``'auto'``."""
+        (``homo_strict``, ``homo_warmup``, ``homo_return``) are dropped; Newton–Krylov
+        (``track=False``) takes Newton steps for the whole budget, with GMRES under
+        ``'auto'``."""
         taken = {k[len("homo_"):]: v for k, v in opts.items()
-                 if k not in ("homo_strict", "homo_warmup")}
+                 if k not in ("homo_strict", "homo_warmup", "homo_return")}
         options = cls(**taken, track=track)
         if not track:
             options.newton_iters = max_iter

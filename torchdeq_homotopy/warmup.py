@@ -195,13 +195,14 @@ class WarmupLoop:
         return self.record.budget.used
 
 
-def _evaluate(f: Callable[[Tensor], Tensor], loop: WarmupLoop, z: Tensor
-              ) -> tuple[Tensor, Tensor]:
-    """f at z, counted and recorded; returns (f(z), the residual of the stop mode, 0 on
-    hopeless rows)."""
+def _evaluate(f: Callable[[Tensor], Tensor], loop: WarmupLoop, z: Tensor,
+              mixing: Tensor | bool = True) -> tuple[Tensor, Tensor]:
+    """f at z, counted and recorded (``mixing``: the rows that reached z by a fixed-point
+    or Anderson step, :meth:`~torchdeq_homotopy.outcome.Record.add`); returns (f(z), the
+    residual of the stop mode, 0 on hopeless rows)."""
     loop.record.budget.spend()
     fz = f(z)
-    abs_res, rel_res = loop.record.add(z, fz)
+    abs_res, rel_res = loop.record.add(z, fz, mixing=mixing)
     loop.best_recent.append(_closed(loop.record.best.residual(loop.record.stop_mode),
                                     loop.hopeless))
     return fz, _closed(by_stop_mode(loop.record.stop_mode, abs_res, rel_res), loop.hopeless)
@@ -345,7 +346,7 @@ class AndersonIteration:
     n Anderson iterates as secant pairs (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})), in
     one compact update (:func:`~torchdeq_homotopy.secant.compact_inverse`). One call of f
     still serves the whole batch: Anderson where it converges, Broyden's method where it
-    stalls or diverges.
+    stalls or diverges. Rows stop switching once m or fewer calls are left.
 
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
@@ -402,7 +403,8 @@ class AndersonIteration:
             X[:, k % m] = self._mix(loop)
         if loop.model is not None:
             X[loop.rows, k % m] = loop.model.next_point()
-        F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m])
+        mixing = True if loop.switched is None else ~loop.switched
+        F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m], mixing)
         loop.k = k + 1
         if loop.model is not None:
             loop.model.observe(X[loop.rows, k % m], F[loop.rows, k % m])
@@ -434,7 +436,13 @@ class AndersonIteration:
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
         """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
         for the calls left, to Broyden's method, and note whether any row is still open
-        (for :meth:`terminate`): one host sync for both."""
+        (for :meth:`terminate`): one host sync for both.
+
+        No row switches once m or fewer calls are left (m: Anderson's memory): Broyden's
+        model, seeded with the row's last m Anderson pairs, only does better than
+        Anderson's window of m pairs once it holds more of them. At budgets of 4–8 calls
+        on tanh cells 32 and 256 wide (seeds 600–601) the switch had cost 1.5–2× the time
+        of the solve and ended no lower (BENCHMARKS.md, "Budgets of a few calls")."""
         warm = loop.warm
         open_ = warm.best_recent[-1] > warm.tol
         late = stop > loop.recent[-1]
@@ -442,6 +450,8 @@ class AndersonIteration:
         late |= ~on_time(list(loop.recent), warm.tol, warm.record.budget.left,
                          _known_window(loop.recent))
         new = open_ & late & ~loop.switched
+        if warm.record.budget.left <= self.m:
+            new = torch.zeros_like(new)     # too few calls left for Broyden to pay off
         any_new, loop.open_any = torch.stack([new.any(), open_.any()]).tolist()
         if any_new:
             self._join(loop, new.nonzero().squeeze(1))
