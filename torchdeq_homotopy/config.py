@@ -125,7 +125,7 @@ SOLVER_KEYS: dict[str, Key] = {
             "evaluations. With fewer left (training budgets) the warm-up keeps the budget "
             "and, judging rates from the first call on, each sample switches for good to "
             "Broyden's method when its residual grows or its rate would miss the "
-            "tolerance; 0: no warm-up",
+            "tolerance (not in the last 6 calls, Anderson's memory); 0: no warm-up",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_newton_iters", 6, "Newton steps at λ = 1 tried first (with dense solves, "
             "those taken with an exact Jacobian; secant steps between are free); a sample "

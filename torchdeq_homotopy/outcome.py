@@ -194,6 +194,13 @@ class TrackerResult:
     contraction_best: Tensor | None = None   # q of the step into z_best (inf: not measured)
 
 
+SECANT_WINDOW = 6
+"""Calls at the end of a budget within which :meth:`Record.add` measures the secant ratio of
+fixed-point and Anderson steps: a best iterate reached earlier has stalled, and its image is
+not taken. Measuring at every call cost 5–8 % of a solve's time on 256-wide states at batch
+32 (``benchmarks/call_overhead.py``)."""
+
+
 def secant_ratio(z: Tensor, fz: Tensor, z_prev: Tensor, fz_prev: Tensor) -> Tensor:
     """Per sample, how much f stretched the last step,
 
@@ -257,9 +264,10 @@ class Record:
         (default 1): the residuals (returned), the traces, the best iterate and the
         trajectory entries whose evaluation count is now reached. ``mixing``: the rows (or
         all, True) whose step to z was a fixed-point or Anderson step from the last
-        evaluated point; for them the best iterate keeps the step's :func:`secant_ratio`
-        (which :func:`~torchdeq_homotopy.solvers.returned_state` reads). ``z`` and ``fz``
-        are held until the next call and must not be written in place before it."""
+        evaluated point; for them, within the budget's last ``SECANT_WINDOW`` calls, the
+        best iterate keeps the step's :func:`secant_ratio` (which
+        :func:`~torchdeq_homotopy.solvers.returned_state` reads). ``z`` and ``fz`` are held
+        until the next call and must not be written in place before it."""
         abs_res, rel_res = residuals(z, fz)
         used = self.budget.used
         self.abs_trace.append(abs_res)
@@ -267,7 +275,8 @@ class Record:
         self.trace_nfe.append(used)
         self.lam_trace.append(torch.ones_like(abs_res) if lam is None else lam.clone())
         contraction = None
-        if self.last is not None and (not isinstance(mixing, bool) or mixing):
+        measured = not isinstance(mixing, bool) or mixing
+        if self.last is not None and measured and self.budget.left < SECANT_WINDOW:
             contraction = secant_ratio(z, fz, *self.last)
             if not isinstance(mixing, bool):
                 contraction = contraction.masked_fill(~mixing, float("inf"))
