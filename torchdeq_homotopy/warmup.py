@@ -314,6 +314,7 @@ class AndersonLoop:
         default_factory=lambda: deque(maxlen=SWITCH_WINDOW + 1))
     switched: Tensor | None = None
     rows: Tensor | None = None
+    row_index: Tensor | slice | None = None   # ``rows``, or ``slice(None)`` when it is 0..B−1
     model: StepBroyden | None = None
     columns: int = 0   # steps a Broyden model may take: the calls left, and its first
     open_any: bool = True   # some row above tol after the last call (per-row switching)
@@ -402,12 +403,12 @@ class AndersonIteration:
         if loop.model is None or loop.model.rows < X.shape[0]:
             X[:, k % m] = self._mix(loop)
         if loop.model is not None:
-            X[loop.rows, k % m] = loop.model.next_point()
+            X[loop.row_index, k % m] = loop.model.next_point()
         mixing = True if loop.switched is None else ~loop.switched
         F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m], mixing)
         loop.k = k + 1
         if loop.model is not None:
-            loop.model.observe(X[loop.rows, k % m], F[loop.rows, k % m])
+            loop.model.observe(X[loop.row_index, k % m], F[loop.row_index, k % m])
         if self.switch:
             self._judge(loop, stop)
         return loop
@@ -465,7 +466,11 @@ class AndersonIteration:
                                      device=X.device, capacity=X.shape[0], seed_width=m - 1)
         order = torch.arange(k - min(k, m), k, device=X.device) % m          # oldest first
         loop.model.append(X[rows][:, order], F[rows][:, order])
+        # the whole batch in one switch: ``rows`` (sorted, from ``nonzero``) is 0..B−1, and
+        # the model's rows are X's and F's own (views of them, no gathers)
+        whole = loop.rows is None and len(rows) == X.shape[0]
         loop.rows = rows if loop.rows is None else torch.cat([loop.rows, rows])
+        loop.row_index = slice(None) if whole else loop.rows
         loop.switched[rows] = True
 
     def terminate(self, loop: AndersonLoop) -> bool:
