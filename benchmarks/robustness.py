@@ -24,9 +24,10 @@ In the last two, half the runs first make a forward under ``torch.no_grad`` or
 training would.
 
 A run fails when it raises, returns the wrong shape or dtype, claims CONVERGED where the
-recomputed residual misses the tolerance, spends more than its budget (solvers), or returns
-non-finite states or gradients (HomoODE, whose maps are bounded; gradients of the DEQ
-configs). Failures are printed with everything needed to rerun them.
+recomputed residual misses the tolerance, spends more than its budget (solvers), returns f at
+the best iterate (``info['image']``) for a converged sample, under ``homo_return='best'`` or
+non-finite, or returns non-finite states or gradients (HomoODE, whose maps are bounded;
+gradients of the DEQ configs). Failures are printed with everything needed to rerun them.
 
 ``--accelerator-path`` runs the plugin's accelerator code path on CPU
 (``host_syncs.accelerator_path``: no host read to skip masked work, GMRES's stopping test
@@ -58,7 +59,8 @@ SOLVER_VALUES = dict(
     homo_secant_rank=[1, 4, 32, 160], homo_broyden_memory=[None, 1, 3, 50],
     homo_secant_patience=[None, 1, 5], homo_krylov_dim=[1, 5, 40, 200],
     homo_forcing=["eisenstat_walker", "constant"], homo_restarts=[0, 2],
-    homo_corrector_iters=[1, 4], homo_step_init=[0.01, 0.1, 1.0])
+    homo_corrector_iters=[1, 4], homo_step_init=[0.01, 0.1, 1.0],
+    homo_return=["image", "best"])
 
 
 def _matrix(n: int, gain: float, seed: int, dtype: torch.dtype) -> Tensor:
@@ -87,6 +89,11 @@ def _solver_failures(solver: str, f: Callable[[Tensor], Tensor], x0: Tensor, bud
     converged = info["converged"]
     if slack is not None and (converged & ~(res <= tol * 1.05 + slack)).any():
         wrong.append(f"CONVERGED at residual {res[converged].max().item():.2e}")
+    image = info.get("image", torch.zeros_like(converged))
+    if (image & converged).any() or (image.any() and options.get("homo_return") == "best"):
+        wrong.append("f at the best iterate returned where it must not be")
+    if image.any() and not torch.isfinite(zd[image]).all():
+        wrong.append("a non-finite image returned")
     if float(info["nfe"].max()) > budget:
         wrong.append(f"{float(info['nfe'].max())} evaluations over a budget of {budget}")
     return wrong
