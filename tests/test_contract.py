@@ -227,6 +227,35 @@ def test_tracker_options_come_from_the_solver_keys():
     assert newton_krylov.newton_iters == 77 and newton_krylov.linear_solver == "gmres"
 
 
+def test_record_measures_the_contraction_of_the_step_into_the_best_iterate():
+    """Fixed-point steps of f(z) = A z, A = diag(1/4, 1/2): the secant ratio of
+    each step is the row's factor (1/4 along e_1, 1/2 along e_2), kept with the best iterate
+    for the rows that took a measured step in the budget's last ``SECANT_WINDOW`` calls,
+    inf for the others (earlier calls, or rows not marked as ``mixing``)."""
+    from torchdeq_homotopy.outcome import SECANT_WINDOW, Budget, Record
+
+    scale = torch.tensor([[0.25, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    x0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)   # rows on e_1, e_2
+    f = lambda z: z @ scale.T                                            # noqa: E731
+    budget = SECANT_WINDOW + 3
+    record = Record.start(x0, Budget(budget), "abs")
+    z = x0
+    for call in range(1, budget + 1):
+        record.budget.spend()
+        fz = f(z)
+        record.add(z, fz, mixing=torch.tensor([True, call < budget]))
+        q = record.best.contraction
+        if call <= budget - SECANT_WINDOW:          # before the window: not measured
+            assert q is None or torch.isinf(q).all()
+        z = fz
+    # the last call: row 0 measured (1/4), row 1 not marked as mixing (inf)
+    torch.testing.assert_close(record.best.contraction[0],
+                               torch.tensor(0.25, dtype=torch.float64))
+    assert torch.isinf(record.best.contraction[1])
+    result = record.result(status=torch.full((2,), int(Status.MAX_EVALS)), lam=torch.ones(2))
+    torch.testing.assert_close(result.fz_best, f(result.z_best))
+
+
 @pytest.mark.parametrize("improves", ["none", "some", "all"])
 def test_best_iterate_keeps_each_rows_best_and_owns_its_copy(improves):
     """The best iterate takes exactly the rows whose residual fell (checked row by row),
