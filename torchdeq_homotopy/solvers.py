@@ -301,7 +301,7 @@ def homotopy_solver(func: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int 
             per element.
         max_iter: evaluation budget (calls of f plus Jacobian-vector products).
         tol: tolerance on the residual ||f(z) - z|| ('abs') or ||f(z) - z|| / ||f(z)||
-            ('rel'); 0 spends the whole budget and returns the best iterate.
+            ('rel'); 0 spends the whole budget (only an exact fixed point converges).
         stop_mode: 'abs' or 'rel'.
         indexing: 1-based evaluation counts at which the best iterate so far is recorded
             in ``trajectory`` (every index yields one entry).
