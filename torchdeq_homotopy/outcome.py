@@ -275,10 +275,9 @@ class Record:
         self.trace_nfe.append(used)
         self.lam_trace.append(torch.ones_like(abs_res) if lam is None else lam.clone())
         contraction = None
-        measured = not isinstance(mixing, bool) or mixing
-        if self.last is not None and measured and self.budget.left < SECANT_WINDOW:
+        if self.last is not None and mixing is not False and self.budget.left < SECANT_WINDOW:
             contraction = secant_ratio(z, fz, *self.last)
-            if not isinstance(mixing, bool):
+            if torch.is_tensor(mixing):
                 contraction = contraction.masked_fill(~mixing, float("inf"))
         self.last = (z, fz)
         self.best.update(z, abs_res, rel_res, self.stop_mode, used, fz=fz,

@@ -230,9 +230,8 @@ def returned_state(result: TrackerResult, mode: str) -> tuple[Tensor, Tensor]:
         >>> info['image'].tolist(), z.tolist()          # best iterate f(0) = 1; returns f(1)
         ([True], [[1.25, 1.25]])
     """
-    image = torch.zeros_like(result.abs_best, dtype=torch.bool)
     if mode != "image" or result.fz_best is None or result.contraction_best is None:
-        return result.z_best, image
+        return result.z_best, torch.zeros_like(result.abs_best, dtype=torch.bool)
     image = ((result.status != int(Status.CONVERGED))
              & (result.contraction_best < IMAGE_CONTRACTION))
     if host.reads_cheap(result.z_best) and not bool(image.any()):
