@@ -381,6 +381,78 @@ def test_warm_up_iterates_while_contracting_then_hands_to_anderson(monkeypatch):
     assert anderson_runs == [1]
 
 
+def _mixes_and_calls(monkeypatch, f, x0, tol):
+    """Anderson's mixes and the calls of f of one homotopy solve (budget 2,000, abs. tol)."""
+    from torchdeq_homotopy import warmup
+
+    mixes, calls, changes = [], [], []
+    mix, apply = warmup.AndersonIteration._mix, warmup.AndersonIteration._apply
+
+    def spy_mix(self, loop):
+        mixes.append(1)
+        return mix(self, loop)
+
+    def spy_apply(loop, leave):
+        if leave:
+            changes.append("fixed-point" if not loop.plain else "anderson")
+        return apply(loop, leave)
+
+    monkeypatch.setattr(warmup.AndersonIteration, "_mix", spy_mix)
+    monkeypatch.setattr(warmup.AndersonIteration, "_apply", staticmethod(spy_apply))
+    z, _, info = get_solver("homotopy")(spied(f, calls), x0, max_iter=2000, tol=tol,
+                                        stop_mode="abs")
+    return z, info, len(mixes), len(calls), changes
+
+
+def fixed_point_calls(f, x0, tol):
+    """Calls TorchDEQ's fixed-point iteration makes to reach ``tol`` (abs.)."""
+    calls = []
+    _, _, info = get_solver("fixed_point_iter")(spied(f, calls), x0, max_iter=2000, tol=tol,
+                                                stop_mode="abs")
+    assert (info["abs_lowest"] <= tol).all()
+    return len(calls)
+
+
+def test_warm_up_takes_fixed_point_steps_where_anderson_gains_nothing(monkeypatch):
+    """f(z) = 0.8 P z + b with P a cyclic shift: J's eigenvalues fill a circle around 0, on
+    which no polynomial of Anderson's window beats fixed-point iteration's ρ^k. After the
+    fixed-point phase hands over (80 calls projected) and Anderson's trial window measures
+    no gain, the warm-up goes back to fixed-point steps: it solves in about as many calls
+    as TorchDEQ's fixed-point iteration, with few Anderson mixes."""
+    n, rho = 64, 0.8
+    P = torch.roll(torch.eye(n, dtype=torch.float64), 1, dims=0)
+    b = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = lambda z: rho * z @ P.T + b                                      # noqa: E731
+    z_true = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - rho * P, b.T).T
+    x0 = torch.zeros(4, n, dtype=torch.float64)
+    z, info, mixes, calls, changes = _mixes_and_calls(monkeypatch, f, x0, 1e-10)
+    torch.testing.assert_close(z, z_true, rtol=0, atol=1e-9)
+    assert (info["status"] == Status.CONVERGED).all()
+    fp = fixed_point_calls(f, x0, 1e-10)
+    assert fp > 100
+    assert calls <= 1.1 * fp
+    assert changes[0] == "fixed-point"
+    assert mixes <= 20 < calls - 20              # a trial of Anderson, then fixed-point
+
+
+def test_warm_up_keeps_anderson_where_it_accelerates(monkeypatch):
+    """f(z) = D z + b with D diagonal, eigenvalues spread over [0, 0.97]: fixed-point
+    iteration needs hundreds of calls, Anderson far fewer, and it never gives way to
+    fixed-point iteration (though fixed-point iteration's first steps, which the fast
+    modes dominate, contract faster than its later ones)."""
+    n = 64
+    d = torch.linspace(0.0, 0.97, n, dtype=torch.float64)
+    b = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    f = lambda z: d * z + b                                              # noqa: E731
+    x0 = torch.zeros(4, n, dtype=torch.float64)
+    z, info, mixes, calls, changes = _mixes_and_calls(monkeypatch, f, x0, 1e-10)
+    torch.testing.assert_close(z, b / (1 - d), rtol=0, atol=1e-9)
+    assert (info["status"] == Status.CONVERGED).all()
+    fp = fixed_point_calls(f, x0, 1e-10)
+    assert calls < 0.2 * fp
+    assert mixes >= 10 and changes == []
+
+
 def test_warm_up_anderson_takes_torchdeqs_iterates():
     """The warm-up's Anderson phase with TorchDEQ's absolute regularization, run by the
     shared driving loop, evaluates f at the iterates of TorchDEQ's own ``anderson_solver``
