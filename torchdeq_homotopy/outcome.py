@@ -247,6 +247,7 @@ class Record:
     trace_nfe: list[int] = field(default_factory=list)
     lam_trace: list[Tensor] = field(default_factory=list)
     last: tuple[Tensor, Tensor] | None = None    # (z, f(z)) of the last evaluation
+    _ones: Tensor | None = None                  # λ = 1 for each sample, shared
 
     @classmethod
     def start(cls, x0: Tensor, budget: Budget, stop_mode: str,
@@ -273,7 +274,12 @@ class Record:
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         self.trace_nfe.append(used)
-        self.lam_trace.append(torch.ones_like(abs_res) if lam is None else lam.clone())
+        if lam is None:     # λ = 1: one tensor of ones, shared by the trace's columns
+            if self._ones is None:
+                self._ones = torch.ones_like(abs_res)
+            self.lam_trace.append(self._ones)
+        else:
+            self.lam_trace.append(lam.clone())
         contraction = None
         if self.last is not None and mixing is not False and self.budget.left < SECANT_WINDOW:
             contraction = secant_ratio(z, fz, *self.last)

@@ -509,13 +509,14 @@ class AndersonIteration:
         X, F, m = loop.X, loop.F, self.m
         n = min(loop.k, m)
         G = F[:, :n] - X[:, :n]
-        eye = torch.eye(n, dtype=X.dtype, device=X.device)[None]
         gg = torch.bmm(G, G.transpose(1, 2))
-        scale = 1.0                                     # s of the regularization λ s I
-        if self.relative:   # mean ||g_i||², kept above 0 so that the matrix stays regular
-            scale = gg.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(
-                torch.finfo(X.dtype).tiny)[:, None, None]
-        loop.gram[:, 1:n + 1, 1:n + 1] = gg + self.lam * scale * eye
+        diagonal = gg.diagonal(dim1=1, dim2=2)
+        if self.relative:   # s = mean ||g_i||², kept above 0 so that the matrix stays regular
+            diagonal.add_(self.lam * diagonal.mean(dim=1, keepdim=True).clamp_min(
+                torch.finfo(X.dtype).tiny))
+        else:               # s = 1
+            diagonal.add_(self.lam)
+        loop.gram[:, 1:n + 1, 1:n + 1] = gg             # GGᵀ + λ s I
         # ``solve_ex``: without the error check, a host sync per call on CUDA. The ridge
         # keeps the matrix regular (GGᵀ + λ s I is positive definite, so the bordered
         # matrix's Schur complement −1ᵀ(GGᵀ + λ s I)⁻¹1 is not 0); non-finite G gives
