@@ -12,31 +12,60 @@ after one solve each to warm up; the table gives each solver's median, and homot
 median over that of the fastest TorchDEQ solver that solves at least 99 % of the cell.
 A cell is benign when fixed-point iteration or Anderson solves at least 99 % of it (the
 sweep's rule). About 2 minutes per seed on 2 CPU cores.
+
+``--baseline DIR`` also times another version of the plugin, side by side in the same
+process: DIR holds its ``torchdeq_homotopy`` package, e.g. the code of an earlier commit
+(``git archive REV torchdeq_homotopy | tar -x -C DIR``). Its column and the ratio
+homotopy / baseline are added; ratios within one run are what this shared machine can resolve.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torchdeq.solver import get_solver
+from torchdeq.solver import get_solver, register_solver
 
-import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
+import torchdeq_homotopy  # registers 'homotopy'
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import cells, conv_cell, relative_residual, tanh_cell
 
 TORCHDEQ = ("fixed_point_iter", "anderson", "broyden")
-SOLVERS = (*TORCHDEQ, "homotopy")
+SOLVERS = [*TORCHDEQ, "homotopy"]
+BASELINE: dict = {}       # "baseline": the other version's homotopy_solver (--baseline)
+
+
+def load_baseline(directory: Path) -> None:
+    """Import the ``torchdeq_homotopy`` package under ``directory`` as
+    ``baseline_homotopy``; its import registers its own 'homotopy', so the current one is
+    registered again after it."""
+    init = directory / "torchdeq_homotopy" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline: no torchdeq_homotopy package in {directory}; "
+                         "extract one with `git archive REV torchdeq_homotopy | tar -x -C DIR`")
+    spec = importlib.util.spec_from_file_location(
+        "baseline_homotopy", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_homotopy"] = module
+    spec.loader.exec_module(module)
+    register_solver("homotopy", torchdeq_homotopy.homotopy_solver)
+    BASELINE["baseline"] = module.homotopy_solver
+    SOLVERS.append("baseline")
+
+
+def solver_fn(solver: str):
+    return BASELINE[solver] if solver in BASELINE else get_solver(solver)
 
 
 def solved(solver: str, f, x0: torch.Tensor, tol: float, budget: int) -> tuple[float, int]:
     """Fraction of samples whose recomputed relative residual meets ``tol``, and the
     evaluations the solver reports."""
-    z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
+    z, _, info = solver_fn(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
     return (float((relative_residual(f, z) <= tol).float().mean()),
             int(info["nstep"].max()))
 
@@ -47,7 +76,7 @@ def time_cell(f, x0: torch.Tensor, tol: float, budget: int, repeats: int) -> dic
     for _ in range(repeats):
         for solver in SOLVERS:
             start = time.perf_counter()
-            get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
+            solver_fn(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
             times[solver].append(time.perf_counter() - start)
     return {s: statistics.median(v) for s, v in times.items()}
 
@@ -73,6 +102,8 @@ def measure(seed: int, tol: float, budget: int, repeats: int) -> list[dict]:
                    **{f"{s}_ms": 1e3 * wall[s] for s in SOLVERS},
                    **{f"{s}_nfe": outcome[s][1] for s in SOLVERS},
                    homotopy_solved=outcome["homotopy"][0])
+        if BASELINE:
+            row["over_baseline"] = wall["homotopy"] / wall["baseline"]
         print(f"{name} (seed {seed}): homotopy {row['ratio']:.2f}× {fastest} "
               f"({row['homotopy_ms']:.1f} ms, {row['homotopy_nfe']} evaluations, against "
               f"{row[fastest + '_ms']:.1f} ms, {row[fastest + '_nfe']})", flush=True)
@@ -81,17 +112,29 @@ def measure(seed: int, tol: float, budget: int, repeats: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
+    extra = " baseline | homotopy / baseline |" if BASELINE else ""
     lines = ["| cell | fixed-point ms / evals | Anderson | Broyden | homotopy | "
-             "homotopy / fastest |", "|---|---|---|---|---|---|"]
+             "homotopy / fastest |" + extra,
+             "|---|---|---|---|---|---|" + ("---|---|" if BASELINE else "")]
     for r in rows:
-        cols = " | ".join(f"{r[s + '_ms']:.1f} / {r[s + '_nfe']}" for s in SOLVERS)
-        lines.append(f"| {r['cell']} (seed {r['seed']}) | {cols} | "
-                     f"**{r['ratio']:.2f}×** ({r['fastest']}) |")
+        cols = " | ".join(f"{r[s + '_ms']:.1f} / {r[s + '_nfe']}" for s in SOLVERS
+                          if s != "baseline")
+        line = (f"| {r['cell']} (seed {r['seed']}) | {cols} | "
+                f"**{r['ratio']:.2f}×** ({r['fastest']}) |")
+        if BASELINE:
+            line += (f" {r['baseline_ms']:.1f} / {r['baseline_nfe']} | "
+                     f"{r['over_baseline']:.2f}× |")
+        lines.append(line)
     ratios = [r["ratio"] for r in rows]
     lines.append("")
     lines.append(f"Homotopy within 1.2× the fastest TorchDEQ solver on "
                  f"{sum(x <= 1.2 for x in ratios)} of {len(ratios)} benign cells "
                  f"(median {statistics.median(ratios):.2f}×, max {max(ratios):.2f}×).")
+    if BASELINE:
+        over = [r["over_baseline"] for r in rows]
+        lines.append(f"Homotopy / baseline: geometric mean "
+                     f"{statistics.geometric_mean(over):.3f}×, "
+                     f"{min(over):.2f}–{max(over):.2f}× per cell.")
     return "\n".join(lines)
 
 
@@ -103,8 +146,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None,
                         help="write the table as Markdown here")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="also time the torchdeq_homotopy package under DIR")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.baseline is not None:
+        load_baseline(args.baseline)
     rows = []
     for seed in args.seeds:
         rows += measure(seed, args.tol, args.budget, args.repeats)

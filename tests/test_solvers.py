@@ -604,23 +604,36 @@ def test_paths_restart_from_a_perturbed_start_after_underflow(linear_solver):
 
 
 def test_anderson_hands_over_when_stalled_or_too_slow_for_a_large_budget():
-    """Rates are projected at call counts that are multiples of the window; between
-    them only convergence ends Anderson's phase."""
     from torchdeq_homotopy.warmup import ProgressRule
-    geometric = [torch.tensor([0.5 ** k]) for k in range(11)]     # halves every call
+    geometric = [torch.tensor([0.5 ** k]) for k in range(12)]     # halves every call
     rule = ProgressRule(guaranteed=4, budget=100, tol=1e-6, reserve=10, window=5)
     assert not rule.hand_over(3, geometric[:3])                       # guaranteed calls
-    assert not rule.hand_over(10, geometric)       # needs 19.9 - 10 = 9.9 more <= 10 (reserve)
-    stalled = geometric[:8] + [geometric[7]] * 7
-    assert not rule.hand_over(14, stalled)                # stalled, but not a projection's call
-    assert rule.hand_over(15, stalled)                                 # no new best in 5 calls
-    slow = [torch.tensor([0.99 ** k]) for k in range(11)]          # needs ~1,370 calls
-    assert rule.hand_over(10, slow)                                    # 90 left: Broyden's
+    assert not rule.hand_over(12, geometric)       # needs 20 - 11 = 9 more <= 10 (the reserve)
+    stalled = geometric[:8] + [geometric[7]] * 5
+    assert rule.hand_over(13, stalled)                                 # no new best in 5 calls
+    slow = [torch.tensor([0.99 ** k]) for k in range(12)]          # needs ~1,370 calls
+    assert rule.hand_over(12, slow)                                    # 88 left: Broyden's
     tight = ProgressRule(guaranteed=4, budget=20, tol=1e-6, reserve=10, window=5)
-    assert not tight.hand_over(10, slow)          # 10 left < 2 x reserve: keep what progresses
-    assert tight.hand_over(15, slow[:8] + [slow[7]] * 7)                 # unless it stalls
+    assert not tight.hand_over(12, slow)          # 8 left < 2 x reserve: keep what progresses
+    assert tight.hand_over(13, [torch.tensor([0.99 ** k]) for k in range(8)] + [torch.tensor(
+        [0.99 ** 7])] * 5)                                         # unless it stalls
     done = [*geometric[:11], torch.tensor([1e-7])]
-    assert rule.hand_over(12, done)                      # all converged: at any call
+    assert rule.hand_over(12, done)                                    # all converged
+
+
+def test_rates_are_projected_once_per_window_only_with_many_calls_left():
+    """With 1,000 calls left a stall is acted on at the next multiple of the window (at most
+    window - 1 calls late, under 1 % of the calls left); with 100 left, at once; and
+    convergence ends Anderson's phase at any call."""
+    from torchdeq_homotopy.warmup import ProgressRule
+    stalled = [torch.tensor([0.5 ** k]) for k in range(8)] + [torch.tensor([0.5 ** 7])] * 6
+    large = ProgressRule(guaranteed=4, budget=1014, tol=1e-6, reserve=10, window=5)
+    assert [large.hand_over(c, stalled) for c in (11, 12, 13, 14, 15)] == [
+        False, False, False, False, True]
+    small = ProgressRule(guaranteed=4, budget=114, tol=1e-6, reserve=10, window=5)
+    assert small.hand_over(11, stalled)
+    done = [*stalled, torch.tensor([1e-7])]
+    assert large.hand_over(12, done)
 
 
 def test_small_budget_keeps_anderson_on_a_slowly_contracting_map():
@@ -802,9 +815,9 @@ def test_anderson_guarantee_yields_when_the_budget_cannot_be_met():
     # now 0.1 · 0.95⁵ = 0.077: 1e-4 needs log(1.3e-3) / log(0.95) ≈ 130 more calls
     slow, fast = history(0.95), history(0.5)            # fast: about 5 more calls
     plenty = ProgressRule(guaranteed=30, budget=100, tol=1e-4, reserve=30)
-    assert plenty.hand_over(10, slow)                   # 90 left < 130 needed
-    assert not plenty.hand_over(10, fast)
+    assert plenty.hand_over(6, slow)                    # 94 left < 130 needed
+    assert not plenty.hand_over(6, fast)
     generous = ProgressRule(guaranteed=30, budget=400, tol=1e-4, reserve=30)
-    assert not generous.hand_over(10, slow)             # 390 left: it makes it
+    assert not generous.hand_over(6, slow)              # 394 left: it makes it
     training = ProgressRule(guaranteed=30, budget=40, tol=1e-4, reserve=30)
-    assert not training.hand_over(10, slow)             # 30 left < 2 · 30: guaranteed
+    assert not training.hand_over(6, slow)              # 34 left < 2 · 30: guaranteed

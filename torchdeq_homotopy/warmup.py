@@ -83,6 +83,30 @@ a Gram matrix and a bordered solve besides f, about 0.17 ms per call on a 512-wi
 benign cells of seeds 240 and 250 (BENCHMARKS.md, "Anderson or fixed-point steps")."""
 
 
+SPARSE_PROJECTION_SHARE = 0.01
+"""The largest share of the calls left that projecting rates once per window instead of
+at every call may delay a hand-over by (:func:`projects`)."""
+
+
+def projects(calls: int, left: int | float, window: int) -> bool:
+    """Whether the warm-up projects its rates after ``calls`` calls with ``left`` left:
+    once per ``window`` calls (when ``calls`` is a multiple of it) while the window − 1
+    calls a hand-over may come late are at most ``SPARSE_PROJECTION_SHARE`` of the calls
+    left; at every call once fewer are left, where each call counts.
+
+    A projection costs about a dozen operations on per-sample tensors: 0.1 ms per call on
+    the CI machine, as much as f itself on a 128-wide tanh cell at batch 8, while the rate
+    it projects moves little from one call to the next.
+
+    Example:
+        >>> [projects(c, left=1000, window=5) for c in (9, 10)]
+        [False, True]
+        >>> projects(9, left=100, window=5)      # 4 calls late would be 4 % of 100
+        True
+    """
+    return not calls % window or (window - 1) > SPARSE_PROJECTION_SHARE * left
+
+
 def _known_window(history: Sequence[Tensor]) -> int:
     """The window of a rate judged from the first step on at training budgets: the last
     ``SWITCH_WINDOW`` steps, or all of those known while fewer are (at least one)."""
@@ -173,15 +197,11 @@ class ProgressRule:
     stalled or slow one hands over to Broyden's method and the path. At training budgets
     (fewer than 2 · ``reserve`` calls left) the guarantee is unconditional.
 
-    Rates are projected once per ``window`` calls (when the call count is a multiple of
-    it), over the window's calls; between projections only convergence is checked. A
-    projection costs about a dozen operations on per-sample tensors, 0.1 ms per call on the
-    CI machine, as much as f itself on a 128-wide batch of 8, and the rate it projects
-    moves little from one call to the next. A hand-over comes at most ``window`` − 1 calls
-    later than with a projection at every call.
+    With many calls left, rates are projected once per ``window`` calls, and between
+    projections only convergence is checked (:func:`projects`).
 
     Example:
-        >>> rule = ProgressRule(guaranteed=2, budget=100, tol=1e-3, reserve=5, window=2)
+        >>> rule = ProgressRule(guaranteed=2, budget=1000, tol=1e-3, reserve=5, window=2)
         >>> history = [torch.tensor([1.0]), torch.tensor([0.1]), torch.tensor([0.01])]
         >>> rule.hand_over(4, history)     # rate 0.1 per call: one more call suffices
         False
@@ -205,9 +225,9 @@ class ProgressRule:
     def verdict(self, calls: int, recent: Sequence[Tensor]) -> Tensor:
         """:meth:`hand_over` as a 0-d bool tensor, read by the caller (no host sync)."""
         open_ = recent[-1] > self.tol
-        if calls % self.window:         # between projections: convergence alone
-            return ~open_.any()
         left = self.budget - calls
+        if not projects(calls, left, self.window):    # between projections: convergence
+            return ~open_.any()
         if calls < max(self.guaranteed, self.window + 1):
             # Within the guarantee Anderson goes on unless, with budget to spare for the
             # next phase, a sample is projected to miss the whole budget at its rate.
@@ -284,7 +304,7 @@ class FixedPointIteration:
     contracted faster than 0.7, ended above the tolerance where Broyden's method solved
     (BENCHMARKS.md, "Random benign problems at small budgets"). The rate is taken over
     ``PROGRESS_WINDOW`` steps, with any fall of the residual enough until that many are
-    known, and projected once per window after that (as :class:`ProgressRule`: between
+    known, then, with many calls left, once per window (:func:`projects`; between
     projections only convergence is checked); with ``training`` (a budget of at most
     2 · ``reserve`` calls) over ``SWITCH_WINDOW``, projected at every step from the first
     on (:func:`_known_window`). The map
@@ -339,7 +359,7 @@ class FixedPointIteration:
         # at training budgets every step is judged; else every step until the window is
         # full, then once per window (:class:`ProgressRule`)
         projected = (self.training or len(history) <= PROGRESS_WINDOW + 1
-                     or (loop.calls - 1) % PROGRESS_WINDOW == 0)
+                     or projects(loop.calls - 1, loop.record.budget.left, PROGRESS_WINDOW))
         if len(history) > 1 and projected:
             left = loop.record.budget.left
             # the accelerator that follows beats slow iteration: no unbounded horizon, and
