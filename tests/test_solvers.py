@@ -649,10 +649,21 @@ def test_small_budget_keeps_anderson_on_a_slowly_contracting_map():
     assert (f(z) - z).norm(dim=1).max() <= 1e-4
 
 
-def test_training_budget_takes_broydens_iterates_where_the_map_expands():
+def test_training_budget_takes_broydens_iterates_where_the_map_expands(monkeypatch):
     """At a training budget, rows whose residual grows leave Anderson for Broyden's method
     in the same loop: on a map that expands everywhere, the solver evaluates f at exactly
-    the points TorchDEQ's ``broyden`` does."""
+    the points TorchDEQ's ``broyden`` does. The whole batch switches at once, so its steps
+    take the Broyden-only path (no Anderson buffers, no switching verdicts)."""
+    from torchdeq_homotopy import warmup
+
+    broyden_only = []
+    step = warmup.AndersonIteration._broyden_step
+
+    def counted(self, loop):
+        broyden_only.append(loop.warm.calls)
+        return step(self, loop)
+
+    monkeypatch.setattr(warmup.AndersonIteration, "_broyden_step", counted)
     f = tanh_cell(3, 10, 5.0, seed=4, dtype=torch.float64)
     x0 = torch.zeros(3, 10, dtype=torch.float64)
     z1 = f(x0)
@@ -662,6 +673,7 @@ def test_training_budget_takes_broydens_iterates_where_the_map_expands():
     th.homotopy_solver(spied(f, ours), x0, max_iter=30, tol=1e-12)
     get_solver("broyden")(spied(f, theirs), x0, max_iter=30, tol=1e-12)
     assert len(ours) == 30
+    assert len(broyden_only) == 28                   # every call after the switch at call 2
     for k, (a, b) in enumerate(zip(ours[:20], theirs[:20], strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"call {k}")
 
