@@ -833,3 +833,30 @@ def test_anderson_guarantee_yields_when_the_budget_cannot_be_met():
     assert not generous.hand_over(6, slow)              # 394 left: it makes it
     training = ProgressRule(guaranteed=30, budget=40, tol=1e-4, reserve=30)
     assert not training.hand_over(6, slow)              # 34 left < 2 · 30: guaranteed
+
+
+def test_a_training_budget_switches_a_row_projected_to_need_over_half_the_calls_left():
+    """At a training budget a row stays on Anderson only while its rate over the last two
+    calls is projected to reach the tolerance within ``SWITCH_SHARE`` (half) of the calls
+    left: with 30 left and residual 1e-3 toward 1e-6, a rate of 0.5 per call (10 calls)
+    stays, 0.7 (19.4 calls: within all 30, not within 15) switches to Broyden's method, as
+    does a row whose residual grew."""
+    from torchdeq_homotopy import warmup
+    from torchdeq_homotopy.outcome import Budget, Record
+
+    bsz, n, m, tol = 3, 4, 6, 1e-6
+    x0 = torch.zeros(bsz, n, dtype=torch.float64)
+    record = Record.start(x0, Budget(40), "abs")
+    assert record.budget.spend(10) and record.budget.left == 30
+    rates = torch.tensor([0.5, 0.7, 1.1], dtype=torch.float64)
+    now = torch.full((bsz,), 1e-3, dtype=torch.float64)
+    warm = warmup.WarmupLoop(record=record, tol=tol, fz=x0, z=x0, prev_z=None, first_z=x0,
+                             first_fz=x0, first_res=now, hopeless=torch.zeros(bsz, dtype=bool))
+    warm.best_recent.append(now)
+    X = torch.randn(bsz, m, n, dtype=torch.float64)
+    loop = warmup.AndersonLoop(warm=warm, X=X, F=X + 0.1, gram=None, rhs=None, k=m,
+                               switched=torch.zeros(bsz, dtype=bool))
+    loop.recent.extend([now / rates ** 2, now / rates])
+    warmup.AndersonIteration(lambda z: z, rule=None, m=m, switch=True)._judge(loop, now)
+    assert loop.switched.tolist() == [False, True, True]
+    assert loop.rows.tolist() == [1, 2]

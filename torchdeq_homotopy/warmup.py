@@ -57,6 +57,17 @@ class Warmup:
 PROGRESS_WINDOW = 5
 """Calls over which the warm-up measures a method's rate of progress."""
 
+SWITCH_SHARE = 0.5
+"""Share of the calls left within which a row's Anderson rate must be projected to reach
+the tolerance for the row to stay on Anderson at training budgets
+(:meth:`AndersonIteration._judge`). A rate measured over ``SWITCH_WINDOW`` calls is
+optimistic: Anderson's fast modes die first and its rate then slows, so a row projected to
+need all the calls left usually needs more, and switching it then leaves Broyden's method
+too few calls for its superlinear end. At 1 (every call left) the homotopy solver met the
+tolerance on fewer forwards than Broyden's iterates (``homo_warmup=0``) at equal
+evaluations on a DEQ whose equilibria are hard (BENCHMARKS.md, "Warm-up hand-over at
+moderate budgets": ``examples/unstable_deq.py``'s model trained with Broyden at 30
+calls, snapshots every 12 steps)."""
 SWITCH_WINDOW = 2
 """Calls over which a row's Anderson rate is judged for the per-row switch to Broyden's
 method at training budgets (:meth:`AndersonIteration._judge`). Shorter than
@@ -423,7 +434,7 @@ class AndersonIteration:
     With ``switch=True`` each row chooses its method: an open row whose residual grew in
     a step, r_k > r_{k−1}, or whose rate over the last ``SWITCH_WINDOW`` calls (over the
     calls known, from the first step on, while fewer are) does not reach the tolerance
-    within the calls left (:func:`on_time`), takes Broyden's good
+    within ``SWITCH_SHARE`` (half) of the calls left (:func:`on_time`), takes Broyden's good
     steps from then on,
 
         z_{k+1} = z_k + W_k (f(z_k) − z_k),      W ≈ (I − J_f)⁻¹,
@@ -590,8 +601,8 @@ class AndersonIteration:
 
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
         """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
-        for the calls left, to Broyden's method, and note whether any row is still open
-        (for :meth:`terminate`): one host sync for both.
+        for ``SWITCH_SHARE`` of the calls left, to Broyden's method, and note whether any
+        row is still open (for :meth:`terminate`): one host sync for both.
 
         No row switches once m or fewer calls are left (m: Anderson's memory): Broyden's
         model, seeded with the row's last m Anderson pairs, only does better than
@@ -605,7 +616,7 @@ class AndersonIteration:
             return
         late = stop > loop.recent[-1]
         loop.recent.append(stop)
-        late |= ~on_time(list(loop.recent), warm.tol, warm.record.budget.left,
+        late |= ~on_time(list(loop.recent), warm.tol, SWITCH_SHARE * warm.record.budget.left,
                          _known_window(loop.recent))
         new = open_ & late & ~loop.switched
         if warm.record.budget.left <= self.m:
