@@ -840,7 +840,8 @@ def test_a_training_budget_switches_a_row_projected_to_need_over_half_the_calls_
     calls is projected to reach the tolerance within ``SWITCH_SHARE`` (half) of the calls
     left: with 30 left and residual 1e-3 toward 1e-6, a rate of 0.5 per call (10 calls)
     stays, 0.7 (19.4 calls: within all 30, not within 15) switches to Broyden's method, as
-    does a row whose residual grew."""
+    does a row whose residual grew. At the first judgement, on a one-call rate, all 30
+    count: 0.7 stays there."""
     from torchdeq_homotopy import warmup
     from torchdeq_homotopy.outcome import Budget, Record
 
@@ -854,9 +855,12 @@ def test_a_training_budget_switches_a_row_projected_to_need_over_half_the_calls_
                              first_fz=x0, first_res=now, hopeless=torch.zeros(bsz, dtype=bool))
     warm.best_recent.append(now)
     X = torch.randn(bsz, m, n, dtype=torch.float64)
-    loop = warmup.AndersonLoop(warm=warm, X=X, F=X + 0.1, gram=None, rhs=None, k=m,
-                               switched=torch.zeros(bsz, dtype=bool))
-    loop.recent.extend([now / rates ** 2, now / rates])
-    warmup.AndersonIteration(lambda z: z, rule=None, m=m, switch=True)._judge(loop, now)
-    assert loop.switched.tolist() == [False, True, True]
-    assert loop.rows.tolist() == [1, 2]
+    anderson = warmup.AndersonIteration(lambda z: z, rule=None, m=m, switch=True)
+    for recent, switched in (([now / rates ** 2, now / rates], [False, True, True]),
+                             ([now / rates], [False, False, True])):
+        loop = warmup.AndersonLoop(warm=warm, X=X, F=X + 0.1, gram=None, rhs=None, k=m,
+                                   switched=torch.zeros(bsz, dtype=bool))
+        loop.recent.extend(recent)
+        anderson._judge(loop, now)
+        assert loop.switched.tolist() == switched
+        assert loop.rows.tolist() == [i for i in range(bsz) if switched[i]]

@@ -58,16 +58,19 @@ PROGRESS_WINDOW = 5
 """Calls over which the warm-up measures a method's rate of progress."""
 
 SWITCH_SHARE = 0.5
-"""Share of the calls left within which a row's Anderson rate must be projected to reach
-the tolerance for the row to stay on Anderson at training budgets
-(:meth:`AndersonIteration._judge`). A rate measured over ``SWITCH_WINDOW`` calls is
-optimistic: Anderson's fast modes die first and its rate then slows, so a row projected to
-need all the calls left usually needs more, and switching it then leaves Broyden's method
-too few calls for its superlinear end. At 1 (every call left) the homotopy solver met the
-tolerance on fewer forwards than Broyden's iterates (``homo_warmup=0``) at equal
-evaluations on a DEQ whose equilibria are hard (BENCHMARKS.md, "Warm-up hand-over at
-moderate budgets": ``examples/unstable_deq.py``'s model trained with Broyden at 30
-calls, snapshots every 12 steps)."""
+"""Share of the calls left within which a row's Anderson rate over ``SWITCH_WINDOW`` calls
+must be projected to reach the tolerance for the row to stay on Anderson at training
+budgets (:meth:`AndersonIteration._judge`). Such a rate is optimistic: Anderson's fast
+modes die first and its rate then slows, so a row projected to need all the calls left
+usually needs more, and switching it later leaves Broyden's method too few calls for its
+superlinear end. The first judgement, on a one-call rate (a fixed-point step, before
+Anderson holds a secant pair), keeps all the calls left: there the half share switched
+181–197 of 256 rows of ``benchmarks/parity.py``'s ``slow`` cell that Anderson solves, at
+1.4–1.6× the time. Against all the calls left everywhere, on ``examples/unstable_deq.py``'s
+model (``benchmarks/training_snapshots.py``, every solver on the same snapshots, held-out
+seeds 8–9) the forwards meeting the tolerance at 30 / 40 / 60 calls went from 0.8043 /
+0.9754 / 0.9945 to 0.8129 / 0.9754 / 0.9953 (Broyden's at equal evaluations 0.8094 /
+0.9723 / 0.9957; BENCHMARKS.md, "Warm-up hand-over at moderate budgets")."""
 SWITCH_WINDOW = 2
 """Calls over which a row's Anderson rate is judged for the per-row switch to Broyden's
 method at training budgets (:meth:`AndersonIteration._judge`). Shorter than
@@ -434,7 +437,8 @@ class AndersonIteration:
     With ``switch=True`` each row chooses its method: an open row whose residual grew in
     a step, r_k > r_{k−1}, or whose rate over the last ``SWITCH_WINDOW`` calls (over the
     calls known, from the first step on, while fewer are) does not reach the tolerance
-    within ``SWITCH_SHARE`` (half) of the calls left (:func:`on_time`), takes Broyden's good
+    within half the calls left (``SWITCH_SHARE``; all of them for the first, one-call
+    rate) (:func:`on_time`), takes Broyden's good
     steps from then on,
 
         z_{k+1} = z_k + W_k (f(z_k) − z_k),      W ≈ (I − J_f)⁻¹,
@@ -601,7 +605,8 @@ class AndersonIteration:
 
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
         """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
-        for ``SWITCH_SHARE`` of the calls left, to Broyden's method, and note whether any
+        for ``SWITCH_SHARE`` of the calls left (all of them for the first, one-call rate),
+        to Broyden's method, and note whether any
         row is still open (for :meth:`terminate`): one host sync for both.
 
         No row switches once m or fewer calls are left (m: Anderson's memory): Broyden's
@@ -616,8 +621,11 @@ class AndersonIteration:
             return
         late = stop > loop.recent[-1]
         loop.recent.append(stop)
-        late |= ~on_time(list(loop.recent), warm.tol, SWITCH_SHARE * warm.record.budget.left,
-                         _known_window(loop.recent))
+        # within SWITCH_SHARE of the calls left for a rate over the full window; a
+        # one-call rate (the first judgement) within all of them
+        known = _known_window(loop.recent)
+        share = SWITCH_SHARE if known == SWITCH_WINDOW else 1.0
+        late |= ~on_time(list(loop.recent), warm.tol, share * warm.record.budget.left, known)
         new = open_ & late & ~loop.switched
         if warm.record.budget.left <= self.m:
             new = torch.zeros_like(new)     # too few calls left for Broyden to pay off
