@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sweep import relative_residual
 from torchdeq.solver import get_solver
 
 import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
@@ -75,9 +76,7 @@ def met(W: torch.Tensor, x: torch.Tensor, solver: str, max_iter: int, options: d
 
     z, _, _ = get_solver(solver)(f, torch.zeros_like(x), max_iter=max_iter, tol=TOL,
                                  stop_mode="rel", **options)
-    fz = f(z)
-    residual = (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)
-    return float((residual <= TOL).float().mean())
+    return float((relative_residual(f, z) <= TOL).float().mean())
 
 
 def main() -> None:

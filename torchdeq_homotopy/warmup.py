@@ -67,7 +67,7 @@ superlinear end. The first judgement, on a one-call rate (a fixed-point step, be
 Anderson holds a secant pair), keeps all the calls left: there the half share switched
 181–197 of 256 rows of ``benchmarks/parity.py``'s ``slow`` cell that Anderson solves, at
 1.4–1.6× the time. Against all the calls left everywhere, on ``examples/unstable_deq.py``'s
-model (``benchmarks/training_snapshots.py``, every solver on the same snapshots, held-out
+model (``benchmarks/training_snapshots.py``, every solver on the same snapshots,
 seeds 8–9) the forwards meeting the tolerance at 30 / 40 / 60 calls went from 0.8043 /
 0.9754 / 0.9945 to 0.8129 / 0.9754 / 0.9953 (Broyden's at equal evaluations 0.8094 /
 0.9723 / 0.9957; BENCHMARKS.md, "Warm-up hand-over at moderate budgets")."""
@@ -606,8 +606,8 @@ class AndersonIteration:
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
         """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
         for ``SWITCH_SHARE`` of the calls left (all of them for the first, one-call rate),
-        to Broyden's method, and note whether any
-        row is still open (for :meth:`terminate`): one host sync for both.
+        to Broyden's method, and note whether any row is still open (for
+        :meth:`terminate`): one host sync for both.
 
         No row switches once m or fewer calls are left (m: Anderson's memory): Broyden's
         model, seeded with the row's last m Anderson pairs, only does better than
