@@ -511,16 +511,16 @@ class AndersonIteration:
     def step(self, loop: AndersonLoop) -> AndersonLoop:
         """The next iterate, x_k = α · F over the last n = min(k, m) (or Broyden's step
         on the switched rows), and f there. Once every row has switched, Anderson's
-        weights are not computed at all, and where the whole batch switched at once
-        (the usual case where a map expands at x0) the step is Broyden's alone
-        (:meth:`_broyden_step`): 0.76–0.81× the time of a 30-call solve of a 256-wide
+        weights are not computed at all: the step is Broyden's alone
+        (:meth:`_broyden_step`), on the model's rows put in the batch's order once the last
+        ones joined. Where the whole batch switched at once (the usual case where a map
+        expands at x0) that took 0.76–0.81× the time of a 30-call solve of a 256-wide
         cell at batch 32 on the CI machine, with the same iterates."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
         if isinstance(loop.row_index, slice):
             return self._broyden_step(loop)
-        if loop.model is None or loop.model.rows < X.shape[0]:
-            # Anderson's mix, or a fixed-point step x_k = f(x_{k−1}) (:meth:`_choose`)
-            X[:, k % m] = F[:, (k - 1) % m] if loop.plain else self._mix(loop)
+        # Anderson's mix, or a fixed-point step x_k = f(x_{k−1}) (:meth:`_choose`)
+        X[:, k % m] = F[:, (k - 1) % m] if loop.plain else self._mix(loop)
         if loop.model is not None:
             X[loop.row_index, k % m] = loop.model.next_point()
         mixing = True if loop.switched is None else ~loop.switched
@@ -535,8 +535,8 @@ class AndersonIteration:
         return loop
 
     def _broyden_step(self, loop: AndersonLoop) -> AndersonLoop:
-        """The step once the whole batch took Broyden's method in one switch (the model's
-        rows are the batch's, in order): Broyden's next point and f there, without
+        """The step once every row took Broyden's method (the model's rows are the
+        batch's, in order: :meth:`_join`): Broyden's next point and f there, without
         writing Anderson's buffers, which no row reads again, and with only the
         convergence verdict left to judge (one host sync)."""
         z = loop.model.next_point()
@@ -645,12 +645,17 @@ class AndersonIteration:
                                      device=X.device, capacity=X.shape[0], seed_width=m - 1)
         order = torch.arange(k - min(k, m), k, device=X.device) % m          # oldest first
         loop.model.append(X[rows][:, order], F[rows][:, order])
-        # the whole batch in one switch: ``rows`` (sorted, from ``nonzero``) is 0..B−1, and
-        # the model's rows are X's and F's own (views of them, no gathers)
-        whole = loop.rows is None and len(rows) == X.shape[0]
         loop.rows = rows if loop.rows is None else torch.cat([loop.rows, rows])
-        loop.row_index = slice(None) if whole else loop.rows
         loop.switched[rows] = True
+        if loop.model.rows == X.shape[0]:
+            # every row has joined: the model's rows are put in the batch's order once
+            # (``rows`` from ``nonzero`` is sorted, so one switch of the whole batch
+            # already is), and the steps left read and write them with no gathers
+            if len(rows) < X.shape[0]:
+                loop.model.reorder(torch.argsort(loop.rows))
+            loop.row_index = slice(None)
+        else:
+            loop.row_index = loop.rows
 
     def terminate(self, loop: AndersonLoop) -> bool:
         """The budget spent, or the open samples handed over (one host sync)."""
