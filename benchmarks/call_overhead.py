@@ -17,7 +17,15 @@ gradient):
 * ``training, benign``: 256 wide, batch 256, ‖W‖₂ 0.9, bias 1, ``max_iter`` 40, abs. tol
   1e-3 (fixed-point iteration converges);
 * ``benign, budget 2000``: 512 wide, batch 8, ‖W‖₂ 1.5, bias 0.1, rel. tol 1e-5
-  (fixed-point iteration, then Anderson).
+  (fixed-point iteration, then Anderson);
+* ``main job's DEQ``: the README main job's DEQ cell at initialization (width 16 on the
+  embedded 8×8 digits, a 16 × 4 × 4 state, the first 64 training images, no dropout),
+  ``max_iter`` 30, abs. tol 1e-3: the homotopy samples switch to Broyden's method in
+  several groups over the first calls.
+
+``--baseline DIR`` also times another version of the plugin in the same run, as
+``benchmarks/benign_time.py`` does (DIR holds its ``torchdeq_homotopy`` package, e.g.
+``git archive REV torchdeq_homotopy | tar -x -C DIR``), in a column ``baseline``.
 
 About 1 minute on 2 CPU cores.
 """
@@ -35,7 +43,23 @@ from torchdeq.solver import get_solver
 import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benign_time import BASELINE, load_baseline
 from sweep import tanh_cell
+
+
+def main_job_deq(seed: int):
+    """The main job's DEQ cell at initialization and its start, for the first 64 training
+    images of the embedded digits."""
+    from homotopy_zoo.data import load_digits_data
+    from homotopy_zoo.models import ImplicitClassifier
+
+    torch.manual_seed(seed)
+    model = ImplicitClassifier(1, 10, width=16, dropout=0.0, core="sliced").eval()
+    images = torch.stack([load_digits_data().train[i][0] for i in range(64)])
+    with torch.no_grad():
+        x = model.stem(images)
+    return (lambda z: model.cell(z, x)), torch.zeros_like(x)
+
 
 CELLS = {
     "training, switching": dict(cell=dict(n=256, gain=3.0, bias=1.0, bsz=32),
@@ -44,6 +68,7 @@ CELLS = {
                              max_iter=40, tol=1e-3, stop_mode="abs"),
     "benign, budget 2000": dict(cell=dict(n=512, gain=1.5, bias=0.1, bsz=8),
                                 max_iter=2000, tol=1e-5, stop_mode="rel"),
+    "main job's DEQ": dict(build=main_job_deq, max_iter=30, tol=1e-3, stop_mode="abs"),
 }
 SOLVERS = ("fixed_point_iter", "anderson", "broyden", "homotopy")
 
@@ -71,9 +96,14 @@ def f_time(f, x0: torch.Tensor, repeats: int = 500) -> float:
     return statistics.median(runs)
 
 
+def solve(solver: str):
+    """The solver behind a column: TorchDEQ's registry's, or the ``--baseline`` version's."""
+    return BASELINE[solver] if solver in BASELINE else get_solver(solver)
+
+
 def measure(name: str, spec: dict, seed: int, repeats: int, solvers: list[str]) -> list[dict]:
     """Every solver on one cell, ``repeats`` interleaved solves each."""
-    f, x0 = tanh_cell(seed=seed, **spec["cell"])
+    f, x0 = spec["build"](seed) if "build" in spec else tanh_cell(seed=seed, **spec["cell"])
     counted = Counted(f)
     kwargs = dict(max_iter=spec["max_iter"], tol=spec["tol"], stop_mode=spec["stop_mode"])
     per_f = f_time(f, x0)
@@ -82,12 +112,12 @@ def measure(name: str, spec: dict, seed: int, repeats: int, solvers: list[str]) 
     with torch.no_grad():
         for solver in solvers:                        # warm-up, and the calls per solve
             counted.calls = 0
-            get_solver(solver)(counted, x0, **kwargs)
+            solve(solver)(counted, x0, **kwargs)
             calls[solver] = counted.calls
         for _ in range(repeats):
             for solver in solvers:
                 start = time.perf_counter()
-                get_solver(solver)(counted, x0, **kwargs)
+                solve(solver)(counted, x0, **kwargs)
                 times[solver].append(time.perf_counter() - start)
     rows = []
     for solver in solvers:
@@ -118,8 +148,13 @@ def main() -> None:
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--out", type=Path, default=None,
                         help="write the table as Markdown here")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="also time the torchdeq_homotopy package under DIR")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.baseline is not None:
+        load_baseline(args.baseline)
+        args.solvers.append("baseline")
     rows = []
     for name in args.cells:
         rows += measure(name, CELLS[name], args.seed, args.repeats, args.solvers)

@@ -181,7 +181,7 @@ def test_rows_appended_later_take_their_own_broyden_iterates(capacity):
     starts = {0: slice(0, 2), 4: slice(2, 3), 7: slice(3, 6)}
     model = StepBroyden(12, columns=40, dtype=F64, device="cpu", capacity=capacity,
                         seed_width=2)
-    for buffer in (model._S, model._T, model._w, model._C0, model._D0):
+    for buffer in (model._S, model._T, model._C0, model._D0):
         buffer.fill_(float("nan"))                      # unwritten memory is never read
     for step in range(12):
         if step in starts:

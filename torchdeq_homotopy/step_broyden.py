@@ -20,6 +20,9 @@ triangular and grown by one row per factor, as the compact WY form of Householde
 
     (I + a bᵀ)(I + A T Bᵀ) = I + [A a] [[T, 0], [bᵀ A T, 1]] [B b]ᵀ.
 
+Stored is T' = T diag(w), so that A T Bᵀ = A T' [s_0 … s_{k−1}]ᵀ reads the steps alone,
+grown as T'_{k,:k} = w_k (s_kᵀ A) T', T'_{kk} = w_k.
+
 One (n,) column per step is stored and read twice per step (Bᵀ v and A c), where the
 two-factor form W = I + C Dᵀ stores two columns per step and reads both twice (W g and
 Wᵀ s): half the memory and half the memory traffic, which is what a step costs on large
@@ -69,12 +72,11 @@ class StepBroyden:
         device = torch.device(device)
         wide = _wide(dtype, device)
         cols = max(columns, 1)
-        # Left unset: :meth:`append` zeroes a row's T, w, W_0 and earlier steps as it comes
+        # Left unset: :meth:`append` zeroes a row's T, W_0 and earlier steps as it comes
         # into use, and :meth:`observe` writes each step column for every row in use, so
         # nothing unwritten is read, and rows that never switch cost no memory traffic.
         self._S = torch.empty(capacity, cols, n, dtype=dtype, device=device)
-        self._T = torch.empty(capacity, cols, cols, dtype=wide, device=device)
-        self._w = torch.empty(capacity, cols, dtype=wide, device=device)
+        self._T = torch.empty(capacity, cols, cols, dtype=wide, device=device)   # T diag(w)
         self._C0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # W_0 =
         self._D0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # I + C0ᵀD0
         self.rows = 0
@@ -124,7 +126,6 @@ class StepBroyden:
         if pairs > 0:
             self._C0[new, :pairs], self._D0[new, :pairs] = compact_inverse(X, F)
         self._T[new] = 0
-        self._w[new] = 0
         self._S[new, :k] = 0
         self.rows = rows + extra
         z, g = X[:, -1], F[:, -1] - X[:, -1]
@@ -134,10 +135,11 @@ class StepBroyden:
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record f at the point the last step reached and take the next step:
 
-            u = W_k g₊ = v + A T (Bᵀ v),  v = W_0 g₊,      β = s_kᵀ u,
-            s_{k+1} = u ‖s_k‖² / (‖s_k‖² − β),             T_k· = w_k (s_kᵀ A) T,
+            u = W_k g₊ = v + A T' (Sᵀ v),  v = W_0 g₊,      β = s_kᵀ u,
+            s_{k+1} = u ‖s_k‖² / (‖s_k‖² − β),              T'_k· = w_k (s_kᵀ A) T',
 
-        from one product of the stored steps with [v, s_k] and one with T Bᵀ v. Where the
+        (S = [s_0 … s_{k−1}]) from one product of the stored steps with [v, s_k] and one
+        with T' Sᵀ v. Where the
         denominator vanishes (|‖s_k‖² − β| <= eps ‖s_k‖²) the update is skipped (w_k = 0,
         s_{k+1} = u); a row whose last step was zero (frozen) steps 0; a row whose step is
         not finite (f(z) was not, or the step overflowed) stays at its last point with a
@@ -145,17 +147,17 @@ class StepBroyden:
         """
         S, k, rows = self._S, self.k, self.rows
         wide = self._T.dtype
-        g = fz - z
-        v = self._apply_w0(g)
-        s_k = S[:rows, k]
-        # [vᵀ; s_kᵀ] [s_0 … s_k]: one read of the stored steps (row form, as :func:`bmv`)
-        inner = torch.bmm(torch.stack([v, s_k], dim=1), S[:rows, :k + 1].mT).to(wide)
-        sv, ss = inner[:, 0], inner[:, 1]                           # (rows, k + 1)
+        v = self._apply_w0(fz - z)
+        steps = S[:rows, :k + 1]
+        # [vᵀ; s_kᵀ] [s_0 … s_k], (rows, k + 1) each: one read of the stored steps (row
+        # form, as :func:`bmv`)
+        sv, ss = torch.bmm(torch.stack([v, steps[:, k]], dim=1), steps.mT).to(wide).unbind(1)
         norm_sq = ss[:, k]
-        T = self._T[:rows, :k, :k]
         if k > 0:
-            c = bmv(T, self._w[:rows, :k] * sv[:, :k])
-            u = v + torch.bmm(c.to(v.dtype).unsqueeze(1), S[:rows, 1:k + 1]).squeeze(1)
+            T = self._T[:rows, :k, :k]
+            c = bmv(T, sv[:, :k])                                   # T' Sᵀ v
+            u = torch.baddbmm(v.unsqueeze(1), c.to(v.dtype).unsqueeze(1),
+                              steps[:, 1:]).squeeze(1)              # v + A c
             beta = sv[:, k] + (ss[:, 1:] * c).sum(dim=1)            # s_kᵀ u, no new read
         else:
             u, beta = v, sv[:, k]
@@ -172,10 +174,9 @@ class StepBroyden:
             S = self._S
         # factor k: a = s_{k+1}, b = w_k s_k (w_k = 0 where the update is skipped)
         w_k = norm_sq.reciprocal().masked_fill_(~(regular & ok), 0.0)
-        self._w[:rows, k] = w_k
         if k > 0:
-            self._T[:rows, k, :k] = w_k[:, None] * torch.bmm(ss[:, None, 1:], T).squeeze(1)
-        self._T[:rows, k, k] = 1.0
+            self._T[:rows, k, :k] = w_k[:, None] * bmv(T.mT, ss[:, 1:])
+        self._T[:rows, k, k] = w_k
         S[:rows, k + 1] = step
         self.k = k + 1
         self._z = torch.where(ok[:, None], z, self._z)
@@ -197,7 +198,6 @@ class StepBroyden:
         cols = self.k + 1
         self._S[used, :cols] = self._S[order, :cols]
         self._T[used, :cols, :cols] = self._T[order, :cols, :cols]
-        self._w[used, :cols] = self._w[order, :cols]
         self._C0[used] = self._C0[order]
         self._D0[used] = self._D0[order]
         self._z = self._z[order]
@@ -210,9 +210,7 @@ class StepBroyden:
         S[:, :cols] = self._S
         T = self._T.new_zeros(self._T.shape[0], 2 * cols, 2 * cols)
         T[:, :cols, :cols] = self._T
-        w = self._w.new_zeros(self._w.shape[0], 2 * cols)
-        w[:, :cols] = self._w
-        self._S, self._T, self._w = S, T, w
+        self._S, self._T = S, T
 
     def _reserve(self, rows: int) -> None:
         """Buffers for at least ``rows`` rows (twice the rows in use, at least)."""
@@ -221,5 +219,5 @@ class StepBroyden:
         def grown(buf: Tensor) -> Tensor:
             return torch.cat([buf, buf.new_empty(more, *buf.shape[1:])])
 
-        self._S, self._T, self._w = grown(self._S), grown(self._T), grown(self._w)
+        self._S, self._T = grown(self._S), grown(self._T)
         self._C0, self._D0 = grown(self._C0), grown(self._D0)
