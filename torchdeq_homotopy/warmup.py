@@ -397,7 +397,8 @@ class AndersonLoop:
     iterates so far; with per-row switching, each row's last few residuals, and
     the rows that left Anderson for Broyden's method (``switched``; ``rows``, in the
     order they switched, with one Broyden ``model`` over just those rows, holding up to
-    ``columns`` steps)."""
+    ``columns`` steps; once every row has switched, the model's rows are the batch's, in
+    order)."""
 
     warm: WarmupLoop
     X: Tensor
@@ -409,7 +410,7 @@ class AndersonLoop:
         default_factory=lambda: deque(maxlen=SWITCH_WINDOW + 1))
     switched: Tensor | None = None
     rows: Tensor | None = None
-    row_index: Tensor | slice | None = None   # ``rows``, or ``slice(None)`` when it is 0..B−1
+    row_index: Tensor | slice | None = None   # ``rows``; ``slice(None)`` once all joined
     model: StepBroyden | None = None
     columns: int = 0   # steps a Broyden model may take: the calls left, and its first
     open_any: bool = True   # some row above tol after the last call (per-row switching)
