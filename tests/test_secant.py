@@ -198,6 +198,40 @@ def test_rows_appended_later_take_their_own_broyden_iterates(capacity):
         model.observe(z, f(padded)[:joined])
 
 
+def test_rows_appended_with_different_secant_pairs_take_their_own_iterates():
+    """Groups joining with 1, 3 and 0 secant pairs while rows are already stepping (as the
+    warm-up's rows switch after different numbers of Anderson steps), in buffers filled
+    with NaN first: every row takes dense Broyden's iterates after its own pairs."""
+    f = tanh_cell(6, 10, 3.0, seed=8)
+    g = torch.Generator().manual_seed(1)
+    joins = {0: (slice(0, 2), 1), 3: (slice(2, 4), 3), 5: (slice(4, 6), 0)}
+    X = {step: torch.randn(2, pairs + 1, 10, generator=g, dtype=F64).cumsum(dim=1) * 0.1
+         for step, (_, pairs) in joins.items()}
+
+    def f_rows(rows):
+        return lambda z: f(torch.zeros(6, 10, dtype=F64).index_copy(
+            0, torch.arange(6)[rows], z))[rows]
+
+    reference = {step: dense_broyden_after(f_rows(rows), X[step], 10)
+                 for step, (rows, _) in joins.items()}
+    model = StepBroyden(10, columns=4, dtype=F64, device="cpu", capacity=6, seed_width=3)
+    for buffer in (model._S, model._T, model._C0, model._D0):
+        buffer.fill_(float("nan"))                      # unwritten memory is never read
+    for step in range(9):
+        if step in joins:
+            rows, _ = joins[step]
+            model.append(X[step], torch.stack([f_rows(rows)(X[step][:, i])
+                                               for i in range(X[step].shape[1])], dim=1))
+        z = model.next_point()
+        for start, (rows, _) in joins.items():
+            if start <= step:
+                torch.testing.assert_close(z[rows], reference[start][step - start],
+                                           rtol=1e-8, atol=1e-10, msg=f"step {step}")
+        padded = torch.zeros(6, 10, dtype=F64)
+        padded[:z.shape[0]] = z                           # rows are independent in f
+        model.observe(z, f(padded)[:z.shape[0]])
+
+
 def test_rows_reordered_after_joining_keep_their_own_broyden_iterates():
     """Batch rows 3–5 join at step 0, rows 0–1 at step 4 and row 2 at step 7; the model is
     then put in batch order (``reorder``): from there on its rows are the batch's, each
