@@ -230,6 +230,7 @@ def test_rows_appended_with_different_secant_pairs_take_their_own_iterates():
         padded = torch.zeros(6, 10, dtype=F64)
         padded[:z.shape[0]] = z                           # rows are independent in f
         model.observe(z, f(padded)[:z.shape[0]])
+    assert model.pairs == 3                       # W_0's columns in use grew from 1 to 3
 
 
 def test_rows_reordered_after_joining_keep_their_own_broyden_iterates():

@@ -75,11 +75,14 @@ class StepBroyden:
         # Left unset: :meth:`append` zeroes a row's T, W_0 and earlier steps as it comes
         # into use, and :meth:`observe` writes each step column for every row in use, so
         # nothing unwritten is read, and rows that never switch cost no memory traffic.
+        # W_0's factors are read over the ``pairs`` columns in use only, the most secant
+        # pairs a row brought (a batch that switches after one step brings one).
         self._S = torch.empty(capacity, cols, n, dtype=dtype, device=device)
         self._T = torch.empty(capacity, cols, cols, dtype=wide, device=device)   # T diag(w)
         self._C0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # W_0 =
         self._D0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # I + C0ᵀD0
         self.rows = 0
+        self.pairs = 0                  # columns of C0, D0 in use
         self.k = 0                      # factors so far; the last step is column k
         # the last point reached whose step was finite (frozen rows stay there)
         self._z = torch.empty(0, n, dtype=dtype, device=device)
@@ -91,11 +94,12 @@ class StepBroyden:
 
     # ---------------------------------------------------------------- products
     def _apply_w0(self, r: Tensor, rows: slice | None = None) -> Tensor:
-        """W_0 r = r + C0ᵀ (D0 r), over the rows in use or ``rows``."""
-        if self._C0.shape[1] == 0:
+        """W_0 r = r + C0ᵀ (D0 r), over the rows in use or ``rows``, and the ``pairs``
+        columns in use."""
+        if self.pairs == 0:
             return r
         rows = slice(0, self.rows) if rows is None else rows
-        C0, D0 = self._C0[rows], self._D0[rows]
+        C0, D0 = self._C0[rows, :self.pairs], self._D0[rows, :self.pairs]
         return r + torch.bmm(bmv(D0, r).unsqueeze(1), C0).squeeze(1)
 
     # ---------------------------------------------------------------- updates
@@ -121,8 +125,12 @@ class StepBroyden:
         if self._S.shape[0] < rows + extra:
             self._reserve(rows + extra)
         new = slice(rows, rows + extra)
-        self._C0[new] = 0
-        self._D0[new] = 0
+        if pairs > self.pairs:          # the rows already here hold no factor there
+            self._C0[:rows, self.pairs:pairs] = 0
+            self._D0[:rows, self.pairs:pairs] = 0
+            self.pairs = pairs
+        self._C0[new, pairs:self.pairs] = 0
+        self._D0[new, pairs:self.pairs] = 0
         if pairs > 0:
             self._C0[new, :pairs], self._D0[new, :pairs] = compact_inverse(X, F)
         self._T[new] = 0
@@ -198,8 +206,8 @@ class StepBroyden:
         cols = self.k + 1
         self._S[used, :cols] = self._S[order, :cols]
         self._T[used, :cols, :cols] = self._T[order, :cols, :cols]
-        self._C0[used] = self._C0[order]
-        self._D0[used] = self._D0[order]
+        self._C0[used, :self.pairs] = self._C0[order, :self.pairs]
+        self._D0[used, :self.pairs] = self._D0[order, :self.pairs]
         self._z = self._z[order]
 
     # ---------------------------------------------------------------- buffers
