@@ -7,9 +7,9 @@ is that minus f's own time (f timed alone on the cell's state, in the same run).
 small states the overhead is per-operation dispatch, so it is what decides a training
 step's speed there (the main job's DEQ, MLP and INR-style cells). Each cell runs every
 solver once to warm up, then ``--repeats`` solves of each, interleaved solver by solver
-(one solve of each in turn), so that all see the same machine load; the table gives
-medians. Cells (tanh(W z + x), ``benchmarks/sweep.py``'s ``tanh_cell``, float32, no
-gradient):
+(one solve of each in turn, the order turned by one solver every repeat), so that all see
+the same machine load and follow each other alike; the table gives medians. Cells
+(tanh(W z + x), ``benchmarks/sweep.py``'s ``tanh_cell``, float32, no gradient):
 
 * ``training, switching``: 256 wide, batch 32, ‖W‖₂ 3, bias 1, ``max_iter`` 30, abs. tol
   1e-3: no solver meets the tolerance, and every homotopy sample switches from Anderson
@@ -115,8 +115,11 @@ def measure(name: str, spec: dict, seed: int, repeats: int, solvers: list[str]) 
             counted.calls = 0
             solve(solver)(counted, x0, **kwargs)
             calls[solver] = counted.calls
-        for _ in range(repeats):
-            for solver in solvers:
+        for repeat in range(repeats):
+            # the order turns by one solver each repeat: which solver follows which moved a
+            # solve's time by 7–15 % on this machine (two copies of the same code, in turn)
+            turn = repeat % len(solvers)
+            for solver in solvers[turn:] + solvers[:turn]:
                 start = time.perf_counter()
                 solve(solver)(counted, x0, **kwargs)
                 times[solver].append(time.perf_counter() - start)
