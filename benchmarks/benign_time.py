@@ -7,9 +7,11 @@ The size sweep (``benchmarks/sweep.py``) times each solve once. Its benign cells
 that fixed-point iteration or Anderson solves, take 4–50 ms, and a single solve's time on
 this shared machine moves by up to 1.6× between two runs of identical iterates. Here every
 benign cell of ``sweep.py --quick`` (batch 8, float32, start z = 0, relative tolerance 1e-5,
-budget 2,000) is solved ``--repeats`` times by every solver, one solve of each in turn,
-after one solve each to warm up; the table gives each solver's median, and homotopy's
-median over that of the fastest TorchDEQ solver that solves at least 99 % of the cell.
+budget 2,000) is solved ``--repeats`` times by every solver, one solve of each in turn
+(the order turned by one solver every repeat: in a fixed order, which solver follows which
+moved a solve's time by 7–15 % in ``call_overhead.py``), after one solve each to warm up;
+the table gives each solver's median, and homotopy's median over that of the fastest
+TorchDEQ solver that solves at least 99 % of the cell.
 A cell is benign when fixed-point iteration or Anderson solves at least 99 % of it (the
 sweep's rule). About 2 minutes per seed on 2 CPU cores.
 
@@ -73,8 +75,9 @@ def solved(solver: str, f, x0: torch.Tensor, tol: float, budget: int) -> tuple[f
 def time_cell(f, x0: torch.Tensor, tol: float, budget: int, repeats: int) -> dict[str, float]:
     """Median wall seconds per solver, ``repeats`` interleaved solves each."""
     times: dict[str, list[float]] = {s: [] for s in SOLVERS}
-    for _ in range(repeats):
-        for solver in SOLVERS:
+    for repeat in range(repeats):
+        turn = repeat % len(SOLVERS)      # the order turns every repeat, as call_overhead.py's
+        for solver in SOLVERS[turn:] + SOLVERS[:turn]:
             start = time.perf_counter()
             solver_fn(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
             times[solver].append(time.perf_counter() - start)
