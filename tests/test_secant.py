@@ -607,3 +607,50 @@ def test_absorbing_more_products_than_the_state_has_entries_gives_the_exact_jaco
     model.absorb(S, A @ S)
     v = torch.randn(2, 3, generator=g, dtype=F64)
     torch.testing.assert_close(model.matvec(v), (A @ v[..., None])[..., 0])
+
+
+def test_exact_newton_stalls_on_steps_that_do_not_halve_and_steps_on_while_others_converge():
+    """The rule of the exact-Newton phase at λ = 1 (n <= homo_krylov_dim), on hand-set
+    records: an exact step counts against a sample unless it halves the lowest residual
+    met so far (r_k <= ``_NEWTON_PROGRESS`` · min_j r_j); three in a row stall it. A stalled
+    sample goes on stepping while another still converges (the batch pays each refresh
+    anyway) and a halving step revives it; only samples whose f is not finite wait idle.
+    Once every sample has stalled, all restart together at (z0, 1) under Broyden's method."""
+    from dataclasses import replace
+
+    from torchdeq_homotopy.homotopies import NewtonHomotopy
+    from torchdeq_homotopy.linalg import SecantJacobian
+    from torchdeq_homotopy.outcome import Budget
+    from torchdeq_homotopy.path import PathTracker, TrackerOptions
+    from torchdeq_homotopy.tracker_state import JacobianModels, Phase, _State
+
+    f = tanh_cell(3, 4, 3.0, seed=0)
+    x0 = torch.zeros(3, 4, dtype=F64)
+    tracker = PathTracker(f, x0, TrackerOptions(newton_iters=6))
+    models = JacobianModels(linear_solver="dense", broyden_newton=False, broyden_next=True,
+                            homotopy=NewtonHomotopy(x0, x0), dense=SecantJacobian(f, "forward"),
+                            jvp_mode="forward")
+    state = _State.start(x0, newton_first=True)
+    moved = torch.ones(3, 5, dtype=F64)                     # where the last steps took them
+    state = replace(state, path=replace(state.path, y=moved), newton=replace(
+        state.newton, steps=torch.tensor([2, 2, 2]), lowest=torch.ones(3, dtype=F64),
+        worse_in_row=torch.tensor([2, 2, 0])))
+
+    def leave(state, res):
+        res = torch.tensor(res, dtype=F64)
+        return tracker._leave_newton(state, models, torch.isfinite(res), res, Budget(100))
+
+    # 0.6: a new lowest that does not halve (the third in a row); 0.4: halves; inf: broken
+    state, idle = leave(state, [0.6, 0.4, float("inf")])
+    assert state.newton.worse_in_row.tolist() == [3, 0, 1]
+    assert idle.tolist() == [False, False, True]            # sample 0 steps on, stalled
+    assert state.newton.steps.tolist() == [2, 2, 6]         # the broken one stays stalled
+    assert (state.phase == Phase.NEWTON).all() and torch.equal(state.path.y, moved)
+    # 0.25 <= 0.6 / 2 revives sample 0; sample 1 does not halve 0.4 (the first time)
+    state, idle = leave(state, [0.25, 0.3, float("inf")])
+    assert state.newton.worse_in_row.tolist() == [0, 1, 2] and not idle[:2].any()
+    state = replace(state, newton=replace(state.newton, worse_in_row=torch.tensor([2, 2, 2])))
+    state, idle = leave(state, [0.2, 0.2, float("inf")])   # none halves: all stalled
+    assert idle.all() and models.broyden_newton
+    start = torch.cat([x0, torch.ones(3, 1, dtype=F64)], dim=1)
+    assert torch.equal(state.path.y, start)                 # all restart at (z0, 1)

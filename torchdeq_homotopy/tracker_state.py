@@ -25,9 +25,10 @@ Tensor = torch.Tensor
 
 # Corrector steps after which an accepted path step refreshes the dense Jacobian.
 _SLOW_CORRECTOR = 3
-# Exact-Jacobian Newton steps in a row that may end above the lowest residual met so far
-# before a sample counts as stalled. Newton on expansive cells often climbs before it
-# converges (up to hundreds of times its best residual, then quadratic convergence).
+# Exact-Jacobian Newton steps in a row that may fail to halve the lowest residual met so
+# far (r_k > _NEWTON_PROGRESS · min_j r_j) before a sample counts as stalled. Newton on
+# expansive cells often climbs before it converges (up to hundreds of times its best
+# residual, then quadratic convergence); where it converges, each exact step does halve it.
 _PATIENCE = 3
 
 # Step control of the path (torchdiffeq names its equivalents ifactor and dfactor): after
@@ -169,7 +170,8 @@ class NewtonState:
     h_prev: Tensor        # ||H|| at the last Newton step, and that step's GMRES
     forcing: Tensor       # tolerance η (Eisenstat–Walker)
     lowest: Tensor        # lowest residual met in this phase
-    worse_in_row: Tensor  # steps in a row that ended above ``lowest``
+    worse_in_row: Tensor  # exact steps in a row that did not halve ``lowest`` (Broyden's
+    #                       steps: that set no new ``lowest``)
     endgame_step: Tensor  # the last step was an endgame step (judged at its evaluation)
     damping: Tensor       # endgame step length α ∈ [_MIN_DAMPING, 1]
 
