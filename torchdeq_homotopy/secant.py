@@ -324,11 +324,17 @@ class InverseBroyden:
         self._stamps = torch.zeros(0, dtype=torch.long, device=device)
         self._counts_from = torch.zeros((), dtype=torch.long, device=device)
         self._fresh = torch.zeros((), dtype=torch.bool, device=device)
+        self._in_use: tuple = ()
 
     def _used(self) -> tuple[Tensor, Tensor]:
-        """C and Dᵀ over the columns written so far."""
+        """C and Dᵀ over the columns written so far; the views are kept until a write or
+        new buffers change them (two slices fewer per product, each a few µs: the cost of
+        a small state's whole product)."""
         k = min(self._written, self.C.shape[2])
-        return self.C[..., :k], self.Dt[:, :k]
+        cached = self._in_use
+        if not cached or cached[0] is not self.C or cached[1] is not self.Dt or cached[2] != k:
+            self._in_use = cached = (self.C, self.Dt, k, self.C[..., :k], self.Dt[:, :k])
+        return cached[3], cached[4]
 
     def _counting(self, k: int) -> Tensor | None:
         """Which of the first k columns count (written since the last :meth:`restart`),
@@ -372,6 +378,8 @@ class InverseBroyden:
             >>> model.step()                     # W = I again: the fixed-point step
             tensor([[3., 4.]])
         """
+        # columns are stamped from the first restart on; those written before hold 0,
+        # below any write number a restart sets (and all count while none did)
         self._restartable = True
         # a fill, not a copy from the host (which would wait for the device's queue)
         writes = torch.full((), self._writes, dtype=torch.long, device=self._fresh.device)
@@ -402,27 +410,28 @@ class InverseBroyden:
         s = z - self._z
         w_dg = w_g - self._step
         denom = (s * w_dg).sum(dim=1)
-        ok = (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom) \
-            & ((s * s).sum(dim=1) > 0) & finite
+        # s = 0 gives denom = 0, which the first test rejects
+        ok = (denom.abs() > torch.finfo(z.dtype).tiny) & torch.isfinite(denom) & finite
         if self._restartable:            # a fresh start records z, as a new model's first call
             fresh = self._fresh
             ok = ok & ~fresh
             self._z = torch.where(fresh, z, self._z)
             self._step = torch.where(fresh, w_g, self._step)
             self._fresh = torch.zeros_like(fresh)
-        safe = torch.where(ok, denom, torch.ones_like(denom))[:, None]
-        c = torch.where(ok[:, None], -(s + w_dg) / safe, torch.zeros_like(s))
-        d = torch.where(ok[:, None], self.apply_t(s), torch.zeros_like(s))
-        w_g = w_g - self._oldest_term(g) + c * (d * g).sum(dim=1, keepdim=True)
+        safe = torch.where(ok, denom, 1.0)[:, None]
+        ok = ok[:, None]
+        c = torch.where(ok, -(s + w_dg) / safe, 0.0)
+        d = torch.where(ok, self.apply_t(s), 0.0)
+        if self._written >= self.memory:                 # the oldest pair goes
+            w_g = w_g - self._oldest_term(g)
+        w_g = w_g + c * (d * g).sum(dim=1, keepdim=True)
         self._write(c, d)
         self._z = torch.where(finite[:, None], z, self._z)
         self._step = torch.where(finite[:, None], w_g, self._step)
         return finite
 
-    def _oldest_term(self, g: Tensor) -> Tensor | float:
-        """c_o (d_oᵀ g) for the pair that the next write replaces; 0 while memory is left."""
-        if self._written < self.memory:
-            return 0.0
+    def _oldest_term(self, g: Tensor) -> Tensor:
+        """c_o (d_oᵀ g) for the pair that the next write replaces (memory full)."""
         slot = self._written % self.memory
         term = self.C[..., slot] * (self.Dt[:, slot] * g).sum(dim=1, keepdim=True)
         counting = self._counting(slot + 1)
@@ -443,7 +452,8 @@ class InverseBroyden:
         slot = self._written % self.memory
         self.C[..., slot] = c
         self.Dt[:, slot] = d
-        self._stamps[slot] = self._writes
+        if self._restartable:
+            self._stamps[slot] = self._writes
         self._written += 1
         self._writes += 1
 
@@ -476,5 +486,6 @@ class InverseBroyden:
         self.Dt.zero_()
         self.C[..., :n] = merged
         self.Dt[:, :n] = torch.eye(n, dtype=C.dtype, device=C.device)
-        self._stamps[:n] = self._writes      # the merged columns count from here on
+        if self._restartable:
+            self._stamps[:n] = self._writes  # the merged columns count from here on
         self._written = n

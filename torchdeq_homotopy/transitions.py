@@ -247,13 +247,13 @@ class PhaseTransitions:
         :meth:`_path_affordable`), for the samples in ``in_newton``. Returns
         (worse_in_row, lowest, stalled)."""
         progress = in_newton & (abs_res < lowest)
-        worse_in_row = torch.where(progress, 0,
-                                   torch.where(in_newton, worse_in_row + 1, worse_in_row))
+        worse_in_row = torch.where(progress, 0, worse_in_row + in_newton)   # + 1 in the phase
         lowest = torch.where(in_newton, torch.minimum(lowest, abs_res), lowest)
-        patience = self.opt.secant_patience or max(1, budget.limit // 3)
-        stuck = (worse_in_row >= patience) & self._path_affordable(budget)
-        stalled = in_newton & (~(abs_res < float("inf")) | solve_failed | stuck)
-        return worse_in_row, lowest, stalled
+        stalled = ~(abs_res < float("inf")) | solve_failed
+        if self._path_affordable(budget):
+            patience = self.opt.secant_patience or max(1, budget.limit // 3)
+            stalled = stalled | (worse_in_row >= patience)
+        return worse_in_row, lowest, in_newton & stalled
 
     def _path_affordable(self, budget: Budget) -> bool:
         """Whether samples whose Broyden steps stopped making progress should start on the
