@@ -96,25 +96,31 @@ def test_a_restarted_inverse_broyden_takes_a_new_models_steps(memory, merge):
     """``restart(True)`` (what accelerators do where CPU drops the model) makes the model
     take dense Broyden's steps from W = I again, from the next evaluation on, whatever it
     held (here 9 pairs of another start: merged past 2n, or wrapped in a memory of 5);
-    ``restart(False)`` changes nothing."""
+    ``restart(False)`` changes nothing, whether called from the first step on or only
+    after 5 (columns written before a model's first restart carry no write stamp)."""
     f = tanh_cell(3, 4, 6.0, seed=3)
     z = torch.full((3, 4), 0.5, dtype=F64)
-    restarted = InverseBroyden(3, 4, memory=memory, dtype=F64, device="cpu", merge=merge)
-    untouched = InverseBroyden(3, 4, memory=memory, dtype=F64, device="cpu", merge=merge)
-    for _ in range(9):
-        for model in (restarted, untouched):
+    models = [InverseBroyden(3, 4, memory=memory, dtype=F64, device="cpu", merge=merge)
+              for _ in range(3)]
+    restarted, untouched, late = models
+    for k in range(9):
+        for model in models:
             model.observe(z, f(z))
         step = untouched.step()
         untouched.restart(torch.tensor(False))
+        if k >= 5:
+            late.restart(torch.tensor(False))
         z = z + step
-    torch.testing.assert_close(untouched.step(), restarted.step(), rtol=0, atol=0)
-    restarted.restart(torch.tensor(True))
+    for model in (restarted, late):
+        torch.testing.assert_close(model.step(), untouched.step(), rtol=0, atol=0)
     z0 = torch.zeros(3, 4, dtype=F64)
-    z = z0
-    for expected in dense_broyden(f, z0, 12 if merge else 4):
-        restarted.observe(z, f(z))
-        z = z + restarted.step()
-        torch.testing.assert_close(z, expected, rtol=1e-8, atol=1e-9)
+    for model in (restarted, late):
+        model.restart(torch.tensor(True))
+        z = z0
+        for expected in dense_broyden(f, z0, 12 if merge else 4):
+            model.observe(z, f(z))
+            z = z + model.step()
+            torch.testing.assert_close(z, expected, rtol=1e-8, atol=1e-9)
 
 
 def dense_broyden_after(f, X, steps):
