@@ -660,3 +660,31 @@ def test_exact_newton_stalls_on_steps_that_do_not_halve_and_steps_on_while_other
     assert idle.all() and models.broyden_newton
     start = torch.cat([x0, torch.ones(3, 1, dtype=F64)], dim=1)
     assert torch.equal(state.path.y, start)                 # all restart at (z0, 1)
+
+
+def test_inexact_newton_under_gmres_stalls_only_above_its_lowest_and_waits():
+    """Under GMRES solves (inexact Newton, whose Eisenstat–Walker steps may converge by less
+    than half a step) an exact step counts against a sample only when it ends at or above
+    the lowest residual, and stalled samples wait idle (every row's products cost)."""
+    from dataclasses import replace
+
+    from torchdeq_homotopy.homotopies import NewtonHomotopy
+    from torchdeq_homotopy.linalg import SecantJacobian
+    from torchdeq_homotopy.outcome import Budget
+    from torchdeq_homotopy.path import PathTracker, TrackerOptions
+    from torchdeq_homotopy.tracker_state import JacobianModels, _State
+
+    f = tanh_cell(2, 4, 3.0, seed=0)
+    x0 = torch.zeros(2, 4, dtype=F64)
+    tracker = PathTracker(f, x0, TrackerOptions(newton_iters=6, linear_solver="gmres"))
+    models = JacobianModels(linear_solver="gmres", broyden_newton=False,
+                            homotopy=NewtonHomotopy(x0, x0), dense=SecantJacobian(f, "forward"),
+                            jvp_mode="forward")
+    state = _State.start(x0, newton_first=True)
+    state = replace(state, newton=replace(
+        state.newton, steps=torch.tensor([2, 2]), lowest=torch.ones(2, dtype=F64),
+        worse_in_row=torch.tensor([2, 2])))
+    res = torch.tensor([0.6, 1.0], dtype=F64)     # a new lowest (not halved); not below it
+    state, idle = tracker._leave_newton(state, models, torch.isfinite(res), res, Budget(100))
+    assert state.newton.worse_in_row.tolist() == [0, 3]
+    assert idle.tolist() == [False, True] and state.newton.steps.tolist() == [2, 6]

@@ -130,7 +130,8 @@ SOLVER_KEYS: dict[str, Key] = {
         Key("homo_newton_iters", 6, "Newton steps at λ = 1 tried first (with dense solves, "
             "those taken with an exact Jacobian; secant steps between are free); a sample "
             "hands over to path tracking after them, or earlier when three exact steps in a "
-            "row fail to halve its lowest residual (0: always track from λ = 0)",
+            "row fail to halve its lowest residual (under GMRES solves: end above it; "
+            "0: always track from λ = 0)",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_step_init", 0.1, "first path step, as the increase of λ it makes",
             kind=float, check=_positive, check_doc="> 0"),

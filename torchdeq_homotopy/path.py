@@ -22,16 +22,16 @@ options. The phases:
             helped, else from z0): exact Newton (dense, or Newton–Krylov), or Broyden's
             method (``'secant'``, and ``'auto'`` when n > ``homo_krylov_dim``). Exact
             Newton stalls after three exact steps in a row that do not halve the lowest
-            residual it has met (Newton may climb before it converges; where it converges,
-            each exact step halves it) or past its Newton budget; Broyden's
+            residual it has met (under GMRES solves: that end above it; Newton may climb
+            before it converges) or past its Newton budget; Broyden's
             method after ``homo_secant_patience`` steps (a third of the budget) without a
             new lowest residual, by default only while the calls left can pay for a path
             that is not dense (16 n; else Broyden's method goes on). Stalled samples
-            go on stepping (exact Newton's: the batch pays each refresh anyway) until no
-            sample of the phase is still converging; then all of them go on together:
-            under ``'auto'`` with dense solves from exact Newton to Broyden's method
-            restarted at z0, otherwise to the path from (z0, 0), so that their path
-            steps share linear solves.
+            go on stepping (under GMRES, exact Newton's wait: every row's products
+            cost) until no sample of the phase is still converging; then all of them
+            go on together: under ``'auto'`` with dense solves from exact Newton to
+            Broyden's method restarted at z0, otherwise to the path from (z0, 0), so
+            that their path steps share linear solves.
 ``TANGENT`` at an accepted point y_a, the unit tangent t of the path solves the bordered
             system   [H_z  H_λ; t_prevᵀ] w = [0; 1],  t = w / ||w||,
             which stays regular at turning points (where H_z = I - λJ is singular) and

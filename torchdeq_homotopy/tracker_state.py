@@ -26,9 +26,10 @@ Tensor = torch.Tensor
 # Corrector steps after which an accepted path step refreshes the dense Jacobian.
 _SLOW_CORRECTOR = 3
 # Exact-Jacobian Newton steps in a row that may fail to halve the lowest residual met so
-# far (r_k > _NEWTON_PROGRESS · min_j r_j) before a sample counts as stalled. Newton on
-# expansive cells often climbs before it converges (up to hundreds of times its best
-# residual, then quadratic convergence); where it converges, each exact step does halve it.
+# far (r_k > _NEWTON_PROGRESS · min_j r_j; under GMRES solves, end above it) before a sample
+# counts as stalled. Newton on expansive cells often climbs before it converges (up to
+# hundreds of times its best residual, then quadratic convergence); where exact Newton
+# converges, each step does halve it.
 _PATIENCE = 3
 
 # Step control of the path (torchdiffeq names its equivalents ifactor and dfactor): after

@@ -117,10 +117,21 @@ class PhaseTransitions:
         restarting).
 
         A sample stalls when f is not finite, its exact solve failed, ``_PATIENCE`` exact
-        steps in a row failed to halve its lowest residual (r_k > ``_NEWTON_PROGRESS`` ·
-        min_j r_j: where Newton converges, each exact step does; where it wanders, a rare new
-        lowest kept it going for all ``homo_newton_iters`` steps), or it took
-        ``homo_newton_iters`` exact steps (Broyden's method: :meth:`_leave_broyden`)."""
+        steps in a row made too little progress, or it took ``homo_newton_iters`` exact
+        steps (Broyden's method: :meth:`_leave_broyden`). Too little progress:
+
+            dense solves:  r_k > ``_NEWTON_PROGRESS`` · min_j r_j (the step did not halve the
+                           lowest residual; where exact Newton converges, each step does;
+                           where it wanders, a rare new lowest kept it going for all
+                           ``homo_newton_iters`` steps);
+            GMRES:         r_k >= min_j r_j (inexact Newton under Eisenstat–Walker forcing
+                           may converge by less than half a step).
+
+        Stalled samples wait until no sample is still converging under Newton, then all go
+        on together (to Broyden's method, or the path, whose steps share linear solves).
+        Under dense solves they go on stepping meanwhile: the batch pays n + 1 evaluations
+        per refresh whichever rows ask, and a halving step revives one; only samples whose
+        f or solve failed wait idle. Under GMRES every row's products cost, and they wait."""
         opt = self.opt
         in_newton = state.phase == Phase.NEWTON
         if not _maybe_any(in_newton):
@@ -133,23 +144,20 @@ class PhaseTransitions:
         # Only a step taken with the exact Jacobian can stall (a secant one refreshes it).
         record, jacobian = state.newton, state.jacobian
         exact_step = in_newton & (record.steps > 0) & jacobian.exact
-        worse = exact_step & ~(abs_res < _NEWTON_PROGRESS * record.lowest)
+        dense = models.linear_solver == "dense"
+        worse = exact_step & ~(abs_res < (_NEWTON_PROGRESS if dense else 1.0) * record.lowest)
         worse_in_row = torch.where(worse, record.worse_in_row + 1,
                                    record.worse_in_row.masked_fill(exact_step, 0))
         lowest = torch.where(in_newton, torch.minimum(record.lowest, abs_res), record.lowest)
         broken = in_newton & (~f_finite | (jacobian.solve_failed & jacobian.exact))
         stalled = (broken | (worse_in_row >= _PATIENCE) | (record.steps >= opt.newton_iters))
         leave = in_newton & stalled
-        steps = torch.where(broken, opt.newton_iters, record.steps)    # stays stalled
+        waiting = broken if dense else leave
+        steps = torch.where(waiting, opt.newton_iters, record.steps)   # stays stalled
         state = replace(state, newton=replace(record, worse_in_row=worse_in_row,
                                               lowest=lowest, steps=steps))
-        # Stalled samples wait until no sample is still converging under Newton, then all
-        # go on together (to Broyden's method, or the path, whose steps share linear solves).
-        # Meanwhile the batch pays n + 1 evaluations per exact refresh whichever rows ask, so
-        # the stalled ones go on stepping (a step that halves the residual revives one);
-        # only those whose f or solve failed wait idle.
         if bool((in_newton & ~stalled).any()):
-            return state, broken
+            return state, waiting
         if models.broyden_next and bool(leave.any()):
             return self._newton_to_broyden(state, models, leave), leave
         return self._leave_together(state, models, leave, budget)
