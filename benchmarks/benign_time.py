@@ -61,7 +61,16 @@ def load_baseline(directory: Path) -> None:
 
 
 def solver_fn(solver: str):
+    """The solver behind a column: TorchDEQ's registry's, or the ``--baseline`` version's."""
     return BASELINE[solver] if solver in BASELINE else get_solver(solver)
+
+
+def turned(names: list[str], repeat: int) -> list[str]:
+    """``names`` turned by ``repeat`` places: the order of one repeat's solves. In a fixed
+    order, which solver follows which moved a solve's time by 7–15 % on the CI machine
+    (two copies of the same code, in turn; ``call_overhead.py``)."""
+    turn = repeat % len(names)
+    return names[turn:] + names[:turn]
 
 
 def solved(solver: str, f, x0: torch.Tensor, tol: float, budget: int) -> tuple[float, int]:
@@ -76,8 +85,7 @@ def time_cell(f, x0: torch.Tensor, tol: float, budget: int, repeats: int) -> dic
     """Median wall seconds per solver, ``repeats`` interleaved solves each."""
     times: dict[str, list[float]] = {s: [] for s in SOLVERS}
     for repeat in range(repeats):
-        turn = repeat % len(SOLVERS)      # the order turns every repeat, as call_overhead.py's
-        for solver in SOLVERS[turn:] + SOLVERS[:turn]:
+        for solver in turned(SOLVERS, repeat):
             start = time.perf_counter()
             solver_fn(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel")
             times[solver].append(time.perf_counter() - start)

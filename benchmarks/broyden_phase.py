@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from benign_time import BASELINE, load_baseline
+from benign_time import BASELINE, load_baseline, turned
 from sweep import tanh_cell
 from torchdeq.solver import get_solver
 
@@ -74,8 +74,7 @@ def measure(runs: dict, f, x0: torch.Tensor, steps: int, repeats: int
     states: dict[str, object] = {}
     names = list(runs)
     for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in turned(names, r):
             seconds, states[name] = timed(runs[name], f, x0, steps)
             times[name].append(seconds)
     ms = {name: 1e3 * statistics.median(t) / steps for name, t in times.items()}

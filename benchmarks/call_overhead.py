@@ -39,12 +39,11 @@ import time
 from pathlib import Path
 
 import torch
-from torchdeq.solver import get_solver
 
 import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benign_time import BASELINE, load_baseline
+from benign_time import load_baseline, solver_fn, turned
 from sweep import tanh_cell
 
 
@@ -97,11 +96,6 @@ def f_time(f, x0: torch.Tensor, repeats: int = 500) -> float:
     return statistics.median(runs)
 
 
-def solve(solver: str):
-    """The solver behind a column: TorchDEQ's registry's, or the ``--baseline`` version's."""
-    return BASELINE[solver] if solver in BASELINE else get_solver(solver)
-
-
 def measure(name: str, spec: dict, seed: int, repeats: int, solvers: list[str]) -> list[dict]:
     """Every solver on one cell, ``repeats`` interleaved solves each."""
     f, x0 = spec["build"](seed) if "build" in spec else tanh_cell(seed=seed, **spec["cell"])
@@ -113,15 +107,12 @@ def measure(name: str, spec: dict, seed: int, repeats: int, solvers: list[str]) 
     with torch.no_grad():
         for solver in solvers:                        # warm-up, and the calls per solve
             counted.calls = 0
-            solve(solver)(counted, x0, **kwargs)
+            solver_fn(solver)(counted, x0, **kwargs)
             calls[solver] = counted.calls
         for repeat in range(repeats):
-            # the order turns by one solver each repeat: which solver follows which moved a
-            # solve's time by 7–15 % on this machine (two copies of the same code, in turn)
-            turn = repeat % len(solvers)
-            for solver in solvers[turn:] + solvers[:turn]:
+            for solver in turned(solvers, repeat):
                 start = time.perf_counter()
-                solve(solver)(counted, x0, **kwargs)
+                solver_fn(solver)(counted, x0, **kwargs)
                 times[solver].append(time.perf_counter() - start)
     rows = []
     for solver in solvers:
