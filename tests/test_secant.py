@@ -515,10 +515,11 @@ def test_merge_sums_cancelling_float32_factors_in_double():
     assert torch.equal(model.Dt[:, :n], torch.eye(n).expand(2, n, n))
 
 
-def test_endgame_rejects_steps_above_the_best_residual():
-    """A judged endgame step that ends above the best residual returns to the best iterate
-    (with f there, no evaluation); after an exact step its step length halves, after a
-    secant one it stays (the exact Jacobian comes next); an accepted step doubles it."""
+def test_endgame_rejects_steps_above_its_best_residual():
+    """A judged endgame step that ends above the endgame's best residual returns to the
+    endgame's best point (with f there, no evaluation); after an exact step its step
+    length halves, after a secant one it stays (the exact Jacobian comes next); an accepted
+    step doubles it and becomes the endgame's best point."""
     from dataclasses import replace
 
     from torchdeq_homotopy.outcome import Budget, Record
@@ -526,28 +527,74 @@ def test_endgame_rejects_steps_above_the_best_residual():
     from torchdeq_homotopy.tracker_state import _State
 
     f = tanh_cell(3, 5, 0.5, seed=1)
-    z_best, z_now = torch.randn(3, 5, dtype=F64) * 0.1, torch.randn(3, 5, dtype=F64)
-    record = Record.start(z_best, Budget(10), "abs")
-    record.add(z_best, f(z_best))
-    z_now[1] = f(z_best)[1]                   # one fixed-point step: a lower residual
+    z_end, z_now = torch.randn(3, 5, dtype=F64) * 0.1, torch.randn(3, 5, dtype=F64)
+    z_now[1] = f(z_end)[1]                    # one fixed-point step: a lower residual
+    record = Record.start(z_end, Budget(10), "abs")
+    record.add(z_end, f(z_end))
+    every = torch.ones(3, dtype=torch.bool)
+    state = _State.start(z_end, newton_first=True)
+    abs_end = (f(z_end) - z_end).norm(dim=1)
+    state = PathTracker._enter_endgame(state, record, every, f(z_end), abs_end)
+    assert (state.phase == Phase.ENDGAME).all()
     record.add(z_now, f(z_now))
-    state = _State.start(z_now, newton_first=True).with_phase(torch.ones(3, dtype=torch.bool),
-                                                              Phase.ENDGAME)
     half = torch.tensor([1.0, 0.5, 1.0], dtype=F64)
-    state = replace(state, newton=replace(state.newton, endgame_step=torch.ones(3, dtype=bool),
-                                          damping=half),
+    y_now = torch.cat([z_now, torch.ones(3, 1, dtype=F64)], dim=1)
+    state = replace(state, path=replace(state.path, y=y_now),
+                    newton=replace(state.newton, endgame_step=every, damping=half),
                     jacobian=replace(state.jacobian, exact=torch.tensor([True, True, False])))
     abs_now = (f(z_now) - z_now).norm(dim=1)
+    assert (abs_now > abs_end).tolist() == [True, False, True]
     new, fz, abs_res = PathTracker._judge_endgame(state, record, f(z_now), abs_now)
 
     rejected = torch.tensor([True, False, True])
-    expect_z = torch.where(rejected[:, None], record.best.z, z_now)
+    expect_z = torch.where(rejected[:, None], z_end, z_now)
     torch.testing.assert_close(new.path.y[:, :5], expect_z)
     torch.testing.assert_close(fz, f(expect_z))
     torch.testing.assert_close(abs_res, (f(expect_z) - expect_z).norm(dim=1))
     assert new.path.y[:, 5].tolist() == [1.0, 1.0, 1.0]
     assert new.newton.damping.tolist() == [0.5, 1.0, 1.0]
+    torch.testing.assert_close(new.newton.end_z, expect_z)
+    torch.testing.assert_close(new.newton.end_abs, torch.minimum(abs_end, abs_now))
     assert not new.newton.endgame_step.any()
+    assert not new.needs_restart.any()
+
+
+def test_endgame_goes_back_to_its_own_best_point_and_restarts_when_it_stalls():
+    """The solve's best iterate (here a lower residual met before the endgame, as where
+    Broyden's method stalled near a local minimum of ||z - f(z)||) does not pull the
+    endgame back; a third exact step in a row that fails (α would fall below 1/4) marks
+    the sample for a new path, with full steps again."""
+    from dataclasses import replace
+
+    from torchdeq_homotopy.outcome import Budget, Record
+    from torchdeq_homotopy.path import PathTracker
+    from torchdeq_homotopy.tracker_state import _State
+
+    f = tanh_cell(2, 5, 0.5, seed=2)
+    z_low = torch.randn(2, 5, dtype=F64) * 0.1
+    z_low = f(f(f(z_low)))                    # the solve's best iterate, met first
+    z_end = z_low + 0.5                       # the path's end: a higher residual
+    z_now = z_end + 0.3 * torch.randn(2, 5, dtype=F64)
+    record = Record.start(z_low, Budget(10), "abs")
+    record.add(z_low, f(z_low))
+    record.add(z_end, f(z_end))
+    abs_end = (f(z_end) - z_end).norm(dim=1)
+    every = torch.ones(2, dtype=torch.bool)
+    state = PathTracker._enter_endgame(_State.start(z_end, newton_first=True), record, every,
+                                       f(z_end), abs_end)
+    record.add(z_now, f(z_now))
+    abs_now = (f(z_now) - z_now).norm(dim=1)
+    assert (record.best.abs_res < abs_end).all() and (abs_now > abs_end).all()
+    y_now = torch.cat([z_now, torch.ones(2, 1, dtype=F64)], dim=1)
+    state = replace(state, path=replace(state.path, y=y_now),
+                    newton=replace(state.newton, endgame_step=every,
+                                   damping=torch.tensor([1.0, 0.25], dtype=F64)))
+    new, fz, _ = PathTracker._judge_endgame(state, record, f(z_now), abs_now)
+
+    torch.testing.assert_close(new.path.y[:, :5], z_end)       # not record.best.z
+    torch.testing.assert_close(fz, f(z_end))
+    assert new.needs_restart.tolist() == [False, True]
+    assert new.newton.damping.tolist() == [0.5, 1.0]
 
 
 def test_endgame_converges_where_the_path_reaches_lambda_one():

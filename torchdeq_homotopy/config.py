@@ -140,8 +140,10 @@ SOLVER_KEYS: dict[str, Key] = {
         Key("homo_step_max", 16.0, "largest path step (relative to the first)",
             kind=float, check=_positive, check_doc="> 0"),
         Key("homo_restarts", 2, "new paths a sample may start, from a randomly perturbed "
-            "z0, after its step underflows (a start point whose path is singular is rare, "
-            "so a new one almost surely has a regular path)",
+            "z0, after its step underflows or its endgame at λ = 1 stalls (three exact Newton "
+            "steps in a row fail to lower the residual: the path passed near λ = 1 at a "
+            "fold, with no root near; a start point whose path is singular is rare, so a "
+            "new one almost surely has a regular path)",
             kind=int, check=_non_negative, check_doc=">= 0"),
         Key("homo_corrector_iters", 4, "Newton corrector iterations per path step before the "
             "step is rejected and halved", kind=int, check=_positive, check_doc="> 0"),

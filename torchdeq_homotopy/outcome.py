@@ -36,7 +36,7 @@ class Status(enum.IntEnum):
     """f returned NaN or Inf where no recovery was possible."""
     STEP_UNDERFLOW = 4
     """Path tracking needed a step below ``homo_step_min`` (or jumped to a branch with
-    λ < 0), on its first path and on every restart."""
+    λ < 0, or its endgame at λ = 1 stalled), on its first path and on every restart."""
 
 
 class Budget:

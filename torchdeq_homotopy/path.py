@@ -50,8 +50,10 @@ options. The phases:
             by a factor set by the corrector's iteration count.
 ``ENDGAME`` once the path reaches λ >= 1: Newton at λ = 1 (border row e_λ, so the first
             step also moves λ onto 1) down to the requested tolerance, kept monotone: a
-            step that ends above the best residual goes back to the best iterate and
-            retries with the exact Jacobian, or with half the step if it had it.
+            step that ends above the endgame's best residual goes back to the endgame's
+            best point and retries with the exact Jacobian, or with half the step if it
+            had it; after three failed exact steps the endgame has stalled (a fold near
+            λ = 1 with no root near) and the sample restarts.
 ``DONE``    converged or failed; the sample is frozen (its linear system is zero).
 
 Linear solves (``homo_linear_solver``): for states larger than ``homo_krylov_dim`` (the
@@ -70,9 +72,9 @@ step is then retried once, from the same prediction, with the exact Jacobian), o
 accepted step needed three or more corrector steps (the tangent at its endpoint then uses
 the exact Jacobian).
 
-Restarts: a sample whose step underflows, or whose path jumps to a branch at λ < 0 (H(·, 0)
-vanishes only at z0), starts a new path from a randomly perturbed z0, up to
-``homo_restarts`` times; from almost every start the path is regular.
+Restarts: a sample whose step underflows, whose path jumps to a branch at λ < 0 (H(·, 0)
+vanishes only at z0), or whose endgame stalls, starts a new path from a randomly perturbed
+z0, up to ``homo_restarts`` times; from almost every start the path is regular.
 
 All per-sample quantities (phase, step h, corrector counts, status) are ``(B,)`` tensors;
 there is no Python loop over samples. The best iterate by the fixed-point residual
@@ -225,7 +227,8 @@ class PathTracker(BorderedSolves, Predictor, PhaseTransitions):
             return self._broyden_run(state, loop)
         H = models.homotopy.residual(z, loop.fz, lam)  # at the evaluated points (before
         h_norm = H.norm(dim=1)                         # the transitions moved any sample)
-        state, judged = self._judge_corrector(state, models, h_norm, idle)
+        state, judged = self._judge_corrector(state, models, h_norm, idle, loop.record,
+                                              loop.fz, loop.abs_res)
         endgame_failed = (state.phase == Phase.ENDGAME) & (
             ~(h_norm < float("inf")) | state.jacobian.solve_failed)
         state = state.finish(endgame_failed, Status.NONFINITE)

@@ -44,8 +44,10 @@ _RETRY_FACTOR, _TURN_FACTOR = 0.5, 0.25
 _NEWTON_PROGRESS = 0.5
 # A path within this distance of λ = 1 goes to the endgame.
 _END_GAP = 1e-3
-# The endgame's step length α halves after each rejected exact step, down to this.
-_MIN_DAMPING = 2.0 ** -10
+# The endgame's step length α halves after each rejected exact step; below this the endgame
+# has stalled (three exact steps in a row, net of accepted ones, failed to lower its
+# residual) and the sample starts a new path, as after a step underflow.
+_MIN_DAMPING = 2.0 ** -2
 # A path whose solves are not dense (n > homo_krylov_dim) costs about this many evaluations
 # per state entry to reach λ = 1 from λ = 0: median path cost about 1,000 evaluations at
 # n = 64 and 2,000 at n = 128, most paths unfinished after 9,900 at n = 512 (tanh cells,
@@ -175,6 +177,10 @@ class NewtonState:
     #                       steps: that set no new ``lowest``)
     endgame_step: Tensor  # the last step was an endgame step (judged at its evaluation)
     damping: Tensor       # endgame step length α ∈ [_MIN_DAMPING, 1]
+    end_res: Tensor       # the endgame's lowest residual (stop mode; inf outside it), and
+    end_abs: Tensor       # its ||z - f(z)||, the point z where it was met and f(z) there:
+    end_z: Tensor         # where a rejected endgame step goes back to (the solve's best
+    end_fz: Tensor        # iterate may lie elsewhere, e.g. where Broyden's method stalled)
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,8 @@ class _State:
             newton=NewtonState(steps=zeros_i.clone(), res_prev=inf.clone(), h_prev=inf.clone(),
                                forcing=torch.zeros_like(inf), lowest=inf.clone(),
                                worse_in_row=zeros_i.clone(), endgame_step=false.clone(),
-                               damping=torch.ones_like(inf)),
+                               damping=torch.ones_like(inf), end_res=inf.clone(),
+                               end_abs=inf.clone(), end_z=x0, end_fz=x0),
             jacobian=JacobianState(solve_failed=false.clone(), exact=~false, stale=~false),
             needs_restart=false.clone(), restarts=zeros_i.clone())
 

@@ -76,38 +76,69 @@ class PhaseTransitions:
                        ) -> tuple[_State, Tensor, Tensor]:
         """The endgame is monotone: Newton at λ = 1 from the end of a path starts close to
         a solution, where it converges without climbing. An endgame step that ends above
-        the sample's best residual (or where f is not finite) is rejected, and the sample
-        goes back to its best iterate z_b, where f is known (no evaluation), to retry:
+        the endgame's lowest residual (or where f is not finite) is rejected, and the sample
+        goes back to the endgame's best point z_e (from the end of the path on), where f
+        is known (no evaluation), to retry:
 
             under a secant Jacobian:  with the exact one (``_mark_stale`` asked for it);
-            under the exact Jacobian: z ← z_b + α δ with α ← α / 2 (at least
-                                      ``_MIN_DAMPING``), δ from the secant model, which has
-                                      absorbed the exact solve's products (no new solve).
+            under the exact Jacobian: z ← z_e + α δ with α ← α / 2, δ from the secant
+                                      model, which has absorbed the exact solve's
+                                      products (no new solve).
 
         An accepted endgame step doubles α again (at most 1). Without this rule, inexact
         Newton steps at n = 128 took a sample from residual 6.7e-4 at the end of its path
         to 2.1 and never back (BENCHMARKS.md, "Endgame").
 
+        The reference is the endgame's own best point, not the solve's best iterate: that
+        may lie where Broyden's method stalled near a local minimum of ||z - f(z)|| that is
+        no root, and sending a path's endgame back there kept it there. Where α would fall
+        below ``_MIN_DAMPING`` (three exact steps failed) the endgame has stalled: the path
+        passed close to λ = 1 at a fold, with no root near, and the sample starts a new
+        path from a perturbed start (:meth:`_restart`, as after a step underflow).
+
         Returns the state and f and ||z - f(z)|| at the (possibly restored) points."""
         judged = (state.phase == Phase.ENDGAME) & state.newton.endgame_step
         if not _maybe_any(judged):
             return state, fz, abs_res
-        best = record.best
-        current = by_stop_mode(record.stop_mode, abs_res, record.rel_trace[-1])
-        reject = judged & ~(current <= best.residual(record.stop_mode))
         newton, jacobian = state.newton, state.jacobian
+        current = by_stop_mode(record.stop_mode, abs_res, record.rel_trace[-1])
+        reject = judged & ~(current <= newton.end_res)
+        accept = judged & ~reject
         damp = reject & jacobian.exact
-        damping = torch.where(damp, (newton.damping / 2).clamp_min(_MIN_DAMPING),
-                              torch.where(judged & ~reject, (2 * newton.damping).clamp_max(1.0),
-                                          newton.damping))
-        z_back = torch.cat([best.z, torch.ones_like(best.z[:, :1])], dim=1)
+        halved = newton.damping / 2
+        stalled = damp & (halved < _MIN_DAMPING)
+        damping = torch.where(damp, halved,
+                              torch.where(accept, (2 * newton.damping).clamp_max(1.0),
+                                          newton.damping)).masked_fill(stalled, 1.0)
+        z = state.path.y[:, :-1]
+        z_back = torch.cat([newton.end_z, torch.ones_like(z[:, :1])], dim=1)
         path = replace(state.path, y=_where(reject, z_back, state.path.y))
-        state = replace(state, path=path,
-                        newton=replace(newton, damping=damping,
-                                       endgame_step=newton.endgame_step & ~judged),
-                        jacobian=replace(jacobian, solve_failed=jacobian.solve_failed & ~reject))
-        fz = _where(reject, best.fz, fz)
-        return state, fz, torch.where(reject, best.abs_res, abs_res)
+        fz_back = _where(reject, newton.end_fz, fz)
+        abs_back = torch.where(reject, newton.end_abs, abs_res)
+        newton = replace(newton, damping=damping, endgame_step=newton.endgame_step & ~judged,
+                         end_res=torch.where(accept, current, newton.end_res),
+                         end_abs=torch.where(accept, abs_res, newton.end_abs),
+                         end_z=_where(accept, z, newton.end_z),
+                         end_fz=_where(accept, fz, newton.end_fz))
+        state = replace(state, path=path, newton=newton,
+                        jacobian=replace(jacobian, solve_failed=jacobian.solve_failed & ~reject),
+                        needs_restart=state.needs_restart | stalled)
+        return state, fz_back, abs_back
+
+    @staticmethod
+    def _enter_endgame(state: _State, record: Record, at_end: Tensor, fz: Tensor,
+                       abs_res: Tensor) -> _State:
+        """The samples in ``at_end`` (a path point accepted at λ >= 1 − ``_END_GAP``) go to
+        the endgame, whose best point (:meth:`_judge_endgame`) starts as that point, with
+        f and its residuals there, and full steps (α = 1)."""
+        newton, z = state.newton, state.path.y[:, :-1]
+        current = by_stop_mode(record.stop_mode, abs_res, record.rel_trace[-1])
+        newton = replace(newton, end_res=torch.where(at_end, current, newton.end_res),
+                         end_abs=torch.where(at_end, abs_res, newton.end_abs),
+                         end_z=_where(at_end, z, newton.end_z),
+                         end_fz=_where(at_end, fz, newton.end_fz),
+                         damping=newton.damping.masked_fill(at_end, 1.0))
+        return replace(state, newton=newton).with_phase(at_end, Phase.ENDGAME)
 
     def _leave_newton(self, state: _State, models: JacobianModels, f_finite: Tensor,
                       abs_res: Tensor, budget: Budget) -> tuple[_State, Tensor]:
@@ -356,7 +387,8 @@ class PhaseTransitions:
         return accept, reject
 
     def _judge_corrector(self, state: _State, models: JacobianModels, h_norm: Tensor,
-                         idle: Tensor) -> tuple[_State, Tensor]:
+                         idle: Tensor, record: Record, fz: Tensor, abs_res: Tensor
+                         ) -> tuple[_State, Tensor]:
         """Accept, reject or continue each CORRECT sample (:meth:`_corrector_verdict`);
         returns the new state and the samples now idle.
 
@@ -382,7 +414,8 @@ class PhaseTransitions:
         continuing = accept & ~at_end & ~below_start
         state = replace(state, corrector=replace(state.corrector, retried=retried),
                         needs_restart=state.needs_restart | below_start)
-        state = self._advance_anchor(state.with_phase(at_end, Phase.ENDGAME), continuing)
+        state = self._enter_endgame(state, record, at_end, fz, abs_res)
+        state = self._advance_anchor(state, continuing)
         if self.opt.predictor != "secant":
             state, retry = self._retry(state.with_phase(continuing, Phase.TANGENT), reject)
             return state, exact_retry | retry
