@@ -29,6 +29,7 @@ from .tracker_state import (
     _SHRINK_SLOW,
     _SLOW_CORRECTOR,
     JacobianModels,
+    NewtonState,
     Phase,
     _e_lambda,
     _maybe_any,
@@ -37,6 +38,15 @@ from .tracker_state import (
 )
 
 Tensor = torch.Tensor
+
+
+def _end_point(newton: NewtonState, mask: Tensor, z: Tensor, fz: Tensor, residual: Tensor,
+               abs_res: Tensor) -> NewtonState:
+    """The endgame's best point becomes z (with f(z), its stop-mode ``residual`` and
+    ||z − f(z)||) for the samples in ``mask``."""
+    return replace(newton, end_res=torch.where(mask, residual, newton.end_res),
+                   end_abs=torch.where(mask, abs_res, newton.end_abs),
+                   end_z=_where(mask, z, newton.end_z), end_fz=_where(mask, fz, newton.end_fz))
 
 
 class PhaseTransitions:
@@ -115,11 +125,8 @@ class PhaseTransitions:
         path = replace(state.path, y=_where(reject, z_back, state.path.y))
         fz_back = _where(reject, newton.end_fz, fz)
         abs_back = torch.where(reject, newton.end_abs, abs_res)
-        newton = replace(newton, damping=damping, endgame_step=newton.endgame_step & ~judged,
-                         end_res=torch.where(accept, current, newton.end_res),
-                         end_abs=torch.where(accept, abs_res, newton.end_abs),
-                         end_z=_where(accept, z, newton.end_z),
-                         end_fz=_where(accept, fz, newton.end_fz))
+        newton = replace(_end_point(newton, accept, z, fz, current, abs_res), damping=damping,
+                         endgame_step=newton.endgame_step & ~judged)
         state = replace(state, path=path, newton=newton,
                         jacobian=replace(jacobian, solve_failed=jacobian.solve_failed & ~reject),
                         needs_restart=state.needs_restart | stalled)
@@ -131,13 +138,9 @@ class PhaseTransitions:
         """The samples in ``at_end`` (a path point accepted at λ >= 1 − ``_END_GAP``) go to
         the endgame, whose best point (:meth:`_judge_endgame`) starts as that point, with
         f and its residuals there, and full steps (α = 1)."""
-        newton, z = state.newton, state.path.y[:, :-1]
         current = by_stop_mode(record.stop_mode, abs_res, record.rel_trace[-1])
-        newton = replace(newton, end_res=torch.where(at_end, current, newton.end_res),
-                         end_abs=torch.where(at_end, abs_res, newton.end_abs),
-                         end_z=_where(at_end, z, newton.end_z),
-                         end_fz=_where(at_end, fz, newton.end_fz),
-                         damping=newton.damping.masked_fill(at_end, 1.0))
+        newton = _end_point(state.newton, at_end, state.path.y[:, :-1], fz, current, abs_res)
+        newton = replace(newton, damping=newton.damping.masked_fill(at_end, 1.0))
         return replace(state, newton=newton).with_phase(at_end, Phase.ENDGAME)
 
     def _leave_newton(self, state: _State, models: JacobianModels, f_finite: Tensor,
