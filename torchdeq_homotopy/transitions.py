@@ -138,6 +138,8 @@ class PhaseTransitions:
         """The samples in ``at_end`` (a path point accepted at λ >= 1 − ``_END_GAP``) go to
         the endgame, whose best point (:meth:`_judge_endgame`) starts as that point, with
         f and its residuals there, and full steps (α = 1)."""
+        if not _maybe_any(at_end):
+            return state
         current = by_stop_mode(record.stop_mode, abs_res, record.rel_trace[-1])
         newton = _end_point(state.newton, at_end, state.path.y[:, :-1], fz, current, abs_res)
         newton = replace(newton, damping=newton.damping.masked_fill(at_end, 1.0))
