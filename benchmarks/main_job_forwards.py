@@ -10,22 +10,28 @@ digits: a 16 × 4 × 4 state) trains with Anderson (``f_max_iter`` 30, ``f_tol``
 the plugin's ``homotopy`` solve that step's forward at the same settings, in alternating
 order, without gradient; reported per snapshot: each solver's wall time and calls of f, and
 the ratio of the times. ``benchmarks/call_overhead.py`` measures the first forward alone,
-with repeats. About 30 seconds on 2 CPU cores.
+with repeats. ``--baseline DIR`` also solves each snapshot with another version of the
+plugin (DIR holds its ``torchdeq_homotopy`` package, e.g. ``git archive REV
+torchdeq_homotopy | tar -x -C DIR``), in a column ``baseline``, the solvers' order turned
+by one at every snapshot. About 30 seconds on 2 CPU cores (45 with a baseline).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benign_time import BASELINE, load_baseline, turned
 from torchdeq import get_deq, reset_deq
+from torchdeq.solver import register_solver
 
 import torchdeq_homotopy  # noqa: F401  (registers 'homotopy')
 from homotopy_zoo.data import load_digits_data
 from homotopy_zoo.models import ImplicitClassifier
 
-SOLVERS = ("anderson", "homotopy")
+SOLVERS = ["anderson", "homotopy"]
 
 
 def timed_forward(model: ImplicitClassifier, deq, x: torch.Tensor) -> tuple[float, int]:
@@ -47,17 +53,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=220)
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                        help="also time the torchdeq_homotopy package under DIR")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    solvers = list(SOLVERS)
+    if args.baseline is not None:
+        load_baseline(args.baseline)
+        register_solver("baseline", BASELINE["baseline"])
+        solvers.append("baseline")
     torch.manual_seed(0)
     data = load_digits_data()
     model = ImplicitClassifier(1, 10, width=16, core="sliced", f_solver="anderson",
                                f_max_iter=30, f_tol=1e-3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    deqs = {s: get_deq(core="sliced", f_solver=s, f_max_iter=30, f_tol=1e-3) for s in SOLVERS}
+    deqs = {s: get_deq(core="sliced", f_solver=s, f_max_iter=30, f_tol=1e-3) for s in solvers}
     draw = torch.Generator().manual_seed(0)
-    totals = dict.fromkeys(SOLVERS, 0.0)
-    print("| step | anderson ms (calls) | homotopy ms (calls) | ratio |\n|---|---|---|---|")
+    totals = dict.fromkeys(solvers, 0.0)
+    print("| step | " + " | ".join(f"{s} ms (calls)" for s in solvers)
+          + " | ratio |" * (len(solvers) - 1) + "\n|" + "---|" * (2 * len(solvers)))
     for step in range(args.steps):
         idx = torch.randint(len(data.train), (64,), generator=draw)
         images = torch.stack([data.train[i][0] for i in idx])
@@ -66,21 +80,21 @@ def main() -> None:
         if step % args.every == 0:
             with torch.no_grad():
                 x = model.stem(images)
-                order = SOLVERS if step % (2 * args.every) else SOLVERS[::-1]
+                order = turned(solvers, step // args.every)
                 runs = {s: timed_forward(model, deqs[s], x) for s in order}
-            for s in SOLVERS:
+            for s in solvers:
                 totals[s] += runs[s][0]
-            (ta, ca), (th, ch) = runs["anderson"], runs["homotopy"]
-            print(f"| {step} | {1e3 * ta:.1f} ({ca}) | {1e3 * th:.1f} ({ch}) | {th / ta:.2f} |",
-                  flush=True)
+            cells = [f"{1e3 * runs[s][0]:.1f} ({runs[s][1]})" for s in solvers]
+            ratios = [f"{runs[s][0] / runs['anderson'][0]:.2f}" for s in solvers[1:]]
+            print(f"| {step} | " + " | ".join(cells + ratios) + " |", flush=True)
         reset_deq(model)
         logits, _ = model(images)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"\nAll snapshots: homotopy {totals['homotopy'] / totals['anderson']:.2f}× "
-          "Anderson's time.")
+    print("\nAll snapshots: " + ", ".join(
+        f"{s} {totals[s] / totals['anderson']:.2f}×" for s in solvers[1:]) + " Anderson's time.")
 
 
 if __name__ == "__main__":

@@ -239,34 +239,6 @@ def test_rows_appended_with_different_secant_pairs_take_their_own_iterates():
     assert model.pairs == 3                       # W_0's columns in use grew from 1 to 3
 
 
-def test_rows_reordered_after_joining_keep_their_own_broyden_iterates():
-    """Batch rows 3–5 join at step 0, rows 0–1 at step 4 and row 2 at step 7; the model is
-    then put in batch order (``reorder``): from there on its rows are the batch's, each
-    still on dense Broyden's iterates counted from its own start."""
-    f = tanh_cell(6, 12, 3.0, seed=7)
-    z0 = torch.zeros(6, 12, dtype=F64)
-    reference = dense_broyden(f, z0, 14)
-    joins = {0: [3, 4, 5], 4: [0, 1], 7: [2]}
-    start = {row: step for step, rows in joins.items() for row in rows}
-    model = StepBroyden(12, columns=40, dtype=F64, device="cpu", capacity=6)
-    order: list[int] = []                         # batch row of each model row
-    for step in range(13):
-        if step in joins:
-            model.append(z0[joins[step], None], f(z0)[joins[step], None])
-            order += joins[step]
-        if step == 7:
-            model.reorder(torch.argsort(torch.tensor(order)))
-            order = sorted(order)
-        z = model.next_point()
-        for i, row in enumerate(order):
-            torch.testing.assert_close(z[i], reference[step - start[row]][row],
-                                       rtol=1e-8, atol=1e-10, msg=f"step {step} row {row}")
-        padded = z0.clone()
-        padded[order] = z                              # rows are independent in f
-        model.observe(z, f(padded)[order])
-    assert order == list(range(6))
-
-
 def test_step_broyden_freezes_a_row_where_f_is_not_finite():
     """A row whose f is not finite stays at its last finite point from then on; the
     other rows take the same iterates as without it."""

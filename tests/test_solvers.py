@@ -679,18 +679,18 @@ def test_training_budget_takes_broydens_iterates_where_the_map_expands(monkeypat
 
 
 def test_no_switch_to_broyden_in_the_last_m_calls(monkeypatch):
-    """Rows leave Anderson for Broyden's method only while more than m (Anderson's memory,
-    6) calls are left: on the expansive map above, whose rows all want to switch at the
-    first judgement (after 2 calls), a budget of 8 keeps every row in Anderson, and one of
-    9 switches them."""
+    """The batch leaves Anderson for Broyden's method only while more than m (Anderson's
+    memory, 6) calls are left: on the expansive map above, whose rows all want to switch at
+    the first judgement (after 2 calls), a budget of 8 keeps the batch in Anderson, and one
+    of 9 switches it."""
     from torchdeq_homotopy import warmup
 
     joined = []
     join = warmup.AndersonIteration._join
 
-    def counted_join(self, loop, rows):
-        joined.append(len(rows))
-        return join(self, loop, rows)
+    def counted_join(self, loop):
+        joined.append(loop.X.shape[0])
+        return join(self, loop)
 
     monkeypatch.setattr(warmup.AndersonIteration, "_join", counted_join)
     f = tanh_cell(3, 10, 5.0, seed=4, dtype=torch.float64)
@@ -835,32 +835,41 @@ def test_anderson_guarantee_yields_when_the_budget_cannot_be_met():
     assert not training.hand_over(6, slow)              # 34 left < 2 · 30: guaranteed
 
 
-def test_a_training_budget_switches_a_row_projected_to_need_over_half_the_calls_left():
-    """At a training budget a row stays on Anderson only while its rate over the last two
-    calls is projected to reach the tolerance within ``SWITCH_SHARE`` (half) of the calls
-    left: with 30 left and residual 1e-3 toward 1e-6, a rate of 0.5 per call (10 calls)
-    stays, 0.7 (19.4 calls: within all 30, not within 15) switches to Broyden's method, as
-    does a row whose residual grew. At the first judgement, on a one-call rate, all 30
-    count: 0.7 stays there."""
+def test_a_training_budget_switches_when_a_row_is_projected_to_need_over_half_the_calls_left():
+    """At a training budget the batch stays on Anderson only while every open row's rate
+    over the last two calls is projected to reach the tolerance within ``SWITCH_SHARE``
+    (half) of the calls left: with 30 left and residual 1e-3 toward 1e-6, a rate of 0.5
+    per call (10 calls) stays, 0.7 (19.4 calls: within all 30, not within 15) switches the
+    batch to Broyden's method, as does a residual that grew. At the first judgement, on a
+    one-call rate, all 30 count: 0.7 stays there. A batch holding one late row switches
+    as a whole, every row with its own Broyden model."""
     from torchdeq_homotopy import warmup
     from torchdeq_homotopy.outcome import Budget, Record
 
-    bsz, n, m, tol = 3, 4, 6, 1e-6
-    x0 = torch.zeros(bsz, n, dtype=torch.float64)
-    record = Record.start(x0, Budget(40), "abs")
-    assert record.budget.spend(10) and record.budget.left == 30
-    rates = torch.tensor([0.5, 0.7, 1.1], dtype=torch.float64)
-    now = torch.full((bsz,), 1e-3, dtype=torch.float64)
-    warm = warmup.WarmupLoop(record=record, tol=tol, fz=x0, z=x0, prev_z=None, first_z=x0,
-                             first_fz=x0, first_res=now, hopeless=torch.zeros(bsz, dtype=bool))
-    warm.best_recent.append(now)
-    X = torch.randn(bsz, m, n, dtype=torch.float64)
-    anderson = warmup.AndersonIteration(lambda z: z, rule=None, m=m, switch=True)
-    for recent, switched in (([now / rates ** 2, now / rates], [False, True, True]),
-                             ([now / rates], [False, False, True])):
+    n, m, tol = 4, 6, 1e-6
+
+    def judged(rates, recent_powers):
+        """Whether a batch of rows at these rates switches, after the given history."""
+        bsz = len(rates)
+        x0 = torch.zeros(bsz, n, dtype=torch.float64)
+        record = Record.start(x0, Budget(40), "abs")
+        assert record.budget.spend(10) and record.budget.left == 30
+        rates = torch.tensor(rates, dtype=torch.float64)
+        now = torch.full((bsz,), 1e-3, dtype=torch.float64)
+        warm = warmup.WarmupLoop(record=record, tol=tol, fz=x0, z=x0, prev_z=None,
+                                 first_z=x0, first_fz=x0, first_res=now,
+                                 hopeless=torch.zeros(bsz, dtype=bool))
+        warm.best_recent.append(now)
+        X = torch.randn(bsz, m, n, dtype=torch.float64)
+        anderson = warmup.AndersonIteration(lambda z: z, rule=None, m=m, switch=True)
         loop = warmup.AndersonLoop(warm=warm, X=X, F=X + 0.1, gram=None, rhs=None, k=m,
-                                   switched=torch.zeros(bsz, dtype=bool))
-        loop.recent.extend(recent)
+                                   columns=31)
+        loop.recent.extend(now / rates ** p for p in recent_powers)
         anderson._judge(loop, now)
-        assert loop.switched.tolist() == switched
-        assert loop.rows.tolist() == [i for i in range(bsz) if switched[i]]
+        return loop.model
+
+    for powers, switches in (((2, 1), [False, True, True]), ((1,), [False, False, True])):
+        for rate, switch in zip((0.5, 0.7, 1.1), switches, strict=True):
+            assert (judged([rate], powers) is not None) == switch, (powers, rate)
+    model = judged([0.5, 0.5, 1.1], (2, 1))
+    assert model is not None and model.rows == 3

@@ -5,10 +5,10 @@ cost.
 
 On benign cells this solves everything at the cost of the cheapest TorchDEQ solver; on
 the rest it leaves a best iterate (kept in the solve's :class:`~torchdeq_homotopy.outcome.Record`)
-and a start for Newton. At training budgets it keeps the whole budget instead, and each
-sample leaves Anderson for Broyden's method where Anderson's residual grows or stalls
-(``AndersonIteration(switch=True)``). Both phases are iterations (:class:`FixedPointIteration`,
-:class:`AndersonIteration`) run by the solve's one driving loop,
+and a start for Newton. At training budgets it keeps the whole budget instead, and the
+batch leaves Anderson for Broyden's method where a sample's residual grows or stalls
+(``AndersonIteration(switch=True)``). Both phases are iterations
+(:class:`FixedPointIteration`, :class:`AndersonIteration`) run by the solve's one driving loop,
 :func:`~torchdeq_homotopy.iteration.drive`, over a :class:`WarmupLoop` carry.
 """
 from __future__ import annotations
@@ -58,9 +58,10 @@ PROGRESS_WINDOW = 5
 """Calls over which the warm-up measures a method's rate of progress."""
 
 SWITCH_SHARE = 0.5
-"""Share of the calls left within which a row's Anderson rate over ``SWITCH_WINDOW`` calls
-must be projected to reach the tolerance for the row to stay on Anderson at training
-budgets (:meth:`AndersonIteration._judge`). Such a rate is optimistic: Anderson's fast
+"""Share of the calls left within which each open row's Anderson rate over ``SWITCH_WINDOW``
+calls must be projected to reach the tolerance for the batch to stay on Anderson at
+training budgets (:meth:`AndersonIteration._judge`; chosen, with ``SWITCH_WINDOW``, when
+rows switched one at a time, an earlier round's rule). Such a rate is optimistic: Anderson's fast
 modes die first and its rate then slows, so a row projected to need all the calls left
 usually needs more, and switching it later leaves Broyden's method too few calls for its
 superlinear end. The first judgement, on a one-call rate (a fixed-point step, before
@@ -72,7 +73,7 @@ seeds 8–9) the forwards meeting the tolerance at 30 / 40 / 60 calls went from 
 0.9754 / 0.9945 to 0.8129 / 0.9754 / 0.9953 (Broyden's at equal evaluations 0.8094 /
 0.9723 / 0.9957; BENCHMARKS.md, "Warm-up hand-over at moderate budgets")."""
 SWITCH_WINDOW = 2
-"""Calls over which a row's Anderson rate is judged for the per-row switch to Broyden's
+"""Calls over which a row's Anderson rate is judged for the switch to Broyden's
 method at training budgets (:meth:`AndersonIteration._judge`). Shorter than
 ``PROGRESS_WINDOW``: with 30–60 calls in all, waiting five calls to judge a row costs a
 sixth of the budget. On hard 64-wide cells at equal evaluations it raised the solved
@@ -146,12 +147,16 @@ def horizon(calls_left: int, reserve: int) -> float:
 def on_time(history: list[Tensor], tol: float, within: float,
             window: int = PROGRESS_WINDOW) -> Tensor:
     """Per sample, whether the residual's geometric rate over the last
-    w = min(``window``, steps known) steps,
+    w = min(``window``, steps known) steps, ρ = (r_k / r_{k−w})^{1/w}, reaches ``tol``
+    within ``within`` calls (ρ < 1 suffices while fewer than ``window`` steps are known:
+    one step says too little to project):
 
-        ρ = (r_k / r_{k−w})^{1/w},     calls needed = log(tol / r_k) / log ρ,
+        r_k ≤ tol   or   r_k ρ^within ≤ tol,
 
-    reaches ``tol`` within ``within`` calls (ρ < 1 suffices while fewer than ``window``
-    steps are known: one step says too little to project).
+    the residual projected ``within`` calls on. For an open sample (r_k > tol) this is
+    log(tol / r_k) / log ρ ≤ within with ρ < 1 (a rate ρ ≥ 1 never projects below r_k),
+    without the logarithms: at the small states of a training forward each operation
+    costs about as much as its arithmetic.
 
     Example:
         >>> halving = [torch.tensor([0.5 ** k]) for k in range(6)]
@@ -160,11 +165,10 @@ def on_time(history: list[Tensor], tol: float, within: float,
     """
     known = min(window, len(history) - 1)
     now = history[-1]
-    rate = (now / history[-1 - known]).pow(1.0 / known)
+    ratio = now / history[-1 - known]           # ρ^w
     if known < window:
-        return rate < 1
-    needed = torch.log(tol / now) / torch.log(rate)
-    return (now <= tol) | ((rate < 1) & (needed <= within))
+        return ratio < 1
+    return (now <= tol) | (now * ratio.pow(within / known) <= tol)
 
 
 def geometric_rate(history: Sequence[Tensor]) -> Tensor:
@@ -270,6 +274,7 @@ class WarmupLoop:
     first_fz: Tensor
     first_res: Tensor
     hopeless: Tensor                 # rows where f(x0) is not finite: never open
+    any_hopeless: bool = True        # whether any row is (read with the first verdicts)
     best_recent: deque[Tensor] = field(
         default_factory=lambda: deque(maxlen=PROGRESS_WINDOW + 1))
     history: deque[Tensor] = field(  # fixed-point phase: residuals of its last iterates
@@ -292,16 +297,15 @@ def _evaluate(f: Callable[[Tensor], Tensor], loop: WarmupLoop, z: Tensor,
     loop.record.budget.spend()
     fz = f(z)
     abs_res, rel_res = loop.record.add(z, fz, mixing=mixing)
-    loop.best_recent.append(_closed(loop.record.best.residual(loop.record.stop_mode),
-                                    loop.hopeless))
-    return fz, _closed(by_stop_mode(loop.record.stop_mode, abs_res, rel_res), loop.hopeless)
+    loop.best_recent.append(_closed(loop.record.best.residual(loop.record.stop_mode), loop))
+    return fz, _closed(by_stop_mode(loop.record.stop_mode, abs_res, rel_res), loop)
 
 
-def _closed(residual: Tensor, hopeless: Tensor) -> Tensor:
+def _closed(residual: Tensor, loop: WarmupLoop) -> Tensor:
     """The residual as the warm-up's rules read it: 0 on hopeless rows (f(x0) not finite),
     which no phase can solve, so that they never hold the batch's iteration open or count
-    as stalled or slow."""
-    return residual.masked_fill(hopeless, 0.0)
+    as stalled or slow (the residual itself where no row is hopeless)."""
+    return residual.masked_fill(loop.hopeless, 0.0) if loop.any_hopeless else residual
 
 
 class FixedPointIteration:
@@ -351,9 +355,9 @@ class FixedPointIteration:
         hopeless = ~torch.isfinite(abs_res)
         loop = WarmupLoop(record=record, tol=tol, fz=fz, z=x0, prev_z=None, first_z=x0,
                           first_fz=fz, first_res=abs_res, hopeless=hopeless)
-        loop.best_recent.append(_closed(record.best.residual(record.stop_mode), hopeless))
+        loop.best_recent.append(_closed(record.best.residual(record.stop_mode), loop))
         return self._judge(loop, _closed(by_stop_mode(record.stop_mode, abs_res, rel_res),
-                                         hopeless), abs_res)
+                                         loop), abs_res)
 
     def step(self, loop: WarmupLoop) -> WarmupLoop:
         """z ← f(z)."""
@@ -382,11 +386,15 @@ class FixedPointIteration:
             known = _known_window(history) if self.training else PROGRESS_WINDOW
             slow = (open_ & ~on_time(list(history), tol, within, known)).any()
         verdicts = [slow, open_.any()]
+        if loop.calls == 1:      # whether any row is hopeless: if none, none is closed again
+            verdicts.append(loop.hopeless.any())
         if loop.calls == 2:      # the first step grew the residual of half the open samples
             verdicts.append(2 * (open_ & (abs_res > loop.first_res)).sum() >= open_.sum())
         # every verdict in one read of the device (one host sync per step)
-        loop.slow, loop.open_any, *first = torch.stack(verdicts).tolist()
-        loop.expanding = loop.slow and first == [True]
+        loop.slow, loop.open_any, *extra = torch.stack(verdicts).tolist()
+        if loop.calls == 1:
+            loop.any_hopeless = extra[0]
+        loop.expanding = loop.slow and loop.calls == 2 and extra == [True]
         return loop
 
 
@@ -394,11 +402,8 @@ class FixedPointIteration:
 class AndersonLoop:
     """Anderson's carry: the warm-up loop, TorchDEQ's ring buffers of the last ``m``
     iterates X and their images F (written in place, as TorchDEQ's), and the count k of
-    iterates so far; with per-row switching, each row's last few residuals, and
-    the rows that left Anderson for Broyden's method (``switched``; ``rows``, in the
-    order they switched, with one Broyden ``model`` over just those rows, holding up to
-    ``columns`` steps; once every row has switched, the model's rows are the batch's, in
-    order)."""
+    iterates so far; with ``switch=True``, each row's last few residuals and, once the
+    batch has left Anderson, Broyden's ``model`` of it, holding up to ``columns`` steps."""
 
     warm: WarmupLoop
     X: Tensor
@@ -408,12 +413,9 @@ class AndersonLoop:
     k: int
     recent: deque[Tensor] = field(
         default_factory=lambda: deque(maxlen=SWITCH_WINDOW + 1))
-    switched: Tensor | None = None
-    rows: Tensor | None = None
-    row_index: Tensor | slice | None = None   # ``rows``; ``slice(None)`` once all joined
     model: StepBroyden | None = None
     columns: int = 0   # steps a Broyden model may take: the calls left, and its first
-    open_any: bool = True   # some row above tol after the last call (per-row switching)
+    open_any: bool = True   # some row above tol after the last call (``switch=True``)
     plain: bool = False     # fixed-point steps instead of Anderson's (:meth:`_choose`)
     since: int = 0          # calls of f when the current method began
     rival: Tensor | None = None   # per row, the rate of the method left
@@ -435,27 +437,37 @@ class AndersonIteration:
     c z_k). It stops when the budget is spent or ``rule`` hands the open samples over to
     the next phase (:class:`ProgressRule`).
 
-    With ``switch=True`` each row chooses its method: an open row whose residual grew in
-    a step, r_k > r_{k−1}, or whose rate over the last ``SWITCH_WINDOW`` calls (over the
-    calls known, from the first step on, while fewer are) does not reach the tolerance
-    within half the calls left (``SWITCH_SHARE``; all of them for the first, one-call
-    rate) (:func:`on_time`), takes Broyden's good
-    steps from then on,
+    With ``switch=True`` (training budgets) the batch leaves Anderson at the first call
+    where an open row is late: its residual grew in a step, r_k > r_{k−1}, or its rate
+    over the last ``SWITCH_WINDOW`` calls (over the calls known, from the first step on,
+    while fewer are) does not reach the tolerance within half the calls left
+    (``SWITCH_SHARE``; all of them for the first, one-call rate) (:func:`on_time`). From
+    then on every row takes Broyden's good steps,
 
         z_{k+1} = z_k + W_k (f(z_k) − z_k),      W ≈ (I − J_f)⁻¹,
 
-    (:class:`~torchdeq_homotopy.step_broyden.StepBroyden`, over the switched rows only,
-    storing only its steps), its model W_0 the good updates of W = I with the row's last
-    n Anderson iterates as secant pairs (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})), in
-    one compact update (:func:`~torchdeq_homotopy.secant.compact_inverse`). One call of f
-    still serves the whole batch: Anderson where it converges, Broyden's method where it
-    stalls or diverges. Rows stop switching once m or fewer calls are left.
+    (:class:`~torchdeq_homotopy.step_broyden.StepBroyden`, storing only its steps), each
+    row's W_0 the good updates of W = I with its own last n Anderson iterates as secant
+    pairs (s, y) = (x_i − x_{i−1}, f(x_i) − f(x_{i−1})), in one compact update
+    (:func:`~torchdeq_homotopy.secant.compact_inverse`). The batch does not switch once m
+    or fewer calls are left. Each call runs one method's operations: at the small states
+    of a training forward a call's overhead is its number of operations, and rows that
+    left Anderson one group at a time (the rule of earlier rounds) made every later call
+    pay for Anderson's weights and Broyden's step both, and each group for its own
+    compact update. On the README main job's DEQ through training
+    (``benchmarks/main_job_forwards.py``) that took 1.3–1.5× Anderson's time, against
+    1.05–1.08× switched as a batch, at the same calls; with the same solved fractions to
+    ±0.007 on hard 64-wide cells at 30 / 40 / 60 calls (``benchmarks/moderate_budget.py``,
+    seeds 300–305), on a hard-equilibria DEQ's training forwards
+    (``benchmarks/training_snapshots.py``, seeds 5–7: 0.843 / 0.981 / 0.996 against
+    0.841 / 0.982 / 0.997) and on every benign solve of ``benchmarks/parity.py``
+    (BENCHMARKS.md, "Switching as a batch").
 
     Where the warm-up's fixed-point phase ran first, Anderson must earn its cost: every
     ``PROGRESS_WINDOW`` calls its measured rate is set against fixed-point iteration's, and
-    the rows not on Broyden's method take plain fixed-point steps x_k = f(x_{k−1}) (writing
-    the same buffers, so Anderson can take them back) where Anderson is not projected to
-    save ``ANDERSON_GAIN`` times the calls (:meth:`_choose`).
+    the batch takes plain fixed-point steps x_k = f(x_{k−1}) (writing the same buffers, so
+    Anderson can take them back) where Anderson is not projected to save
+    ``ANDERSON_GAIN`` times the calls (:meth:`_choose`).
 
     Example:
         >>> from torchdeq_homotopy.outcome import Budget
@@ -494,7 +506,7 @@ class AndersonIteration:
         else:
             X[:, 0], F[:, 0] = best.z, best.fz
             X[:, 1] = F[:, 0]
-            start = _closed(best.residual(warm.record.stop_mode), warm.hopeless)
+            start = _closed(best.residual(warm.record.stop_mode), warm)
             F[:, 1], stop = _evaluate(self.f, warm, X[:, 1])
         if len(warm.history) > 1:
             # the fixed-point phase's rate, against which Anderson is measured
@@ -503,32 +515,21 @@ class AndersonIteration:
             loop.rival = (history[1:] / history[:-1]).amax(dim=0)
             loop.since = warm.calls - (0 if self.switch else 1)
         if self.switch:
-            loop.switched = torch.zeros_like(stop, dtype=torch.bool)
             loop.columns = int(warm.record.budget.left) + 1
             loop.recent.append(start)
             self._judge(loop, stop)
         return loop
 
     def step(self, loop: AndersonLoop) -> AndersonLoop:
-        """The next iterate, x_k = α · F over the last n = min(k, m) (or Broyden's step
-        on the switched rows), and f there. Once every row has switched, Anderson's
-        weights are not computed at all: the step is Broyden's alone
-        (:meth:`_broyden_step`), on the model's rows put in the batch's order once the last
-        ones joined. Where the whole batch switched at once (the usual case where a map
-        expands at x0) that took 0.76–0.81× the time of a 30-call solve of a 256-wide
-        cell at batch 32 on the CI machine, with the same iterates."""
+        """The next iterate, x_k = α · F over the last n = min(k, m) (or a fixed-point
+        step, :meth:`_choose`), and f there; once the batch has switched, Broyden's step
+        (:meth:`_broyden_step`)."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
-        if isinstance(loop.row_index, slice):
+        if loop.model is not None:
             return self._broyden_step(loop)
-        # Anderson's mix, or a fixed-point step x_k = f(x_{k−1}) (:meth:`_choose`)
         X[:, k % m] = F[:, (k - 1) % m] if loop.plain else self._mix(loop)
-        if loop.model is not None:
-            X[loop.row_index, k % m] = loop.model.next_point()
-        mixing = True if loop.switched is None else ~loop.switched
-        F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m], mixing)
+        F[:, k % m], stop = _evaluate(self.f, loop.warm, X[:, k % m])
         loop.k = k + 1
-        if loop.model is not None:
-            loop.model.observe(X[loop.row_index, k % m], F[loop.row_index, k % m])
         if loop.rival is not None:
             self._choose(loop)
         if self.switch:
@@ -536,15 +537,14 @@ class AndersonIteration:
         return loop
 
     def _broyden_step(self, loop: AndersonLoop) -> AndersonLoop:
-        """The step once every row took Broyden's method (the model's rows are the
-        batch's, in order: :meth:`_join`): Broyden's next point and f there, without
-        writing Anderson's buffers, which no row reads again, and with only the
-        convergence verdict left to judge (one host sync)."""
+        """The step once the batch took Broyden's method (:meth:`_join`): Broyden's next
+        point and f there, without writing Anderson's buffers, which no row reads again,
+        and with only the convergence verdict left to judge (one host sync)."""
         z = loop.model.next_point()
         fz, stop = _evaluate(self.f, loop.warm, z, mixing=False)
         loop.k += 1
         loop.model.observe(z, fz)
-        self._judge(loop, stop)      # the convergence verdict alone: no row left to switch
+        self._judge(loop, stop)      # the convergence verdict alone
         return loop
 
     def _choose(self, loop: AndersonLoop) -> None:
@@ -572,8 +572,6 @@ class AndersonIteration:
             return
         window = list(warm.best_recent)[-1 - PROGRESS_WINDOW:]
         rate, now = geometric_rate(window), window[-1]
-        if loop.switched is not None:          # rows on Broyden's method take no part
-            now = now.masked_fill(loop.switched, 0.0)
         mine = calls_needed(now, rate, warm.tol)
         theirs = calls_needed(now, loop.rival, warm.tol)
         if loop.plain:      # Anderson's rate projected to save a share of the calls
@@ -605,65 +603,57 @@ class AndersonIteration:
         return (alpha[:, None] @ F[:, :n])[:, 0]
 
     def _judge(self, loop: AndersonLoop, stop: Tensor) -> None:
-        """Switch the open rows whose residual ``stop`` grew, or whose rate is too slow
-        for ``SWITCH_SHARE`` of the calls left (all of them for the first, one-call rate),
-        to Broyden's method, and note whether any row is still open (for
+        """Switch the batch to Broyden's method where an open row's residual ``stop`` grew,
+        or its rate is too slow for ``SWITCH_SHARE`` of the calls left (all of them for the
+        first, one-call rate), and note whether any row is still open (for
         :meth:`terminate`): one host sync for both.
 
-        No row switches once m or fewer calls are left (m: Anderson's memory): Broyden's
-        model, seeded with the row's last m Anderson pairs, only does better than
-        Anderson's window of m pairs once it holds more of them. At budgets of 4–8 calls
-        on tanh cells 32 and 256 wide (seeds 600–601) the switch had cost 1.5–2× the time
-        of the solve and ended no lower (BENCHMARKS.md, "Budgets of a few calls")."""
+        The batch does not switch once m or fewer calls are left (m: Anderson's memory):
+        Broyden's model, seeded with each row's last m Anderson pairs, only does better
+        than Anderson's window of m pairs once it holds more of them. At budgets of 4–8
+        calls on tanh cells 32 and 256 wide (seeds 600–601) the switch had cost 1.5–2× the
+        time of the solve and ended no lower (BENCHMARKS.md, "Budgets of a few calls")."""
         warm = loop.warm
         open_ = warm.best_recent[-1] > warm.tol
-        if loop.model is not None and loop.model.rows == stop.shape[0]:
-            loop.open_any, loop.leave = bool(open_.any()), None    # no row left to switch
+        if loop.model is not None:         # on Broyden's method: only convergence is left
+            loop.open_any, loop.leave = bool(open_.any()), None
             return
         late = stop > loop.recent[-1]
         loop.recent.append(stop)
-        # within SWITCH_SHARE of the calls left for a rate over the full window; a
-        # one-call rate (the first judgement) within all of them
-        known = _known_window(loop.recent)
-        share = SWITCH_SHARE if known == SWITCH_WINDOW else 1.0
-        late |= ~on_time(list(loop.recent), warm.tol, share * warm.record.budget.left, known)
-        new = open_ & late & ~loop.switched
-        if warm.record.budget.left <= self.m:
-            new = torch.zeros_like(new)     # too few calls left for Broyden to pay off
-        verdicts = [new.any(), open_.any()] + ([] if loop.leave is None else [loop.leave])
-        any_new, loop.open_any, *leave = torch.stack(verdicts).tolist()   # one host sync
-        if leave:
-            self._apply(loop, leave[0])
-        if any_new:
-            self._join(loop, new.nonzero().squeeze(1))
+        verdicts = {"open": open_.any()}
+        if warm.record.budget.left > self.m:   # else too few calls left for Broyden
+            # within SWITCH_SHARE of the calls left for a rate over the full window; a
+            # one-call rate (the first judgement) within all of them
+            known = _known_window(loop.recent)
+            share = SWITCH_SHARE if known == SWITCH_WINDOW else 1.0
+            late |= ~on_time(list(loop.recent), warm.tol, share * warm.record.budget.left,
+                             known)
+            verdicts["switch"] = (open_ & late).any()
+        if loop.leave is not None:
+            verdicts["leave"] = loop.leave
+        values = torch.stack(list(verdicts.values())).tolist()          # one host sync
+        read = dict(zip(verdicts, values, strict=True))
+        loop.open_any = read["open"]
+        if "leave" in read:
+            self._apply(loop, read["leave"])
+        if read.get("switch", False):
+            self._join(loop)
 
-    def _join(self, loop: AndersonLoop, rows: Tensor) -> None:
-        """Broyden's method for ``rows``: a model from W = I, updated with their last
-        n Anderson iterates, oldest first, the last being the current one."""
+    def _join(self, loop: AndersonLoop) -> None:
+        """Broyden's method for the batch: per row, a model from W = I updated with its
+        last n Anderson iterates, oldest first, the last being the current one."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
-        if loop.model is None:       # buffers for the whole batch, the calls left in columns
-            loop.model = StepBroyden(X.shape[2], columns=loop.columns, dtype=X.dtype,
-                                     device=X.device, capacity=X.shape[0], seed_width=m - 1)
+        loop.model = StepBroyden(X.shape[2], columns=loop.columns, dtype=X.dtype,
+                                 device=X.device, capacity=X.shape[0], seed_width=m - 1)
         order = torch.arange(k - min(k, m), k, device=X.device) % m          # oldest first
-        loop.model.append(X[rows][:, order], F[rows][:, order])
-        loop.rows = rows if loop.rows is None else torch.cat([loop.rows, rows])
-        loop.switched[rows] = True
-        if loop.model.rows == X.shape[0]:
-            # every row has joined: the model's rows are put in the batch's order once
-            # (``rows`` from ``nonzero`` is sorted, so one switch of the whole batch
-            # already is), and the steps left read and write them with no gathers
-            if len(rows) < X.shape[0]:
-                loop.model.reorder(torch.argsort(loop.rows))
-            loop.row_index = slice(None)
-        else:
-            loop.row_index = loop.rows
+        loop.model.append(X[:, order], F[:, order])
 
     def terminate(self, loop: AndersonLoop) -> bool:
         """The budget spent, or the open samples handed over (one host sync)."""
         warm = loop.warm
         if warm.record.budget.left <= 0:
             return True
-        if self.switch:      # each row already chose its method: no hand-over
+        if self.switch:      # the batch already chose its method: no hand-over
             return not loop.open_any
         over = self.rule.verdict(warm.calls, warm.best_recent)
         if loop.leave is None:
@@ -693,9 +683,9 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     Where at least 2 · ``reserve`` calls are left after the fixed-point phase, Anderson is
     skipped if that phase's first step grew most residuals: on such expansive maps it
     rarely converges, and the path tracker's Broyden's method and path do better. With
-    fewer calls left (a training budget) the warm-up keeps the budget, so each row
-    chooses its own method instead: Anderson, switched per row to Broyden's method where
-    its residual grows or its rate is too slow (``AndersonIteration(switch=True)``).
+    fewer calls left (a training budget) the warm-up keeps the budget instead: Anderson,
+    switched as a batch to Broyden's method at the first call where an open row's
+    residual grows or its rate is too slow (``AndersonIteration(switch=True)``).
 
     Newton later starts from the best iterate where the warm-up cut the residual tenfold;
     elsewhere (expansive or divergent maps) from x0, the better Newton start there.
@@ -713,7 +703,7 @@ def warm_up(f: Callable[[Tensor], Tensor], x0: Tensor, record: Record, tol: floa
     # at a training budget every call counts: rates are judged from the first step on
     fixed_point = FixedPointIteration(f, reserve, training=budget.left <= 2 * reserve)
     loop = drive(fixed_point, fixed_point.init(record, x0, tol))
-    open_ = _closed(record.best.residual(record.stop_mode), loop.hopeless) > tol
+    open_ = _closed(record.best.residual(record.stop_mode), loop) > tol
     training = 0 < budget.left < 2 * reserve
     if (training or not loop.expanding) and bool(open_.any()) and budget.left >= 1:
         rule = ProgressRule(guaranteed if guaranteed is not None else budget.limit,
