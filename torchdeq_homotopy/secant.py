@@ -249,8 +249,8 @@ def compact_inverse(X: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
     k passes (used by :meth:`~torchdeq_homotopy.step_broyden.StepBroyden.append`).
 
     Returns ``(Ct, St)``, both ``(B, k, n)``: Cᵀ = M⁻ᵀ ΔFᵀ and Sᵀ, so W r = r + C (Sᵀ r).
-    M and the solve Mᵀ Cᵀ = ΔFᵀ are in float64 (:func:`_wide`); rows where M is singular
-    or anything is not finite get zeros (W = I).
+    The k × k products and M⁻¹ are formed in float64 (:func:`_wide`); rows where M is
+    singular or anything is not finite get zeros (W = I).
 
     Example:
         >>> X = torch.tensor([[[0.0], [1.0]]]); F = 0.5 * X + 1     # f(z) = z / 2 + 1
@@ -261,12 +261,14 @@ def compact_inverse(X: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
     wide = _wide(X.dtype, X.device)
     St, dFt = X[:, 1:] - X[:, :-1], F[:, 1:] - F[:, :-1]                # (B, k, n)
     St_w, dFt_w = St.to(wide), dFt.to(wide)
-    M = torch.triu(St_w @ St_w.mT) - St_w @ dFt_w.mT
-    # k ≤ a few: one small solve per row, with ΔFᵀ as its n right-hand sides
-    Ct, info = torch.linalg.solve_ex(torch.nan_to_num(M).mT, dFt_w)     # Cᵀ = M⁻ᵀ ΔFᵀ
-    Ct = Ct.to(X.dtype)
-    keep = ((info == 0) & finite_rows(Ct) & finite_rows(St))[:, None, None]
-    return torch.where(keep, Ct, 0.0), torch.where(keep, St, 0.0)
+    M = torch.triu(St_w @ St_w.transpose(1, 2)) - St_w @ dFt_w.transpose(1, 2)
+    lu, pivots, info = lu_factor(torch.nan_to_num(M))
+    eye = torch.eye(M.shape[-1], dtype=wide, device=M.device).expand_as(M)
+    M_inv_t = torch.linalg.lu_solve(lu, pivots, eye, adjoint=True)      # M⁻ᵀ
+    Ct = torch.bmm(M_inv_t.to(X.dtype), dFt)                            # Cᵀ = M⁻ᵀ ΔFᵀ
+    ok = (info == 0) & finite_rows(M_inv_t) & finite_rows(Ct) & finite_rows(St)
+    return (torch.where(ok[:, None, None], Ct, torch.zeros_like(Ct)),
+            torch.where(ok[:, None, None], St, torch.zeros_like(St)))
 
 
 class InverseBroyden:
