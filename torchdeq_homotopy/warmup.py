@@ -455,12 +455,12 @@ class AndersonIteration:
     left Anderson one group at a time (the rule of earlier rounds) made every later call
     pay for Anderson's weights and Broyden's step both, and each group for its own
     compact update. On the README main job's DEQ through training
-    (``benchmarks/main_job_forwards.py``) that took 1.3–1.5× Anderson's time, against
-    1.05–1.08× switched as a batch, at the same calls; with the same solved fractions to
-    ±0.007 on hard 64-wide cells at 30 / 40 / 60 calls (``benchmarks/moderate_budget.py``,
-    seeds 300–305), on a hard-equilibria DEQ's training forwards
-    (``benchmarks/training_snapshots.py``, seeds 5–7: 0.843 / 0.981 / 0.996 against
-    0.841 / 0.982 / 0.997) and on every benign solve of ``benchmarks/parity.py``
+    (``benchmarks/main_job_forwards.py``) that took 1.41× Anderson's time, against 1.06×
+    switched as a batch (same run), at 25–31 calls either way; with the same solved
+    fractions to ±0.007 on hard 64-wide cells at 30 / 40 / 60 calls
+    (``benchmarks/moderate_budget.py``; seeds 300–305 chose, 700–705 confirmed), on a
+    hard-equilibria DEQ's training forwards (``benchmarks/training_snapshots.py``, seeds
+    5–7 and 12–13, within 0.002) and on every benign solve of ``benchmarks/parity.py``
     (BENCHMARKS.md, "Switching as a batch").
 
     Where the warm-up's fixed-point phase ran first, Anderson must earn its cost: every
