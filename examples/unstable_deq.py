@@ -7,7 +7,7 @@ network), with no spectral normalisation or Jacobian regularisation and W initia
 ‖W‖₂ = ``--gain`` (2.5): fixed-point iteration is not a contraction there. Each forward
 solver (``fixed_point_iter``, ``anderson``, ``broyden``, ``homotopy``) trains the same model
 from the same seed and batches, with ``f_max_iter`` evaluations, relative tolerance 1e-4,
-and the same backward (IFT, ``b_solver='broyden'``, the README's recommendation). Reported:
+and the same backward (IFT, ``b_solver='broyden'``, whichever the forward). Reported:
 the relative forward residual ||f(z) − z|| / ||f(z)|| over training (mean over the batch,
 plotted), the fraction of training samples whose forward met the tolerance, and the test
 accuracy per seed with its mean and a 95 % t-interval. Writes runs/unstable_deq/results.json
