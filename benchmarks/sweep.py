@@ -5,6 +5,8 @@
     python benchmarks/sweep.py --quick --seeds 100 --solvers newton_krylov \
         --options homo_forcing=constant --out /tmp/ab
     python benchmarks/sweep.py --quick --seeds 200 --solvers homotopy   # rerun one solver
+    python benchmarks/sweep.py --quick --seeds 290 --only "n=32 ‖" --repeats 5 \
+        --out benchmarks/results/sweep_n32_repeats      # median wall time of 5 runs
 
 Cells (batch 8, float32, start z = 0, stop mode 'rel'):
   tanh(W z + x), W Gaussian scaled to ‖W‖₂ = gain, x ~ bias · N(0, 1), width n;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -70,28 +73,44 @@ def relative_residual(f, z: torch.Tensor) -> torch.Tensor:
     return (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-9)
 
 
+def solve_once(family: str, params: dict, seed: int, tol: float, budget: int, solver: str,
+               options: dict) -> tuple[float, float, float, float | None]:
+    """One solve of one cell: (fraction solved, evaluations, wall seconds, products per
+    Krylov solve or None)."""
+    extra = options if solver in ("newton_krylov", "homotopy") else {}
+    f, x0 = (tanh_cell(seed=seed, **params) if family == "tanh"
+             else conv_cell(seed=seed, **params))
+    start = time.perf_counter()
+    with torch.no_grad():
+        z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel",
+                                        **extra)
+    wall = time.perf_counter() - start
+    rel = relative_residual(f, z)
+    solved = float(((rel <= tol) & torch.isfinite(rel)).float().mean())
+    nfe = float(info["nfe"][0]) if "nfe" in info else float(info["nstep"].max())
+    solves = info.get("krylov_solves", 0)
+    per_solve = info["krylov_products"] / solves if solves else None
+    return solved, nfe, wall, per_solve
+
+
 def run_cell(family: str, params: dict, seed: int, tol: float, budget: int,
-             solvers: list[str], options: dict) -> list[dict]:
-    """Every solver on one cell; ``options`` (``homo_*`` keys) go to the plugin's solvers."""
+             solvers: list[str], options: dict, repeats: int = 1) -> list[dict]:
+    """Every solver on one cell; ``options`` (``homo_*`` keys) go to the plugin's solvers.
+    With ``repeats`` > 1 the solvers run in turn that many times (interleaved, so the
+    machine's load falls on each alike) and the wall time is the median; the solved
+    fraction and evaluations are the first run's (the solves are deterministic)."""
+    runs: dict[str, list] = {solver: [] for solver in solvers}
+    for _ in range(repeats):
+        for solver in solvers:
+            runs[solver].append(solve_once(family, params, seed, tol, budget, solver, options))
     rows = []
-    for solver in solvers:
-        extra = options if solver in ("newton_krylov", "homotopy") else {}
-        f, x0 = (tanh_cell(seed=seed, **params) if family == "tanh"
-                 else conv_cell(seed=seed, **params))
-        start = time.perf_counter()
-        with torch.no_grad():
-            z, _, info = get_solver(solver)(f, x0, max_iter=budget, tol=tol, stop_mode="rel",
-                                            **extra)
-        wall = time.perf_counter() - start
-        rel = relative_residual(f, z)
-        solved = float(((rel <= tol) & torch.isfinite(rel)).float().mean())
-        nfe = float(info["nfe"][0]) if "nfe" in info else float(info["nstep"].max())
-        solves = info.get("krylov_solves", 0)
-        per_solve = info["krylov_products"] / solves if solves else None
+    for solver, results in runs.items():
+        solved, nfe, _, per_solve = results[0]
+        wall = statistics.median(r[2] for r in results)
         rows.append(dict(family=family, **params, seed=seed, tol=tol, solver=solver,
                          solved=solved, nfe=nfe, wall_s=wall, products_per_solve=per_solve))
         print(f"{family} {params} seed {seed} tol {tol:g} {solver:<17} solved {solved:.3f} "
-              f"nfe {nfe:6.0f} wall {wall:7.2f}s"
+              f"nfe {nfe:6.0f} wall {wall:7.3f}s"
               + (f" products/solve {per_solve:.1f}" if per_solve else ""), flush=True)
     return rows
 
@@ -132,7 +151,8 @@ def summary(rows: list[dict], solvers: list[str]) -> str:
 def wall_ratios(rows: list[dict]) -> str:
     """Homotopy's wall time against TorchDEQ's solvers. Benign cells (fixed-point iteration
     or Anderson solve ≥ 99 %): over the fastest TorchDEQ solver that solves ≥ 99 %. Hard
-    cells (neither does): over Broyden where both solve ≥ 99 %, geometric mean per width."""
+    cells (neither does): over Broyden where both solve ≥ 99 %, geometric mean per width (and
+    per seed of that width, when several seeds ran)."""
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         cells.setdefault((label(r), r["tol"], r["seed"]), {})[r["solver"]] = r
@@ -140,21 +160,32 @@ def wall_ratios(rows: list[dict]) -> str:
                for c in cells.values()):
         return ""
     benign, hard = [], {}
-    for (name, _, _), c in cells.items():
+    for (name, _, seed), c in cells.items():
         if c["fixed_point_iter"]["solved"] >= 0.99 or c["anderson"]["solved"] >= 0.99:
             fastest = min(c[s]["wall_s"] for s in ("fixed_point_iter", "anderson", "broyden")
                           if c[s]["solved"] >= 0.99)
             benign.append(c["homotopy"]["wall_s"] / fastest)
         elif c["homotopy"]["solved"] >= 0.99 and c["broyden"]["solved"] >= 0.99:
             size = name.split()[1] if name.startswith("tanh") else "conv"
-            hard.setdefault(size, []).append(c["homotopy"]["wall_s"] / c["broyden"]["wall_s"])
+            hard.setdefault(size, {}).setdefault(seed, []).append(
+                c["homotopy"]["wall_s"] / c["broyden"]["wall_s"])
     text = (f"Benign cells: homotopy within 1.2× the fastest TorchDEQ solver on "
             f"{sum(x <= 1.2 for x in benign)} of {len(benign)} (max {max(benign):.2f}×)."
             if benign else "No benign cells.")
-    for size, ratios in hard.items():
-        mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        text += f" Hard cells, {size}: {mean:.2f}× Broyden's wall time ({len(ratios)} cells)."
+    for size, by_seed in hard.items():
+        ratios = [r for seed_ratios in by_seed.values() for r in seed_ratios]
+        text += (f" Hard cells, {size}: {_geometric_mean(ratios):.2f}× Broyden's wall time "
+                 f"({len(ratios)} cells)")
+        if len(by_seed) > 1:
+            text += "; per seed " + ", ".join(
+                f"{seed}: {_geometric_mean(r):.2f}× ({len(r)})"
+                for seed, r in sorted(by_seed.items()))
+        text += "."
     return text
+
+
+def _geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def profiles(rows: list[dict], out: Path, budget: int, solvers: list[str]) -> None:
@@ -220,6 +251,9 @@ def main() -> None:
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="homo_* keys for newton_krylov and homotopy (an A/B run: give "
                              "--out elsewhere)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run each cell's solvers this many times in turn and report the "
+                             "median wall time (millisecond solves: a single run's time is noise)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     options = {k: _value(v) for k, v in (item.split("=", 1) for item in args.options)}
@@ -245,7 +279,7 @@ def main() -> None:
         for seed in seeds:
             for family, _, params in chosen:
                 rows.extend(run_cell(family, params, seed, tol, args.budget, args.solvers,
-                                     options))
+                                     options, args.repeats))
                 (out / f"{name}.json").write_text(json.dumps(rows))
     solvers = [s for s in SOLVERS if any(r["solver"] == s for r in rows)]
     text = (summary(rows, solvers) + "\n\n" + wall_ratios(rows) + "\n\n"
