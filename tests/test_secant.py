@@ -419,7 +419,7 @@ def test_secant_budget_counts_every_call_and_product():
 
 
 def test_stalled_broyden_goes_on_where_the_budget_cannot_pay_for_a_path():
-    """At n = 128 a path costs about 16 n = 2,048 evaluations: with 1,500 in all, samples
+    """At n = 128 a path costs about 32 n = 4,096 evaluations: with 1,500 in all, samples
     whose Broyden steps stall keep Broyden's iterates (those of a run that never leaves),
     where the code before this rule spent the rest on paths that ended below λ = 1. An
     explicit ``homo_secant_patience`` still starts the path."""

@@ -186,7 +186,7 @@ SOLVER_KEYS: dict[str, Key] = {
         Key("homo_secant_patience", None, "under 'auto' and 'secant': Broyden steps at λ = 1 "
             "without a new lowest residual before a sample counts as stalled; the stalled "
             "samples start on the path once every sample of the batch has stalled (None: a "
-            "third of the budget, and above homo_krylov_dim entries only while 16 n "
+            "third of the budget, and above homo_krylov_dim entries only while 32 n "
             "evaluations, a path's typical cost, are left; else Broyden's method goes on)",
             kind=int, check=lambda x: x is None or x > 0,
             check_doc="> 0 or None"),

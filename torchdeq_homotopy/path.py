@@ -26,7 +26,7 @@ options. The phases:
             before it converges) or past its Newton budget; Broyden's
             method after ``homo_secant_patience`` steps (a third of the budget) without a
             new lowest residual, by default only while the calls left can pay for a path
-            that is not dense (16 n; else Broyden's method goes on). Stalled samples
+            that is not dense (32 n; else Broyden's method goes on). Stalled samples
             go on stepping (under GMRES, exact Newton's wait: every row's products
             cost) until no sample of the phase is still converging; then all of them
             go on together: under ``'auto'`` with dense solves from exact Newton to

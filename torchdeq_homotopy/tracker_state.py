@@ -49,10 +49,11 @@ _END_GAP = 1e-3
 # residual) and the sample starts a new path, as after a step underflow.
 _MIN_DAMPING = 2.0 ** -2
 # A path whose solves are not dense (n > homo_krylov_dim) costs about this many evaluations
-# per state entry to reach λ = 1 from λ = 0: median path cost about 1,000 evaluations at
-# n = 64 and 2,000 at n = 128, most paths unfinished after 9,900 at n = 512 (tanh cells,
-# ‖W‖₂ 4.5-8, seeds 201-203; BENCHMARKS.md, "Broyden's stall and the path's cost").
-_PATH_EVALS_PER_ENTRY = 16
+# per state entry from λ = 0 until it stays at λ = 1: median 2,269 evaluations at n = 64
+# (35 n) and 4,068 at n = 128 (32 n); at n = 512, 39 of 42 paths unfinished after 20,000
+# (tanh cells, ‖W‖₂ 4.5-8, seeds 201-203 and 320; BENCHMARKS.md, "Broyden's stall and the
+# path's cost").
+_PATH_EVALS_PER_ENTRY = 32
 
 
 class Phase(enum.IntEnum):

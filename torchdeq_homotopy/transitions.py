@@ -302,7 +302,7 @@ class PhaseTransitions:
     def _path_affordable(self, budget: Budget) -> bool:
         """Whether samples whose Broyden steps stopped making progress should start on the
         path. A path whose solves are not dense costs about ``_PATH_EVALS_PER_ENTRY`` · n
-        evaluations (about 2,000 at n = 128), so with the default patience it starts only
+        evaluations (about 4,000 at n = 128), so with the default patience it starts only
         when that many are left; with less, Broyden's method goes on, which on 64-512-wide
         cells at budget 2,000 solved 5 samples that the path, started with the rest of the
         budget, did not, and lost none (BENCHMARKS.md, "Broyden's stall and the path's
