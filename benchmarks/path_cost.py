@@ -19,6 +19,7 @@ With ``--compare`` it adds a column: the default with those settings.
 budget, which is the default's patience without its condition that 32 n evaluations be left
 (the rule before that condition); Broyden's phase never left
 (``homo_secant_patience=10**6``); and TorchDEQ's ``broyden``. Samples solved per cell.
+``--configs`` runs a subset of these columns (``default third never broyden``).
 
 Writes ``benchmarks/results/path_cost/{cost,compare}_<seeds>.md``.
 """
@@ -95,11 +96,16 @@ def cost(seeds: list[int], widths: list[int], budget: int, options: dict) -> str
     return "\n".join(lines)
 
 
-def compare(seeds: list[int], widths: list[int], budget: int, options: dict) -> str:
-    configs = {"default": ("homotopy", {}),
-               "third, unconditional": ("homotopy", {"homo_secant_patience": budget // 3}),
-               "never leave": ("homotopy", {"homo_secant_patience": 10 ** 6}),
-               "broyden": ("broyden", {})}
+CONFIGS = ("default", "third", "never", "broyden")
+
+
+def compare(seeds: list[int], widths: list[int], budget: int, options: dict,
+            chosen: tuple[str, ...] = CONFIGS) -> str:
+    configs = {name: config for key, (name, config) in {
+        "default": ("default", ("homotopy", {})),
+        "third": ("third, unconditional", ("homotopy", {"homo_secant_patience": budget // 3})),
+        "never": ("never leave", ("homotopy", {"homo_secant_patience": 10 ** 6})),
+        "broyden": ("broyden", ("broyden", {}))}.items() if key in chosen}
     if options:
         configs[f"default with {json.dumps(options)}"] = ("homotopy", options)
     totals = {name: [0, 0.0] for name in configs}
@@ -136,22 +142,28 @@ def main() -> None:
     parser.add_argument("--options", type=json.loads, default={},
                         help="homo_* keys as a JSON object (--compare: one more column), e.g. "
                              "'{\"homo_secant_rank\": 128}'")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                        help="--compare: the columns to run (TorchDEQ's broyden keeps every "
+                             "pair: slow at large budgets)")
     parser.add_argument("--out", default="benchmarks/results/path_cost")
     args = parser.parse_args()
     torch.set_num_threads(2)
     budget = args.budget or (20000 if args.cost else 2000)
     text = (cost(args.seeds, args.widths, budget, args.options) if args.cost
-            else compare(args.seeds, args.widths, budget, args.options))
+            else compare(args.seeds, args.widths, budget, args.options, tuple(args.configs)))
+    subset = args.compare and set(args.configs) != set(CONFIGS)
     header = (f"Seeds {args.seeds}, widths {args.widths}, budget {budget}, batch 8, float32, "
               f"rel. tol {TOL:g}; `python benchmarks/path_cost.py "
               f"{'--cost' if args.cost else '--compare'} --seeds "
-              f"{' '.join(map(str, args.seeds))} --widths {' '.join(map(str, args.widths))}`"
+              f"{' '.join(map(str, args.seeds))} --widths {' '.join(map(str, args.widths))}"
               + (f" --budget {budget}" if args.budget else "")
-              + (f" --options '{json.dumps(args.options)}'" if args.options else "") + "\n\n")
+              + (f" --options '{json.dumps(args.options)}'" if args.options else "")
+              + (f" --configs {' '.join(args.configs)}" if subset else "") + "`\n\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "cost" if args.cost else "compare"
-    suffix = "_" + "-".join(map(str, args.seeds)) + "".join(
+    suffix = "_" + "-".join(map(str, args.seeds)) + (f"_budget{budget}" if args.budget else "") \
+        + ("_" + "-".join(args.configs) if subset else "") + "".join(
         f"_{key.removeprefix('homo_')}{value}" for key, value in args.options.items())
     (out / f"{name}{suffix}.md").write_text(header + text + "\n")
     print(text)
