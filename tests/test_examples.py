@@ -137,3 +137,22 @@ def test_unstable_deq_example_trains_and_reports_residuals(tmp_path):
         assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["solved_fraction"] <= 1.0
         assert len(r["residuals"]) == 24 and all(x >= 0 for x in r["residuals"])
     assert (tmp_path / "residuals.png").exists() and (tmp_path / "results.json").exists()
+
+
+def test_path_cost_counts_a_path_finished_only_where_it_stays_at_lambda_one():
+    """``benchmarks/path_cost.py`` measures a path from its first λ < 1 to the evaluation
+    from which it stays at λ = 1. A point predicted past λ = 1 and rejected by its corrector
+    (the first sample's fourth column) does not finish it; a path that ends the solve below
+    λ = 1 is unfinished; a sample that never left λ = 1 ran no path."""
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("path_cost", bench / "path_cost.py")
+    path_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(path_cost)
+    lam = torch.tensor([[1.0, 0.2, 0.6, 1.0, 0.9, 1.0, 1.0],
+                        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                        [1.0, 0.5, 1.0, 0.7, 0.8, 0.9, 0.95]])
+    nfe = [1, 2, 5, 9, 14, 20, 27]
+    assert path_cost.path_costs({"lam_trace": lam, "trace_nfe": nfe}) == [20.0 - 2.0, None]
