@@ -151,24 +151,19 @@ def dense_broyden_after(f, X, steps):
     return iterates
 
 
-def step_model(X, F, columns=40, **kw):
-    model = StepBroyden(X.shape[2], columns=columns, dtype=X.dtype, device="cpu",
-                        seed_width=max(X.shape[1] - 1, 0), **kw)
-    model.append(X, F)
-    return model
-
-
 @pytest.mark.parametrize("seed_pairs", [0, 5])
 def test_step_broyden_takes_dense_broydens_iterates(seed_pairs):
     """Kelley's step form (only the steps stored) against dense Broyden's good method,
     from W = I and from W_0 seeded with arbitrary iterates' secant pairs, on an expansive
-    cell; 30 steps with 8 columns allocated (the buffers grow twice)."""
+    cell; 30 steps with 8 columns allocated (the buffers grow twice), the step columns not
+    yet written filled with NaN (unwritten memory is never read)."""
     f = tanh_cell(4, 12, 3.0, seed=6)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(4, seed_pairs + 1, 12, generator=g, dtype=F64).cumsum(dim=1) * 0.1
     F = torch.stack([f(X[:, i]) for i in range(X.shape[1])], dim=1)
     reference = dense_broyden_after(f, X, 30)
-    model = step_model(X, F, columns=8)
+    model = StepBroyden(X, F, columns=8)
+    model._S[:, 1:] = float("nan")
     for k in range(30):
         z = model.next_point()
         torch.testing.assert_close(z, reference[k], rtol=1e-7, atol=1e-9, msg=f"step {k}")
@@ -176,75 +171,12 @@ def test_step_broyden_takes_dense_broydens_iterates(seed_pairs):
     assert model.k == 30 and model._S.shape[1] == 32
 
 
-@pytest.mark.parametrize("capacity", [6, 1])
-def test_rows_appended_later_take_their_own_broyden_iterates(capacity):
-    """Rows that join at steps 0, 4 and 7, each from W = I at z0, in buffers allocated for
-    the whole batch (appended in place) or for one row (grown), filled with NaN first:
-    every row takes dense Broyden's iterates counted from its own start."""
-    f = tanh_cell(6, 12, 3.0, seed=5)
-    z0 = torch.zeros(6, 12, dtype=F64)
-    reference = dense_broyden(f, z0, 14)
-    starts = {0: slice(0, 2), 4: slice(2, 3), 7: slice(3, 6)}
-    model = StepBroyden(12, columns=40, dtype=F64, device="cpu", capacity=capacity,
-                        seed_width=2)
-    for buffer in (model._S, model._T, model._C0, model._D0):
-        buffer.fill_(float("nan"))                      # unwritten memory is never read
-    for step in range(12):
-        if step in starts:
-            rows = starts[step]
-            model.append(z0[rows, None], f(z0)[rows, None])
-        z = model.next_point()
-        joined = z.shape[0]
-        for row in range(joined):
-            start = next(t for t, r in starts.items() if r.start <= row < r.stop)
-            torch.testing.assert_close(z[row], reference[step - start][row],
-                                       rtol=1e-8, atol=1e-10)
-        padded = z0.clone()
-        padded[:joined] = z                                # rows are independent in f
-        model.observe(z, f(padded)[:joined])
-
-
-def test_rows_appended_with_different_secant_pairs_take_their_own_iterates():
-    """Groups joining with 1, 3 and 0 secant pairs while rows are already stepping (as the
-    warm-up's rows switch after different numbers of Anderson steps), in buffers filled
-    with NaN first: every row takes dense Broyden's iterates after its own pairs."""
-    f = tanh_cell(6, 10, 3.0, seed=8)
-    g = torch.Generator().manual_seed(1)
-    joins = {0: (slice(0, 2), 1), 3: (slice(2, 4), 3), 5: (slice(4, 6), 0)}
-    X = {step: torch.randn(2, pairs + 1, 10, generator=g, dtype=F64).cumsum(dim=1) * 0.1
-         for step, (_, pairs) in joins.items()}
-
-    def f_rows(rows):
-        return lambda z: f(torch.zeros(6, 10, dtype=F64).index_copy(
-            0, torch.arange(6)[rows], z))[rows]
-
-    reference = {step: dense_broyden_after(f_rows(rows), X[step], 10)
-                 for step, (rows, _) in joins.items()}
-    model = StepBroyden(10, columns=4, dtype=F64, device="cpu", capacity=6, seed_width=3)
-    for buffer in (model._S, model._T, model._C0, model._D0):
-        buffer.fill_(float("nan"))                      # unwritten memory is never read
-    for step in range(9):
-        if step in joins:
-            rows, _ = joins[step]
-            model.append(X[step], torch.stack([f_rows(rows)(X[step][:, i])
-                                               for i in range(X[step].shape[1])], dim=1))
-        z = model.next_point()
-        for start, (rows, _) in joins.items():
-            if start <= step:
-                torch.testing.assert_close(z[rows], reference[start][step - start],
-                                           rtol=1e-8, atol=1e-10, msg=f"step {step}")
-        padded = torch.zeros(6, 10, dtype=F64)
-        padded[:z.shape[0]] = z                           # rows are independent in f
-        model.observe(z, f(padded)[:z.shape[0]])
-    assert model.pairs == 3                       # W_0's columns in use grew from 1 to 3
-
-
 def test_step_broyden_freezes_a_row_where_f_is_not_finite():
     """A row whose f is not finite stays at its last finite point from then on; the
     other rows take the same iterates as without it."""
     f = tanh_cell(3, 8, 3.0, seed=2)
     z0 = torch.zeros(3, 8, dtype=F64)
-    clean, broken = (step_model(z0[:, None], f(z0)[:, None]) for _ in range(2))
+    clean, broken = (StepBroyden(z0[:, None], f(z0)[:, None], columns=40) for _ in range(2))
     last_finite = None
     for k in range(8):
         z_c, z_b = clean.next_point(), broken.next_point()
@@ -592,7 +524,7 @@ def test_step_broyden_skips_the_update_where_the_secant_denominator_vanishes():
     c = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)
     f = lambda z: z + c                                       # noqa: E731
     z0 = torch.zeros(1, 3, dtype=F64)
-    step_form = step_model(z0[:, None], f(z0)[:, None], columns=4)
+    step_form = StepBroyden(z0[:, None], f(z0)[:, None], columns=4)
     two_factor = InverseBroyden(1, 3, memory=10, dtype=F64, device="cpu")
     two_factor.observe(z0, f(z0))
     z_b = z0

@@ -872,4 +872,4 @@ def test_a_training_budget_switches_when_a_row_is_projected_to_need_over_half_th
         for rate, switch in zip((0.5, 0.7, 1.1), switches, strict=True):
             assert (judged([rate], powers) is not None) == switch, (powers, rate)
     model = judged([0.5, 0.5, 1.1], (2, 1))
-    assert model is not None and model.rows == 3
+    assert model is not None and model.next_point().shape[0] == 3      # the whole batch switched

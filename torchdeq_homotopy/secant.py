@@ -246,7 +246,7 @@ def compact_inverse(X: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
         A_k = I + ((S − ΔF) − S) N⁻¹ Sᵀ = I − ΔF N⁻¹ Sᵀ,     N = triu(Sᵀ S),
 
     so by Woodbury W = I + ΔF M⁻¹ Sᵀ with M = N − Sᵀ ΔF, where sequential updates take
-    k passes (used by :meth:`~torchdeq_homotopy.step_broyden.StepBroyden.append`).
+    k passes (used by :class:`~torchdeq_homotopy.step_broyden.StepBroyden`).
 
     Returns ``(Ct, St)``, both ``(B, k, n)``: Cᵀ = M⁻ᵀ ΔFᵀ and Sᵀ, so W r = r + C (Sᵀ r).
     The k × k products and M⁻¹ are formed in float64 (:func:`_wide`); rows where M is

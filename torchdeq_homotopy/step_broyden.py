@@ -27,8 +27,8 @@ One (n,) column per step is stored and read twice per step (Bᵀ v and A c), whe
 two-factor form W = I + C Dᵀ stores two columns per step and reads both twice (W g and
 Wᵀ s): half the memory and half the memory traffic, which is what a step costs on large
 states. The form needs every step to be Broyden's full step, so it serves a
-Broyden phase whose rows start fresh (each from its own W_0, :meth:`StepBroyden.append`) and
-never drop a pair: the warm-up's switch at training budgets
+Broyden phase whose rows start together (each from its own W_0) and never drop a pair:
+the warm-up's switch at training budgets
 (:class:`~torchdeq_homotopy.warmup.AndersonIteration`).
 """
 from __future__ import annotations
@@ -42,15 +42,17 @@ Tensor = torch.Tensor
 
 
 class StepBroyden:
-    """Broyden's good method for rows that join at any step, storing the steps only.
+    """Broyden's good method for a batch of rows, each from its own secant-seeded W_0,
+    storing the steps only.
 
     Args:
-        n: state size.
+        X: each row's last j + 1 iterates ``(B, j + 1, n)``, oldest first; Broyden's method
+            starts at the last, with W_0 the good updates of W = I with their j secant
+            pairs, in the compact form of :func:`~torchdeq_homotopy.secant.compact_inverse`
+            (W_0 = I for j = 0).
+        F: their images f(X).
         columns: steps held before the buffers grow (one per :meth:`observe`, plus the
             first); size it to the calls left and nothing is ever copied.
-        dtype, device: of the steps.
-        capacity: rows to allocate for, so that :meth:`append` adds rows in place.
-        seed_width: most secant pairs an :meth:`append` brings (the columns of W_0 − I).
 
     Rows where f is not finite are frozen at their last finite point (step 0) and keep no
     further factors; a vanishing denominator ‖s‖² − sᵀu skips the update for that step
@@ -59,91 +61,48 @@ class StepBroyden:
     Example:
         >>> A = torch.tensor([[0.5, 2.0], [0.0, 3.0]]); b = torch.ones(1, 2)
         >>> f = lambda z: z @ A.T + b                    # expansive: iteration diverges
-        >>> model = StepBroyden(2, columns=8, dtype=A.dtype, device=A.device)
-        >>> model.append(b[:, None] * 0, f(b * 0)[:, None])
+        >>> model = StepBroyden(b[:, None] * 0, f(b * 0)[:, None], columns=8)
         >>> for _ in range(5):
         ...     z = model.next_point(); model.observe(z, f(z))
         >>> torch.allclose(z, f(z), atol=1e-5)
         True
+        >>> StepBroyden(torch.zeros(1, 1, 3), torch.ones(1, 1, 3), columns=4).next_point()
+        tensor([[1., 1., 1.]])
     """
 
-    def __init__(self, n: int, columns: int, dtype: torch.dtype, device: torch.device,
-                 capacity: int = 0, seed_width: int = 0) -> None:
-        device = torch.device(device)
-        wide = _wide(dtype, device)
-        cols = max(columns, 1)
-        # Left unset: :meth:`append` zeroes a row's T, W_0 and earlier steps as it comes
-        # into use, and :meth:`observe` writes each step column for every row in use, so
-        # nothing unwritten is read, and rows that never switch cost no memory traffic.
-        # W_0's factors beyond a row's own secant pairs are zero; ``pairs`` is the most
-        # any row brought (a batch that switches after one step brings one).
-        self._S = torch.empty(capacity, cols, n, dtype=dtype, device=device)
-        self._T = torch.empty(capacity, cols, cols, dtype=wide, device=device)   # T diag(w)
-        self._C0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # W_0 =
-        self._D0 = torch.empty(capacity, seed_width, n, dtype=dtype, device=device)  # I + C0ᵀD0
-        self.rows = 0
-        self.pairs = 0                  # columns of C0, D0 in use
+    def __init__(self, X: Tensor, F: Tensor, columns: int) -> None:
+        rows, cols, n = X.shape[0], max(columns, 1), X.shape[2]
+        # Step columns are written by :meth:`observe` before they are read; T' is read
+        # whole (its upper triangle zero).
+        self._S = X.new_empty(rows, cols, n)
+        self._T = torch.zeros(rows, cols, cols, dtype=_wide(X.dtype, X.device),
+                              device=X.device)                              # T diag(w)
+        self.pairs = X.shape[1] - 1     # columns of W_0 − I = C0ᵀ D0
+        self._C0, self._D0 = compact_inverse(X, F) if self.pairs else (None, None)
         self.k = 0                      # factors so far; the last step is column k
         # the last point reached whose step was finite (frozen rows stay there)
-        self._z = torch.empty(0, n, dtype=dtype, device=device)
+        self._z = X[:, -1].clone()
+        self._S[:, 0] = self._apply_w0(F[:, -1] - X[:, -1])
 
     # ---------------------------------------------------------------- views
     def next_point(self) -> Tensor:
         """Broyden's next iterate z + s, s = W (f(z) − z), from the last recorded point."""
-        return self._z + self._S[:self.rows, self.k]
+        return self._z + self._S[:, self.k]
 
     # ---------------------------------------------------------------- products
-    def _apply_w0(self, r: Tensor, rows: slice | None = None) -> Tensor:
-        """W_0 r = r + C0ᵀ (D0 r), over the rows in use or ``rows``: with one pair in use,
-        r + c (dᵀ r) by elementwise products (batched products of these shapes, on a view
-        of one column, took 4–12× the time on CPU: 22 against 89 µs at 32 × 256, 0.23
-        against 2.9 ms at 64 × 12,544); else over all the columns, unused ones zero."""
+    def _apply_w0(self, r: Tensor) -> Tensor:
+        """W_0 r = r + C0ᵀ (D0 r): with one pair, r + c (dᵀ r) by elementwise products
+        (batched products of these shapes, on a view of one column, took 4–12× the time on
+        CPU: 22 against 89 µs at 32 × 256, 0.23 against 2.9 ms at 64 × 12,544)."""
         if self.pairs == 0:
             return r
-        rows = slice(0, self.rows) if rows is None else rows
         if self.pairs == 1:
-            c, d = self._C0[rows, 0], self._D0[rows, 0]
+            c, d = self._C0[:, 0], self._D0[:, 0]
             return torch.addcmul(r, c, (d * r).sum(dim=1, keepdim=True))
         r_row = r[:, None]
-        return torch.baddbmm(r_row, torch.bmm(r_row, self._D0[rows].mT), self._C0[rows]).squeeze(1)
+        return torch.baddbmm(r_row, torch.bmm(r_row, self._D0.mT), self._C0).squeeze(1)
 
     # ---------------------------------------------------------------- updates
-    def append(self, X: Tensor, F: Tensor) -> None:
-        """Rows that start Broyden's method now, at the last of their iterates ``X``
-        ``(r, j + 1, n)`` with images ``F``: W_0 = the good updates of W = I with their j
-        secant pairs, in the compact form of
-        :func:`~torchdeq_homotopy.secant.compact_inverse` (W_0 = I for j = 0), and their
-        first step s = W_0 (f(z) − z), placed at column k so that they take the next
-        factor with the rows already here (their earlier columns hold zero steps:
-        identity factors). Rows beyond the ``capacity`` grow the buffers.
-
-        Example:
-            >>> f = lambda z: 0.5 * z + 1
-            >>> model = StepBroyden(3, columns=4, dtype=torch.float32, device='cpu')
-            >>> model.append(torch.zeros(1, 1, 3), torch.ones(1, 1, 3))
-            >>> model.next_point()                       # f(0) − 0 = 1: a fixed-point step
-            tensor([[1., 1., 1.]])
-        """
-        rows, extra, k, pairs = self.rows, X.shape[0], self.k, X.shape[1] - 1
-        if pairs > self._C0.shape[1]:
-            raise ValueError(f"append brings {pairs} secant pairs; allocate seed_width={pairs}")
-        if self._S.shape[0] < rows + extra:
-            self._reserve(rows + extra)
-        new = slice(rows, rows + extra)
-        self.pairs = max(self.pairs, pairs)
-        if pairs < self._C0.shape[1]:
-            self._C0[new, pairs:] = 0
-            self._D0[new, pairs:] = 0
-        if pairs > 0:
-            self._C0[new, :pairs], self._D0[new, :pairs] = compact_inverse(X, F)
-        self._T[new] = 0
-        if k > 0:
-            self._S[new, :k] = 0
-        self.rows = rows + extra
-        z, g = X[:, -1], F[:, -1] - X[:, -1]
-        self._z = torch.cat([self._z, z])
-        self._S[new, k] = self._apply_w0(g, new)
-
     def observe(self, z: Tensor, fz: Tensor) -> None:
         """Record f at the point the last step reached and take the next step:
 
@@ -161,17 +120,17 @@ class StepBroyden:
         forward a step's time is the number of operations, not their size (16 × 4 × 4
         states at batch 64 on the CI machine: about 5 µs each).
         """
-        k, rows = self.k, self.rows
+        k = self.k
         if k + 1 >= self._S.shape[1]:
             self._grow()
-        steps = self._S[:rows, :k + 1]
+        steps = self._S[:, :k + 1]
         wide = self._T.dtype
         v = self._apply_w0(fz - z)
         # [vᵀ; s_kᵀ] [s_0 … s_k], (rows, k + 1) each: one read of the stored steps
         sv, ss = torch.bmm(torch.stack([v, steps[:, k]], dim=1), steps.mT).to(wide).unbind(1)
         norm_sq = ss[:, k]
         if k > 0:
-            T = self._T[:rows, :k, :k]
+            T = self._T[:, :k, :k]
             c = torch.bmm(sv[:, None, :k], T.mT)                  # (T' Sᵀ v)ᵀ, (rows, 1, k)
             r = torch.bmm(ss[:, None, 1:], T)                     # s_kᵀ A T', (rows, 1, k)
             u = torch.baddbmm(v[:, None], c.to(v.dtype), steps[:, 1:]).squeeze(1)   # v + A c
@@ -188,9 +147,9 @@ class StepBroyden:
         # factor k: a = s_{k+1}, b = w_k s_k (w_k = 0 where the update is skipped)
         w_k = norm_sq.reciprocal().masked_fill_(~(regular & ok), 0.0)
         if k > 0:
-            self._T[:rows, k, :k] = r.squeeze(1) * w_k[:, None]
-        self._T[:rows, k, k] = w_k
-        self._S[:rows, k + 1] = step
+            self._T[:, k, :k] = r.squeeze(1) * w_k[:, None]
+        self._T[:, k, k] = w_k
+        self._S[:, k + 1] = step
         self.k = k + 1
         self._z = torch.where(ok[:, None], z, self._z)
 
@@ -203,13 +162,3 @@ class StepBroyden:
         T = self._T.new_zeros(self._T.shape[0], 2 * cols, 2 * cols)
         T[:, :cols, :cols] = self._T
         self._S, self._T = S, T
-
-    def _reserve(self, rows: int) -> None:
-        """Buffers for at least ``rows`` rows (twice the rows in use, at least)."""
-        more = max(rows, 2 * self._S.shape[0]) - self._S.shape[0]
-
-        def grown(buf: Tensor) -> Tensor:
-            return torch.cat([buf, buf.new_empty(more, *buf.shape[1:])])
-
-        self._S, self._T = grown(self._S), grown(self._T)
-        self._C0, self._D0 = grown(self._C0), grown(self._D0)

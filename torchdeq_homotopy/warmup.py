@@ -643,10 +643,8 @@ class AndersonIteration:
         """Broyden's method for the batch: per row, a model from W = I updated with its
         last n Anderson iterates, oldest first, the last being the current one."""
         X, F, k, m = loop.X, loop.F, loop.k, self.m
-        loop.model = StepBroyden(X.shape[2], columns=loop.columns, dtype=X.dtype,
-                                 device=X.device, capacity=X.shape[0], seed_width=m - 1)
         order = torch.arange(k - min(k, m), k, device=X.device) % m          # oldest first
-        loop.model.append(X[:, order], F[:, order])
+        loop.model = StepBroyden(X[:, order], F[:, order], columns=loop.columns)
 
     def terminate(self, loop: AndersonLoop) -> bool:
         """The budget spent, or the open samples handed over (one host sync)."""
